@@ -1,0 +1,105 @@
+"""create_app: routes, application state and the lifetime of the upstream session and the cache store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as redis
+from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .config import Settings
+from .handlers import healthz, metrics, openai_endpoint, readyz
+from .keys import FLIGHTS, INJECTED_REDIS, METRICS, READY, SESSION, SETTINGS, STORE
+from .metrics import Metrics
+from .middlewares import error_envelope
+from .relay import Flights
+from .store import CacheStore, MemoryStore, NullStore, RedisStore, TieredStore
+from .upstream import create_session
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
+    """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_envelope])
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[FLIGHTS] = Flights()
+    app[READY] = asyncio.Event()
+    if redis_client is not None:
+        app[INJECTED_REDIS] = redis_client
+    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_store_ctx)
+    app.on_shutdown.append(_stop_ready)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v1/{rest:.+}", openai_endpoint)
+    return app
+
+
+def redis_client_for(settings: Settings) -> redis.Redis:
+    """A pooled client for ``settings.redis``: short socket deadlines, one retry to replace a stale connection."""
+    cfg = settings.redis
+    pool = redis.ConnectionPool.from_url(
+        cfg.url, max_connections=cfg.max_connections, socket_connect_timeout=cfg.op_timeout_s,
+        socket_timeout=max(cfg.op_timeout_s, 1.0), retry=Retry(NoBackoff(), 1), health_check_interval=30,
+    )
+    if cfg.password:
+        # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.
+        pool.connection_kwargs["password"] = cfg.password
+    return redis.Redis(connection_pool=pool)
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SESSION] = create_session()
+    yield
+    await app[SESSION].close()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    cache = settings.cache
+    store: CacheStore
+    client: redis.Redis | None = None
+    metrics = app[METRICS]
+    if cache.backend == "off":
+        store = NullStore()
+    elif cache.backend == "memory":
+        memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
+        metrics.memory_entries.set_function(lambda: len(memory))
+        store = memory
+    else:
+        client = app.get(INJECTED_REDIS) or redis_client_for(settings)
+        remote = RedisStore(client, op_timeout_s=settings.redis.op_timeout_s,
+                            retry_after_s=settings.redis.retry_after_s)
+        tiered = TieredStore(MemoryStore(cache.memory_max_entries, cache.memory_max_bytes), remote)
+        metrics.memory_entries.set_function(lambda: len(tiered.memory))
+        metrics.redis_errors.set_function(lambda: remote.errors)
+        metrics.redis_available.set_function(lambda: 1 if remote.available else 0)
+        store = tiered
+        probe = asyncio.get_running_loop().create_task(_probe_redis(remote))
+    app[STORE] = store
+    app[READY].set()
+    yield
+    if client is not None and not probe.done():
+        probe.cancel()
+    await store.aclose()
+    if client is not None and INJECTED_REDIS not in app:
+        await client.aclose()
+
+
+async def _probe_redis(remote: RedisStore) -> None:
+    # Only to tell the operator early; requests never wait for this.
+    if await remote.ping():
+        log.info("redis reachable; shared cache in use")
+    else:
+        log.warning("redis unreachable; serving from the in-process cache until it answers")
+
+
+async def _stop_ready(app: web.Application) -> None:
+    app[READY].clear()

@@ -1,0 +1,74 @@
+"""CacheEntry: one stored upstream answer (JSON body or recorded SSE stream) and its versioned bytes."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Layout: MAGIC (4 bytes, the last one the format version) | u32 meta length | meta JSON | body.
+# A reader that meets another magic treats the entry as a miss; the fresh answer then replaces it.
+MAGIC = b"LCP\x01"
+_HEADER = struct.Struct(">4sI")
+
+
+class EntryFormatError(ValueError):
+    """Stored bytes are not an entry this version can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """An upstream answer worth replaying.
+
+    *body* is the JSON body, or for a stream (*is_stream*) the complete Server-Sent Events byte stream
+    exactly as the upstream sent it, ending with ``data: [DONE]``. *headers* are the response headers
+    worth keeping (content type, OpenAI metadata), *usage* the token usage
+    reported by the upstream when it reported one. *stored_at* and *expires_at* are Unix times.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    is_stream: bool
+    stored_at: float
+    expires_at: float
+    usage: Mapping[str, Any] | None = None
+
+    def to_bytes(self) -> bytes:
+        meta = orjson.dumps({
+            "status": self.status,
+            "headers": self.headers,
+            "stream": self.is_stream,
+            "stored_at": self.stored_at,
+            "expires_at": self.expires_at,
+            "usage": self.usage,
+        })
+        return b"".join((_HEADER.pack(MAGIC, len(meta)), meta, self.body))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CacheEntry:
+        """Parse :meth:`to_bytes` output; raise :class:`EntryFormatError` for anything else."""
+        if len(raw) < _HEADER.size:
+            raise EntryFormatError("entry too short")
+        magic, meta_len = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise EntryFormatError(f"unknown entry format {magic!r}")
+        end = _HEADER.size + meta_len
+        if end > len(raw):
+            raise EntryFormatError("entry truncated")
+        try:
+            meta = orjson.loads(raw[_HEADER.size:end])
+            return cls(
+                status=int(meta["status"]),
+                headers=tuple((str(k), str(v)) for k, v in meta["headers"]),
+                body=raw[end:],
+                is_stream=bool(meta["stream"]),
+                stored_at=float(meta["stored_at"]),
+                expires_at=float(meta["expires_at"]),
+                usage=meta.get("usage"),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise EntryFormatError(f"entry metadata unreadable: {exc}") from None

@@ -1,0 +1,22 @@
+"""Typed application state keys, shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+
+from .config import Settings
+from .metrics import Metrics
+from .relay import Flights
+from .store import CacheStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", CacheStore)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+FLIGHTS = web.AppKey("flights", Flights)
+METRICS = web.AppKey("metrics", Metrics)
+READY = web.AppKey("ready", asyncio.Event)
+INJECTED_REDIS = web.AppKey("injected_redis", redis.Redis)
