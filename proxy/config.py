@@ -46,7 +46,7 @@ class Upstream:
 class RedisSettings:
     """Where the shared cache lives. *password* overrides one embedded in *url*."""
 
-    url: str = DEFAULT_REDIS_URL
+    url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     password: str | None = field(default=None, repr=False)
     op_timeout_s: float = 0.25
     retry_after_s: float = 2.0
@@ -84,16 +84,17 @@ class Settings:
         return self.upstreams[0]
 
     def upstream_for(self, model: str | None) -> Upstream:
-        """The first upstream whose patterns match *model*, else the default (first) one."""
+        """The first upstream after the default whose patterns match *model*, else the default (first) one."""
         if model is not None and len(self.upstreams) > 1:
-            for upstream in self.upstreams:
+            for upstream in self.upstreams[1:]:
                 if upstream.serves(model):
                     return upstream
         return self.upstreams[0]
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
-    """Replace ``${VAR}`` and ``${VAR:default}``; an unset variable without a default is an error."""
+    """Replace ``${VAR}`` and ``${VAR:default}`` outside comment lines; an unset variable without a default
+    is an error."""
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -103,7 +104,8 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
             return default
         raise ConfigError(f"proxy.yaml refers to ${{{name}}}, which is not set and has no default")
 
-    return _VAR.sub(substitute, text)
+    return "".join(line if line.lstrip().startswith("#") else _VAR.sub(substitute, line)
+                   for line in text.splitlines(keepends=True))
 
 
 def load_settings(config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:

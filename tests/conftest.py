@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -14,6 +15,7 @@ from fakeredis import FakeAsyncRedis
 from proxy.app import create_app
 from proxy.config import CacheSettings, RedisSettings, Settings, Upstream
 from tests.fakes.upstream import RECEIVED, Received, create_fake_upstream
+from tests.redis_server import RedisServer
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
@@ -62,3 +64,30 @@ def proxy_for(aiohttp_client: Any, settings_for: SettingsFactory) -> Callable[..
 
 def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests flush it through :func:`redis_url`."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's redis-server, emptied for this test."""
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as sock:
+        sock.sendall(b"FLUSHALL\r\n")
+        sock.recv(64)
+    return redis_server.url
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and restart under a running proxy."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
