@@ -31,6 +31,13 @@ Create chart name and version as used by the chart label.
 {{- end }}
 
 {{/*
+The main workload's component: the proxy itself, or the application it sits beside.
+*/}}
+{{- define "llm-cache-proxy.component" -}}
+{{- if eq .Values.mode "sidecar" }}app{{ else }}proxy{{ end }}
+{{- end }}
+
+{{/*
 Common labels
 */}}
 {{- define "llm-cache-proxy.labels" -}}
@@ -43,11 +50,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-Selector labels
+Selector labels. The component keeps the bundled Redis pods out of the main Service and PodDisruptionBudget.
 */}}
 {{- define "llm-cache-proxy.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "llm-cache-proxy.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: {{ include "llm-cache-proxy.component" . }}
 {{- end }}
 
 {{/*
@@ -59,4 +67,224 @@ Create the name of the service account to use
 {{- else }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
+{{- end }}
+
+{{/*
+Names of the bundled Redis objects and of the Secret the chart creates.
+*/}}
+{{- define "llm-cache-proxy.redisName" -}}
+{{- printf "%s-redis" (include "llm-cache-proxy.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "llm-cache-proxy.secretName" -}}
+{{- include "llm-cache-proxy.fullname" . }}
+{{- end }}
+
+{{/*
+Non-empty when the chart has to create its Secret, i.e. a secret value was given without an existingSecret.
+*/}}
+{{- define "llm-cache-proxy.createSecret" -}}
+{{- if or (and .Values.upstream.apiKey (not .Values.upstream.existingSecret)) (and .Values.redis.password (not .Values.redis.existingSecret)) (and .Values.auth.proxyApiKeys (not .Values.auth.existingSecret)) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/*
+The cache backend: config.cache.backend when set, else redis when a Redis is configured, else memory.
+*/}}
+{{- define "llm-cache-proxy.cacheBackend" -}}
+{{- if .Values.config.cache.backend }}
+{{- .Values.config.cache.backend }}
+{{- else if or .Values.redis.url .Values.redis.bundled.enabled }}
+{{- "redis" }}
+{{- else }}
+{{- "memory" }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-cache-proxy.redisUrl" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- printf "redis://%s:6379/0" (include "llm-cache-proxy.redisName" .) }}
+{{- else }}
+{{- .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+Combinations the schema cannot express. Included by every template that depends on them.
+*/}}
+{{- define "llm-cache-proxy.validate" -}}
+{{- if and .Values.redis.url .Values.redis.bundled.enabled }}
+{{- fail "set either redis.url (external Redis) or redis.bundled.enabled, not both" }}
+{{- end }}
+{{- if and (eq (include "llm-cache-proxy.cacheBackend" .) "redis") (not (include "llm-cache-proxy.redisUrl" .)) }}
+{{- fail "config.cache.backend is redis: set redis.url, or redis.bundled.enabled=true" }}
+{{- end }}
+{{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
+{{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
+{{- end }}
+{{- if and (eq .Values.mode "sidecar") .Values.metrics.serviceMonitor.enabled }}
+{{- fail "metrics.serviceMonitor needs mode=standalone: in sidecar mode the proxy listens on 127.0.0.1 only" }}
+{{- end }}
+{{- if and (eq .Values.mode "sidecar") .Values.ingress.enabled }}
+{{- fail "ingress needs mode=standalone; expose your application with its own Ingress" }}
+{{- end }}
+{{- end }}
+
+{{/*
+proxy.yaml as mounted into the pod. It is built from .Values.config only: the listen address, the Redis URL
+and every secret reach the proxy as environment variables, so nothing secret can end up in the ConfigMap.
+*/}}
+{{- define "llm-cache-proxy.proxyConfig" -}}
+{{- $config := deepCopy .Values.config }}
+{{- $_ := set $config.cache "backend" (include "llm-cache-proxy.cacheBackend" .) }}
+{{- toYaml $config }}
+{{- end }}
+
+{{- define "llm-cache-proxy.listenHost" -}}
+{{- if eq .Values.mode "sidecar" }}127.0.0.1{{ else }}0.0.0.0{{ end }}
+{{- end }}
+
+{{/*
+One probe of the proxy. In standalone mode the kubelet calls the port; in sidecar mode the proxy listens on the
+pod's loopback, which the kubelet cannot reach, so the check runs inside the container (the image has no curl).
+Arguments: root, path, timing (periodSeconds, timeoutSeconds, failureThreshold).
+*/}}
+{{- define "llm-cache-proxy.probe" -}}
+{{- if eq .root.Values.mode "sidecar" -}}
+exec:
+  command:
+    - python
+    - -c
+    - "import os, sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['PROXY_PORT'] + sys.argv[1], timeout=3)"
+    - {{ .path }}
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+{{- end }}
+{{ toYaml .timing }}
+{{- end }}
+
+{{/*
+The proxy container, defined once. Used as the standalone Deployment's container, as a native sidecar
+(initContainers entry with restartPolicy: Always) and as a plain extra container for clusters before 1.29.
+Arguments: root, native (bool).
+*/}}
+{{- define "llm-cache-proxy.proxyContainer" -}}
+{{- $root := .root }}
+{{- $values := $root.Values }}
+{{- $backend := include "llm-cache-proxy.cacheBackend" $root -}}
+- name: llm-cache-proxy
+  image: "{{ $values.image.repository }}:{{ $values.image.tag | default $root.Chart.AppVersion }}"
+  imagePullPolicy: {{ $values.image.pullPolicy }}
+  {{- if .native }}
+  # A native sidecar: started before the application containers, stopped after them.
+  restartPolicy: Always
+  {{- end }}
+  {{- with $values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  env:
+    - name: PROXY_HOST
+      value: {{ include "llm-cache-proxy.listenHost" $root | quote }}
+    - name: PROXY_PORT
+      value: {{ $values.containerPort | quote }}
+    - name: PROXY_CONFIG
+      value: /etc/llm-cache-proxy/proxy.yaml
+    {{- if or $values.upstream.existingSecret $values.upstream.apiKey }}
+    - name: OPENAI_API_KEY
+      valueFrom:
+        secretKeyRef:
+          {{- if $values.upstream.existingSecret }}
+          name: {{ $values.upstream.existingSecret }}
+          key: {{ $values.upstream.existingSecretKey }}
+          {{- else }}
+          name: {{ include "llm-cache-proxy.secretName" $root }}
+          key: openai-api-key
+          {{- end }}
+    {{- end }}
+    {{- if eq $backend "redis" }}
+    - name: REDIS_URL
+      value: {{ include "llm-cache-proxy.redisUrl" $root | quote }}
+    {{- end }}
+    {{- if or $values.redis.existingSecret $values.redis.password }}
+    - name: REDIS_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          {{- if $values.redis.existingSecret }}
+          name: {{ $values.redis.existingSecret }}
+          key: {{ $values.redis.existingSecretPasswordKey }}
+          {{- else }}
+          name: {{ include "llm-cache-proxy.secretName" $root }}
+          key: redis-password
+          {{- end }}
+    {{- end }}
+    {{- if or $values.auth.existingSecret $values.auth.proxyApiKeys }}
+    - name: PROXY_API_KEYS
+      valueFrom:
+        secretKeyRef:
+          {{- if $values.auth.existingSecret }}
+          name: {{ $values.auth.existingSecret }}
+          key: {{ $values.auth.existingSecretKey }}
+          {{- else }}
+          name: {{ include "llm-cache-proxy.secretName" $root }}
+          key: proxy-api-keys
+          {{- end }}
+    {{- end }}
+    {{- with $values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $values.extraEnvFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if ne $values.mode "sidecar" }}
+  ports:
+    - name: http
+      containerPort: {{ $values.containerPort }}
+      protocol: TCP
+  {{- end }}
+  startupProbe:
+    {{- include "llm-cache-proxy.probe" (dict "root" $root "path" "/readyz" "timing" $values.probes.startup) | nindent 4 }}
+  livenessProbe:
+    {{- include "llm-cache-proxy.probe" (dict "root" $root "path" "/healthz" "timing" $values.probes.liveness) | nindent 4 }}
+  readinessProbe:
+    {{- include "llm-cache-proxy.probe" (dict "root" $root "path" "/readyz" "timing" $values.probes.readiness) | nindent 4 }}
+  {{- if and (eq $values.mode "sidecar") (not .native) $values.sidecar.preStopSleepS }}
+  lifecycle:
+    # A plain container gets SIGTERM together with the application: keep serving its last calls for a while.
+    preStop:
+      exec:
+        command: ["python", "-c", "import time; time.sleep({{ $values.sidecar.preStopSleepS }})"]
+  {{- end }}
+  {{- with $values.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: llm-cache-proxy-config
+      mountPath: /etc/llm-cache-proxy
+      readOnly: true
+    - name: llm-cache-proxy-tmp
+      mountPath: /tmp
+    {{- with $values.volumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+Labels of the bundled Redis.
+*/}}
+{{- define "llm-cache-proxy.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-cache-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "llm-cache-proxy.redisLabels" -}}
+helm.sh/chart: {{ include "llm-cache-proxy.chart" . }}
+{{ include "llm-cache-proxy.redisSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
