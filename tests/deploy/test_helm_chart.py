@@ -1,0 +1,436 @@
+"""The Helm chart: lint, schema, Kubernetes validity and what each mode renders."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from proxy.config import load_settings
+
+from .support import (
+    CHART_DIR,
+    CI_VALUES,
+    FULLNAME,
+    NAMESPACE,
+    Render,
+    env_of,
+    load_values,
+    pod_spec,
+    proxy_container,
+)
+
+pytestmark = pytest.mark.deploy
+
+RenderFn = Callable[[Mapping[str, Any]], Render]
+
+# Kubernetes releases the manifests must validate against: a current one, and 1.29, the first with native
+# sidecars (SidecarContainers beta, on by default).
+K8S_VERSION = "1.30.0"
+K8S_NATIVE_SIDECAR_VERSION = "1.29.0"
+# Kinds from CRDs that kubernetes-validate has no schema for; checked by assertions instead.
+CRD_KINDS = {"ServiceMonitor"}
+HELM_WARNING = 2  # Helm's lint severities: 1 info, 2 warning, 4 error
+
+EXPECTED_KINDS = {
+    "default": ["ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment"],
+    "sidecar-native": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
+    "sidecar-legacy": ["ServiceAccount", "Secret", "ConfigMap", "Deployment"],
+    "external-redis": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
+    "bundled-redis": ["ServiceAccount", "Secret", "ConfigMap", "Service", "Service", "Deployment", "Deployment"],
+    "standalone-full": [
+        "PodDisruptionBudget", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment",
+        "HorizontalPodAutoscaler", "Ingress", "ServiceMonitor",
+    ],
+}
+CI_IDS = [p.name for p in CI_VALUES]
+
+
+def secret_values(values: Mapping[str, Any]) -> list[str]:
+    """Every secret a values file hands to the chart."""
+    found = [values.get("upstream", {}).get("apiKey", ""), values.get("redis", {}).get("password", "")]
+    found += values.get("auth", {}).get("proxyApiKeys", [])
+    return [s for s in found if s]
+
+
+def test_ci_values_cover_every_mode() -> None:
+    assert sorted(p.name.removesuffix("-values.yaml") for p in CI_VALUES) == sorted(EXPECTED_KINDS)
+
+
+@pytest.mark.parametrize("path", [None, *CI_VALUES], ids=["chart-defaults", *CI_IDS])
+def test_lint_reports_no_warning_when_strict(path: Any) -> None:
+    values = {} if path is None else load_values(path)
+    result = helm.lint(str(CHART_DIR), values, strict=True)
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] >= HELM_WARNING] == []
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"containerPort": "8080"}, "/containerPort"),
+        ({"mode": "daemonset"}, "/mode"),
+        ({"sidecar": {"native": "yes"}}, "/sidecar/native"),
+        ({"replicas": 2}, "'replicas'"),
+        ({"redis": {"url": "http://cache:6379"}}, "/redis/url"),
+        ({"config": {"server": {"host": "0.0.0.0"}}}, "'host'"),
+        ({"config": {"redis": {"password": "hunter2"}}}, "'password'"),
+        ({"config": {"auth": {"proxy_api_keys": ["k"]}}}, "'auth'"),
+        ({"config": {"cache": {"backend": "disk"}}}, "/config/cache/backend"),
+        ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
+    ],
+)
+def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
+    with helm.Chart.load(str(CHART_DIR)) as chart:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmValuesError):
+            chart.render(values, name="rel", namespace=NAMESPACE)
+
+
+def test_values_file_declares_its_schema_and_documents_every_value() -> None:
+    lines = (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# yaml-language-server: $schema=values.schema.json"
+    # helm-docs convention: a "# --" comment documents a key and everything below it.
+    stack: list[tuple[int, bool]] = []
+    comment: list[str] = []
+    undocumented = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        match = re.match(r"^(\s*)(- )?([A-Za-z_][\w-]*):(.*)$", line)
+        if match is None:
+            comment = []
+            continue
+        indent = len(match.group(1)) + (2 if match.group(2) else 0)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        documented = any(c.startswith("# --") for c in comment) or any(doc for _, doc in stack)
+        if match.group(4).strip() and not documented:
+            undocumented.append(f"line {number}: {stripped}")
+        stack.append((indent, documented))
+        comment = []
+    assert undocumented == []
+
+
+def test_chart_defaults_pass_the_schema() -> None:
+    with helm.Chart.load(str(CHART_DIR)) as chart:
+        chart.validate_schema(load_values(CHART_DIR / "values.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_render_has_the_expected_kinds_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
+    assert [d["kind"] for d in rendered[name].docs] == EXPECTED_KINDS[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_render_is_valid_kubernetes_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
+    result = rendered[name]
+    for doc in result.docs + result.hooks:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"]["name"].startswith(FULLNAME)
+
+
+@pytest.mark.parametrize("name", ["sidecar-native", "sidecar-legacy"])
+def test_sidecar_render_is_valid_when_cluster_is_1_29(rendered: dict[str, Render], name: str) -> None:
+    for doc in rendered[name].docs:
+        kubernetes_validate.validate(doc, K8S_NATIVE_SIDECAR_VERSION, strict=True)
+
+
+def test_native_sidecar_starts_before_the_app_when_sidecar_native(rendered: dict[str, Render]) -> None:
+    spec = pod_spec(rendered["sidecar-native"].one("Deployment"))
+    sidecar = spec["initContainers"][0]
+    assert sidecar["name"] == "llm-cache-proxy"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["exec"]["command"][-1] == "/readyz"
+    assert sidecar["livenessProbe"]["exec"]["command"][-1] == "/healthz"
+    assert sidecar["readinessProbe"]["exec"]["command"][-1] == "/readyz"
+    assert [c["name"] for c in spec["containers"]] == ["web"]
+
+
+def test_plain_sidecar_is_an_extra_container_when_native_is_off(rendered: dict[str, Render]) -> None:
+    spec = pod_spec(rendered["sidecar-legacy"].one("Deployment"))
+    assert "initContainers" not in spec
+    assert [c["name"] for c in spec["containers"]] == ["worker", "llm-cache-proxy"]
+    proxy = spec["containers"][1]
+    assert "restartPolicy" not in proxy
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"][:2] == ["python", "-c"]
+
+
+@pytest.mark.parametrize(("name", "port"), [("sidecar-native", 8080), ("sidecar-legacy", 18080)])
+def test_app_reaches_proxy_on_loopback_when_mode_is_sidecar(
+    rendered: dict[str, Render], name: str, port: int
+) -> None:
+    deployment = rendered[name].one("Deployment")
+    app = pod_spec(deployment)["containers"][0]
+    proxy = proxy_container(deployment)
+    assert env_of(app)["OPENAI_BASE_URL"]["value"] == f"http://127.0.0.1:{port}/v1"
+    assert env_of(proxy)["PROXY_HOST"]["value"] == "127.0.0.1"
+    assert env_of(proxy)["PROXY_PORT"]["value"] == str(port)
+    # Nothing published: the kubelet cannot reach the pod's loopback, so the probes run inside the container.
+    assert "ports" not in proxy
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = proxy[probe]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and "http://127.0.0.1:" in command[2]
+
+
+@pytest.mark.parametrize("name", ["default", "external-redis", "bundled-redis", "standalone-full"])
+def test_proxy_listens_on_all_interfaces_when_standalone(rendered: dict[str, Render], name: str) -> None:
+    result = rendered[name]
+    proxy = proxy_container(result.one("Deployment"))
+    assert env_of(proxy)["PROXY_HOST"]["value"] == "0.0.0.0"
+    assert proxy["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert proxy["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    service = result.one("Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["selector"] == result.one("Deployment")["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_proxy_container_is_locked_down_in_every_mode(rendered: dict[str, Render], name: str) -> None:
+    deployment = rendered[name].one("Deployment")
+    context = proxy_container(deployment)["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] == 10001
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod_spec(deployment)["automountServiceAccountToken"] is False
+    mounts = {m["mountPath"]: m for m in proxy_container(deployment)["volumeMounts"]}
+    assert mounts["/etc/llm-cache-proxy"]["readOnly"] is True
+    assert "/tmp" in mounts
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_proxy_reads_the_mounted_config_map(rendered: dict[str, Render], name: str) -> None:
+    result = rendered[name]
+    deployment = result.one("Deployment")
+    proxy = proxy_container(deployment)
+    assert env_of(proxy)["PROXY_CONFIG"]["value"] == "/etc/llm-cache-proxy/proxy.yaml"
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["llm-cache-proxy-config"]["configMap"]["name"] == FULLNAME
+    assert "proxy.yaml" in result.one("ConfigMap")["data"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_config_map_is_a_proxy_yaml_the_proxy_accepts(
+    rendered: dict[str, Render], name: str, tmp_path: Path
+) -> None:
+    result = rendered[name]
+    proxy = proxy_container(result.one("Deployment"))
+    # Literal values as the container sees them; secrets as stand-ins for what the kubelet resolves.
+    env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
+    text = result.one("ConfigMap")["data"]["proxy.yaml"]
+    (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
+    settings = load_settings(config_path=str(tmp_path / "proxy.yaml"), env=env)
+    assert settings.host == env["PROXY_HOST"]
+    assert settings.port == int(env["PROXY_PORT"])
+    assert settings.cache.backend == yaml.safe_load(text)["cache"]["backend"]
+    assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
+    if settings.cache.backend == "redis":
+        assert settings.redis.url == env["REDIS_URL"]
+
+
+def test_checksum_changes_when_config_changes(render: RenderFn) -> None:
+    def checksum(values: Mapping[str, Any]) -> str:
+        deployment = render(values).one("Deployment")
+        annotation: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return annotation
+
+    base = checksum({})
+    assert checksum({"config": {"cache": {"ttl_s": 60}}}) != base
+    assert checksum({"config": {"log_level": "DEBUG"}}) != base
+    assert checksum({"replicaCount": 3}) == base
+
+
+def test_upstream_key_is_read_from_the_chart_secret_when_given_as_a_value(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    env = env_of(proxy_container(result.one("Deployment")))
+    secret = result.one("Secret")
+    refs = {
+        "OPENAI_API_KEY": ("openai-api-key", result.values["upstream"]["apiKey"]),
+        "REDIS_PASSWORD": ("redis-password", result.values["redis"]["password"]),
+        "PROXY_API_KEYS": ("proxy-api-keys", ",".join(result.values["auth"]["proxyApiKeys"])),
+    }
+    for variable, (key, plain) in refs.items():
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": key}
+        assert "value" not in env[variable]
+        assert base64.b64decode(secret["data"][key]).decode() == plain
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm", "key": "api-key"}
+    annotations = result.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/secret" in annotations
+
+
+def test_no_secret_is_created_when_existing_secrets_are_used(rendered: dict[str, Render]) -> None:
+    result = rendered["external-redis"]
+    assert result.of_kind("Secret") == []
+    env = env_of(proxy_container(result.one("Deployment")))
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-keys", "key": "openai-api-key"}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "cache-redis", "key": "password"}
+    assert env["PROXY_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "llm-keys", "key": "proxy-api-keys"}
+    assert env["REDIS_URL"]["value"] == result.values["redis"]["url"]
+    annotations = result.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/secret" not in annotations
+
+
+def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> None:
+    result = render({"upstream": {"apiKey": "sk-ignored-value", "existingSecret": "llm-keys"}})
+    assert result.of_kind("Secret") == []
+    assert "sk-ignored-value" not in result.manifest
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_no_secret_value_appears_outside_its_secret(rendered: dict[str, Render], name: str) -> None:
+    result = rendered[name]
+    secrets = secret_values(result.values)
+    encoded = [base64.b64encode(s.encode()).decode() for s in secrets]
+    for doc in result.docs + result.hooks:
+        text = yaml.safe_dump(doc)
+        for secret in secrets:
+            assert secret not in text, f"{secret!r} leaked into {doc['kind']} {doc['metadata']['name']}"
+        if doc["kind"] == "ConfigMap":
+            assert not [e for e in encoded if e in text]
+    assert not [s for s in secrets if s in result.notes]
+
+
+def test_bundled_redis_runs_beside_the_proxy_when_enabled(rendered: dict[str, Render]) -> None:
+    result = rendered["bundled-redis"]
+    redis_name = f"{FULLNAME}-redis"
+    deployment = result.one("Deployment", redis_name)
+    service = result.one("Service", redis_name)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [{"port": 6379, "targetPort": "redis", "protocol": "TCP", "name": "redis"}]
+    env = env_of(proxy_container(result.one("Deployment")))
+    assert env["REDIS_URL"]["value"] == f"redis://{redis_name}:6379/0"
+    # The proxy's Service must not send traffic to the Redis pod.
+    proxy_selector = result.one("Service")["spec"]["selector"].items()
+    redis_labels = deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert not proxy_selector <= redis_labels
+
+    spec = pod_spec(deployment)
+    (redis,) = spec["containers"]
+    args = redis["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert env_of(redis)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "redis-password"}
+    assert [v for v in spec["volumes"] if "emptyDir" not in v] == []
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert redis["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis["securityContext"]["allowPrivilegeEscalation"] is False
+    assert redis["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_bundled_redis_needs_no_password_when_none_is_set(render: RenderFn) -> None:
+    result = render({"redis": {"bundled": {"enabled": True}}})
+    (redis,) = pod_spec(result.one("Deployment", f"{FULLNAME}-redis"))["containers"]
+    assert "--requirepass" not in redis["args"] and "env" not in redis
+    assert yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])["cache"]["backend"] == "redis"
+
+
+@pytest.mark.parametrize(
+    ("values", "backend"),
+    [
+        ({}, "memory"),
+        ({"redis": {"url": "redis://cache:6379/0"}}, "redis"),
+        ({"redis": {"url": "redis://cache:6379/0"}, "config": {"cache": {"backend": "off"}}}, "off"),
+    ],
+)
+def test_cache_backend_follows_the_redis_settings_when_not_set(
+    render: RenderFn, values: dict[str, Any], backend: str
+) -> None:
+    result = render(values)
+    assert yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])["cache"]["backend"] == backend
+    assert ("REDIS_URL" in env_of(proxy_container(result.one("Deployment")))) == (backend == "redis")
+
+
+def test_autoscaler_owns_the_replica_count_when_enabled(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    deployment = result.one("Deployment")
+    assert "replicas" not in deployment["spec"]
+    hpa = result.one("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    pdb = result.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_service_monitor_scrapes_the_proxy_service_when_enabled(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    monitor = result.one("ServiceMonitor")
+    service = result.one("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert set(monitor["spec"]) == {"namespaceSelector", "selector", "endpoints"}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"\d+s", endpoint["interval"]) and re.fullmatch(r"\d+s", endpoint["scrapeTimeout"])
+
+
+def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    (rule,) = result.one("Ingress")["spec"]["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": FULLNAME, "port": {"number": result.one("Service")["spec"]["ports"][0]["port"]}}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"config": {"cache": {"backend": "redis"}}}, "set redis.url, or redis.bundled.enabled"),
+        ({"redis": {"url": "redis://cache:6379/0", "bundled": {"enabled": True}}}, "not both"),
+        ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "must not carry a password"),
+        ({"redis": {"url": "redis://default:hunter2@cache:6379/0"}}, "must not carry a password"),
+        ({"mode": "sidecar", "app": {"image": {"repository": "app"}},
+          "metrics": {"serviceMonitor": {"enabled": True}}}, "needs mode=standalone"),
+        ({"mode": "sidecar", "app": {"image": {"repository": "app"}}, "ingress": {"enabled": True}},
+         "needs mode=standalone"),
+        ({"mode": "sidecar"}, "app.image.repository is required"),
+    ],
+)
+def test_render_fails_with_a_clear_message_when_values_conflict(
+    render: RenderFn, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=re.escape(message)) as caught:
+        render(values)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_notes_give_the_service_url_when_standalone(rendered: dict[str, Render]) -> None:
+    notes = rendered["default"].notes
+    assert f"OPENAI_BASE_URL=http://{FULLNAME}.{NAMESPACE}.svc:8080/v1" in notes
+    assert "https://llm.example.com/v1" in rendered["standalone-full"].notes
+
+
+@pytest.mark.parametrize(("name", "port"), [("sidecar-native", 8080), ("sidecar-legacy", 18080)])
+def test_notes_give_the_loopback_url_when_sidecar(rendered: dict[str, Render], name: str, port: int) -> None:
+    assert f"OPENAI_BASE_URL=http://127.0.0.1:{port}/v1" in rendered[name].notes
+
+
+def test_helm_test_pod_calls_readyz_through_the_service(rendered: dict[str, Render]) -> None:
+    (pod,) = rendered["default"].hooks
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][-1] == f"http://{FULLNAME}:8080/readyz"
+    assert rendered["sidecar-native"].hooks == []
