@@ -1,0 +1,173 @@
+"""Processes the benchmark owns: start pinned to cores, probe over HTTP, read /proc, stop by process group."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+class BenchmarkError(RuntimeError):
+    """The run cannot produce a valid measurement; the message says why."""
+
+
+@dataclass
+class Service:
+    """A started process, its own process group, and the file its output goes to."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(name: str, argv: Sequence[str], cores: str, log_dir: Path,
+          env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Service:
+    """Start *argv* under ``taskset -c cores`` in a new session, so that stopping it reaches its children."""
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log:
+        started_at = time.perf_counter()
+        popen = subprocess.Popen(["taskset", "-c", cores, *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, env=dict(env) if env is not None else None,
+                                 cwd=cwd, start_new_session=True)
+    return Service(name, popen, log_path, started_at)
+
+
+def stop(service: Service, timeout_s: float = 5.0) -> None:
+    """SIGTERM the service's process group, then SIGKILL it if it is still there after *timeout_s*."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(service.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            service.popen.wait(timeout=timeout_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Workers may outlive a master that exited first; the group id is still ours to signal.
+    try:
+        os.killpg(service.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on a new connection; return status, lower-cased headers and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"} if body else {}
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def http_probe(path: str) -> bytes:
+    """The bytes of a ``GET path`` that closes its connection, for ``wait_ready``."""
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+
+
+def wait_ready(service: Service, port: int, probe: bytes, expect: bytes, timeout_s: float = 15.0) -> float:
+    """Send *probe* on fresh connections until the reply starts with *expect*; return seconds since start."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if service.popen.poll() is not None:
+            raise BenchmarkError(f"{service.name} exited with {service.popen.returncode}:\n{service.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+                sock.sendall(probe)
+                if sock.recv(64).startswith(expect):
+                    return time.perf_counter() - service.started_at
+        except OSError:
+            pass
+        time.sleep(0.0005)
+    raise BenchmarkError(f"{service.name} did not answer on port {port} within {timeout_s} s:\n{service.log_tail()}")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name is in parentheses and may contain spaces; the fields after it start at "state".
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return *pid* and every live descendant of it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time used so far by *pid* and its live descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat_fields(member)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS_PER_S
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """``VmHWM`` (peak RSS) and ``VmRSS`` of *pid* in KiB, from /proc/<pid>/status."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def missing_tools(names: Sequence[str]) -> list[str]:
+    """The executables of *names* not found on PATH."""
+    return [name for name in names if shutil.which(name) is None]
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    """First line a tool prints about its version, or ``"?"``."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"

@@ -1,0 +1,3 @@
+-- The same chat body with "stream": true on every request: once warm, every request replays SSE events.
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
+common.post("/v1/chat/completions", "chat_stream")
