@@ -72,9 +72,8 @@ def pod_spec(workload: Mapping[str, Any]) -> dict[str, Any]:
 def proxy_container(workload: Mapping[str, Any]) -> dict[str, Any]:
     """The one proxy container of a pod, wherever it sits (containers or initContainers)."""
     spec = pod_spec(workload)
-    found = [
-        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "llm-cache-proxy"
-    ]
+    containers: list[dict[str, Any]] = spec.get("initContainers", []) + spec["containers"]
+    found = [c for c in containers if c["name"] == "llm-cache-proxy"]
     assert len(found) == 1, f"expected one proxy container, got {len(found)}"
     return found[0]
 

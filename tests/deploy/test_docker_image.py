@@ -26,7 +26,7 @@ def hadolint_binary() -> str:
     return found
 
 
-def test_hadolint_reports_nothing_at_warning_level_or_above() -> None:
+def test_hadolint_reports_nothing_when_threshold_is_warning() -> None:
     result = subprocess.run(
         [hadolint_binary(), "--format", "json", "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
         capture_output=True, text=True, timeout=60, check=False,
@@ -45,13 +45,13 @@ def test_image_builds_a_venv_and_ships_only_that_when_multi_stage(dockerfile: Do
     assert dockerfile.env()["PATH"].startswith("/opt/venv/bin:")
 
 
-def test_image_runs_as_user_10001(dockerfile: Dockerfile) -> None:
+def test_image_runs_as_user_10001_when_started(dockerfile: Dockerfile) -> None:
     assert dockerfile.instructions("USER") == ["10001:10001"]
     (useradd,) = [r for r in dockerfile.instructions("RUN") if "useradd" in r]
     assert "--uid 10001" in useradd
 
 
-def test_image_environment_listens_on_all_interfaces_and_port_8080(dockerfile: Dockerfile) -> None:
+def test_image_listens_on_all_interfaces_and_port_8080_when_started(dockerfile: Dockerfile) -> None:
     env = dockerfile.env()
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"
@@ -60,18 +60,18 @@ def test_image_environment_listens_on_all_interfaces_and_port_8080(dockerfile: D
     assert dockerfile.instructions("EXPOSE") == ["8080"]
 
 
-def test_image_starts_the_proxy_in_exec_form(dockerfile: Dockerfile) -> None:
+def test_sigterm_reaches_the_proxy_when_cmd_is_exec_form(dockerfile: Dockerfile) -> None:
     assert dockerfile.cmd() == ["python", "-m", "proxy"]
     assert dockerfile.instructions("ENTRYPOINT") == []
 
 
-def test_healthcheck_is_python_against_healthz_on_proxy_port(dockerfile: Dockerfile) -> None:
+def test_healthcheck_calls_healthz_on_proxy_port_when_image_has_no_curl(dockerfile: Dockerfile) -> None:
     command = dockerfile.healthcheck()
     assert command[:2] == ["python", "-c"]
     assert "/healthz" in command[2] and "PROXY_PORT" in command[2]
 
 
-def test_dockerignore_keeps_secrets_and_development_files_out() -> None:
+def test_secrets_and_development_files_stay_out_when_building() -> None:
     patterns = read_dockerignore()
     excluded = [
         ".env", ".env.local", ".git/HEAD", "tests/unit/test_config.py", "tests/conftest.py", "helm/Chart.yaml",

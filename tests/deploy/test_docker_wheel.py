@@ -85,8 +85,12 @@ def wait_until_ready(process: subprocess.Popen[bytes], port: int) -> None:
     pytest.fail(f"the proxy was not ready on port {port} within {STARTUP_S} s")
 
 
+RunningImage = tuple[subprocess.Popen[bytes], dict[str, str], Path]
+
+
 @pytest.fixture
-def running_image(dockerfile: Dockerfile, venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
+def running_image(dockerfile: Dockerfile, venv: Path, tmp_path: Path) -> Iterator[RunningImage]:
+    """The image's CMD, started as the image would start it; yields the process, its environment and log."""
     port = free_port()
     env = image_environment(dockerfile, venv, port)
     workdir = tmp_path / "app"  # like the image's empty WORKDIR: no proxy.yaml, no .env
@@ -104,7 +108,7 @@ def running_image(dockerfile: Dockerfile, venv: Path, tmp_path: Path) -> Iterato
 
 
 def test_healthcheck_passes_and_sigterm_stops_cleanly_when_running_the_image_command(
-    running_image: tuple[subprocess.Popen[bytes], dict[str, str], Path], dockerfile: Dockerfile
+    running_image: RunningImage, dockerfile: Dockerfile
 ) -> None:
     process, env, log_path = running_image
     healthcheck = subprocess.run(dockerfile.healthcheck(), env=env, capture_output=True, timeout=10, check=False)

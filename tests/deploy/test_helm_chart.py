@@ -60,7 +60,7 @@ def secret_values(values: Mapping[str, Any]) -> list[str]:
     return [s for s in found if s]
 
 
-def test_ci_values_cover_every_mode() -> None:
+def test_every_mode_has_an_example_when_listing_ci_values() -> None:
     assert sorted(p.name.removesuffix("-values.yaml") for p in CI_VALUES) == sorted(EXPECTED_KINDS)
 
 
@@ -96,7 +96,7 @@ def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any],
             chart.render(values, name="rel", namespace=NAMESPACE)
 
 
-def test_values_file_declares_its_schema_and_documents_every_value() -> None:
+def test_every_value_is_documented_when_reading_values_yaml() -> None:
     lines = (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "# yaml-language-server: $schema=values.schema.json"
     # helm-docs convention: a "# --" comment documents a key and everything below it.
@@ -123,7 +123,7 @@ def test_values_file_declares_its_schema_and_documents_every_value() -> None:
     assert undocumented == []
 
 
-def test_chart_defaults_pass_the_schema() -> None:
+def test_schema_accepts_the_chart_defaults_when_no_values_are_given() -> None:
     with helm.Chart.load(str(CHART_DIR)) as chart:
         chart.validate_schema(load_values(CHART_DIR / "values.yaml"))
 
@@ -201,7 +201,7 @@ def test_proxy_listens_on_all_interfaces_when_standalone(rendered: dict[str, Ren
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_proxy_container_is_locked_down_in_every_mode(rendered: dict[str, Render], name: str) -> None:
+def test_proxy_container_is_locked_down_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
     deployment = rendered[name].one("Deployment")
     context = proxy_container(deployment)["securityContext"]
     assert context["runAsNonRoot"] is True
@@ -217,7 +217,7 @@ def test_proxy_container_is_locked_down_in_every_mode(rendered: dict[str, Render
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_proxy_reads_the_mounted_config_map(rendered: dict[str, Render], name: str) -> None:
+def test_proxy_reads_the_mounted_config_map_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
     result = rendered[name]
     deployment = result.one("Deployment")
     proxy = proxy_container(deployment)
@@ -230,7 +230,7 @@ def test_proxy_reads_the_mounted_config_map(rendered: dict[str, Render], name: s
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_config_map_is_a_proxy_yaml_the_proxy_accepts(
+def test_proxy_accepts_the_config_map_when_using_ci_values(
     rendered: dict[str, Render], name: str, tmp_path: Path
 ) -> None:
     result = rendered[name]
@@ -297,7 +297,7 @@ def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> No
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_no_secret_value_appears_outside_its_secret(rendered: dict[str, Render], name: str) -> None:
+def test_no_secret_value_leaves_its_secret_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
     result = rendered[name]
     secrets = secret_values(result.values)
     encoded = [base64.b64encode(s.encode()).decode() for s in secrets]
@@ -428,7 +428,7 @@ def test_notes_give_the_loopback_url_when_sidecar(rendered: dict[str, Render], n
     assert f"OPENAI_BASE_URL=http://127.0.0.1:{port}/v1" in rendered[name].notes
 
 
-def test_helm_test_pod_calls_readyz_through_the_service(rendered: dict[str, Render]) -> None:
+def test_helm_test_calls_readyz_through_the_service_when_standalone(rendered: dict[str, Render]) -> None:
     (pod,) = rendered["default"].hooks
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (container,) = pod["spec"]["containers"]
