@@ -148,6 +148,28 @@ def cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS_PER_S
 
 
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core, (busy, total) jiffies since boot from /proc/stat.
+
+    Busy is process time plus steal (the hypervisor running someone else). Interrupt time is left out: loopback
+    traffic the server itself causes is handled there, and it is not charged to any process.
+    """
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+            times[int(name[3:])] = (user + nice + system + steal,
+                                    user + nice + system + idle + iowait + irq + softirq + steal)
+    return times
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, float]:
+    """Share of each core's time spent busy between two ``core_times`` snapshots."""
+    return {core: (after[core][0] - before[core][0]) / max(after[core][1] - before[core][1], 1)
+            for core in after if core in before}
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """``VmHWM`` (peak RSS) and ``VmRSS`` of *pid* in KiB, from /proc/<pid>/status."""
     values = {}

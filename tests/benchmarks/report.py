@@ -34,6 +34,11 @@ def _cpu(run: dict[str, Any], role: str) -> str:
     return f"{run['cpu_us_per_request'][role]:.1f}"
 
 
+def _noise(label: str, run: dict[str, Any]) -> list[str]:
+    other = run.get("server_core_other", 0.0)
+    return [f"- {label}: {other:.0%} of the server core went to other processes; noisy"] if other > 0.05 else []
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with its measured value and whether it was met; absent measurements are skipped."""
     checks: list[dict[str, Any]] = []
@@ -81,6 +86,7 @@ def _hits(results: dict[str, Any]) -> list[str]:
                     notes.append(f"- {workload}/{conns}/{name}: {run['upstream_requests']} requests reached upstream")
                 if not run["body_identical_to_upstream"]:
                     notes.append(f"- {workload}/{name}: the hit's body differs from upstream's bytes")
+                notes += _noise(f"{workload}/{conns}/{name}", run)
     return ["## Cache hits", "", *_table(
         ["workload", "conns", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy p50 ms", "proxy p99 ms",
          "nginx p50 ms", "nginx p99 ms", "proxy CPU µs/req", "nginx CPU µs/req", "proxy core busy",
@@ -96,6 +102,7 @@ def _misses(results: dict[str, Any]) -> list[str]:
         rows.append([conns, f"{_rps(p):.0f}", f"{_rps(n):.0f}", f"{_rps(u):.0f}", _ratio(_rps(p), _rps(n)),
                      _ms(p, "p50_ms"), _ms(n, "p50_ms"), _ms(u, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p99_ms"),
                      _ms(u, "p99_ms"), _cpu(p, "proxy"), _cpu(n, "nginx"), f"{stored:.2f}"])
+    notes = [line for key, run in misses.items() if not key.endswith("upstream") for line in _noise(key, run)]
     p, n, u = (misses[f"miss/1/{name}"] for name in ("proxy", "nginx", "upstream"))
     added_p = p["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
     added_n = n["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
@@ -103,7 +110,8 @@ def _misses(results: dict[str, Any]) -> list[str]:
         ["conns", "proxy req/s", "nginx req/s", "upstream direct req/s", "proxy/nginx", "proxy p50 ms",
          "nginx p50 ms", "direct p50 ms", "proxy p99 ms", "nginx p99 ms", "direct p99 ms", "proxy CPU µs/req",
          "nginx CPU µs/req", "Redis keys added per request"], rows), "",
-        f"Latency added over calling upstream directly (p50, 1 conn): proxy {added_p:.3f} ms, nginx {added_n:.3f} ms."]
+        f"Latency added over calling upstream directly (p50, 1 conn): proxy {added_p:.3f} ms, nginx {added_n:.3f} ms.",
+        *notes]
 
 
 def _other(results: dict[str, Any]) -> list[str]:
@@ -143,6 +151,20 @@ def _scaling(results: dict[str, Any]) -> list[str]:
     return head + _table(["workers", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy speed-up"], rows)
 
 
+def _profile(results: dict[str, Any]) -> list[str]:
+    profile = results["profile"]
+    if "error" in profile:
+        return ["## Profile", "", f"not taken: {profile['error']}"]
+    lines = ["## Profile (py-spy, 64 conns; share of samples)", ""]
+    for workload, summary in profile.items():
+        rows = [[f"{share:.1%}", frame] for frame, share in summary["self"][:10]]
+        totals = [[f"{share:.1%}", frame] for frame, share in summary["total"][:10]]
+        lines += [f"{workload}: where samples landed (collapsed stacks in results/{summary['collapsed_stacks']})",
+                  "", *_table(["self", "function"], rows), "", f"{workload}: on the stack", "",
+                  *_table(["total", "function"], totals), ""]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole report: environment line, hit, miss, stream/memory/start-up, scaling and target tables."""
     env = results["environment"]
@@ -150,9 +172,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark: {who} vs nginx proxy_cache", "",
              f"commit {env['commit']}, {env['cpu']} x{env['cores']}, Python {env['python']}, {env['nginx']}, "
              f"{env['wrk']}, {env['redis']}; {env['duration_s']} s per wrk run; servers on core "
-             f"{env['server_core']}, wrk/Redis/upstream on core {env['load_core']}.", ""]
+             f"{env['server_core']}, wrk/Redis/upstream on core {env['load_core']}. Busy before the run: "
+             + ", ".join(f"core {c} {b:.0%}" for c, b in env.get("cores_busy_before_start", {}).items()) + ".", ""]
     for sections, render in ((("hits",), _hits), (("misses",), _misses),
-                             (("stream_ttfb", "working_set", "startup_s"), _other), (("scaling",), _scaling)):
+                             (("stream_ttfb", "working_set", "startup_s"), _other), (("scaling",), _scaling),
+                             (("profile",), _profile)):
         if any(section in results for section in sections):
             lines += [*render(results), ""]
     checks = targets(results)

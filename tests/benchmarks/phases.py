@@ -1,0 +1,151 @@
+"""The measurements of one run, in order; each adds its numbers to ``bench.results``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import harness
+import nginx_conf
+import openai_shapes
+import probes
+import pyspy
+from harness import BenchmarkError
+from stack import HERE, LOAD_CORE, SERVER_CORE, Bench, run_wrk, start_nginx, start_proxy
+
+CHAT = "/v1/chat/completions"
+# name: (wrk script, path, request body, upstream response the hit must equal)
+HIT_WORKLOADS = {
+    "hit": ("hit.lua", CHAT, "chat", openai_shapes.chat_completion()),
+    "stream": ("stream.lua", CHAT, "chat_stream", b"".join(openai_shapes.chat_chunks())),
+    "embeddings": ("embeddings.lua", "/v1/embeddings", "embeddings", openai_shapes.embeddings()),
+}
+CONNECTIONS = (64, 1)
+
+
+def measure_hits(bench: Bench) -> None:
+    targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"]}
+    hits: dict[str, object] = {}
+    for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
+        body = openai_shapes.request_body(body_name)
+        identical = {name: probes.warm_until_hit(port, path, body, expected) for name, port in targets.items()}
+        for connections in CONNECTIONS:
+            for name, port in targets.items():
+                upstream_before = probes.nginx_requests(bench.ports["upstream"])
+                run = run_wrk(script, port, connections, bench.args.duration,
+                              {name: bench.pids[name], "redis": bench.pids["redis"]})
+                # One request is the status probe itself; anything more reached upstream during a "hit" run.
+                run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
+                run["body_identical_to_upstream"] = identical[name]
+                hits[f"{workload}/{connections}/{name}"] = run
+    bench.results["hits"] = hits
+
+
+def measure_misses(bench: Bench) -> None:
+    targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"], "upstream": bench.ports["upstream"]}
+    for name in ("proxy", "nginx"):
+        probes.expect_miss(targets[name], CHAT, openai_shapes.miss_body(f"probe-{bench.run_id}", 0))
+    misses: dict[str, object] = {}
+    for connections in CONNECTIONS:
+        for name, port in targets.items():
+            keys_before = probes.redis_dbsize(bench.ports["redis"])
+            watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
+            nonce = f"{bench.run_id}{name}{connections}"
+            run = run_wrk("miss.lua", port, connections, bench.args.duration, watch, (nonce,))
+            time.sleep(0.2)
+            run["redis_keys_added"] = probes.redis_dbsize(bench.ports["redis"]) - keys_before
+            misses[f"miss/{connections}/{name}"] = run
+    bench.results["misses"] = misses
+
+
+def measure_ttfb(bench: Bench) -> None:
+    port = harness.free_port()
+    upstream = bench.start("fake-upstream", [sys.executable, str(HERE / "fake_upstream.py"), "--port", str(port),
+                                             "--first-event-delay-ms", "20", "--rest-delay-ms", "10"],
+                           str(LOAD_CORE), cwd=HERE)
+    harness.wait_ready(upstream, port, harness.http_probe("/"), b"HTTP/1.1 404")
+    proxy, proxy_port, started_s = start_proxy(bench, "proxy-ttfb", port)
+    samples = 10 if bench.args.quick else 60
+    bodies = [(openai_shapes.miss_body(f"ttfb-d-{bench.run_id}", i, "chat_stream"),
+               openai_shapes.miss_body(f"ttfb-p-{bench.run_id}", i, "chat_stream")) for i in range(samples + 3)]
+    probes.stream_ttfb(port, proxy_port, bodies[:3])  # connections, imports and pools warm up first
+    bench.results["stream_ttfb"] = probes.stream_ttfb(port, proxy_port, bodies[3:])
+    bench.results["startup_s"].append(started_s)  # type: ignore[attr-defined]
+    bench.stop(proxy)
+    bench.stop(upstream)
+
+
+def measure_working_set(bench: Bench) -> None:
+    size = 1000 if bench.args.quick else 10_000
+    bodies = [openai_shapes.miss_body(f"ws-{bench.run_id}", i) for i in range(size)]
+    started = time.perf_counter()
+    passes = probes.fill_working_set(bench.ports["proxy"], bodies)
+    bench.results["working_set"] = {
+        "entries": size, "passes": passes, "seconds": time.perf_counter() - started,
+        "memory_kib": harness.memory_kib(bench.pids["proxy"]),
+        "nginx_memory_kib": harness.memory_kib(bench.pids["nginx"]),
+    }
+
+
+def measure_startup(bench: Bench) -> None:
+    for i in range(3 if bench.args.quick else 5):
+        service, _, started_s = start_proxy(bench, f"proxy-start-{i}", bench.ports["upstream"])
+        bench.results["startup_s"].append(started_s)  # type: ignore[attr-defined]
+        bench.stop(service)
+
+
+def measure_scaling(bench: Bench) -> None:
+    workers = bench.args.workers
+    if workers < 2:
+        return
+    cores = f"{SERVER_CORE}-{SERVER_CORE + workers - 1}"
+    script, path, body_name, expected = HIT_WORKLOADS["hit"]
+    scaling: dict[str, object] = {"workers": workers, "cores": cores, "load_core": LOAD_CORE}
+    try:
+        proxy, proxy_port, _ = start_proxy(bench, f"proxy-w{workers}", bench.ports["upstream"], workers, cores)
+    except BenchmarkError as exc:
+        scaling["error"] = str(exc).splitlines()[0]
+        bench.results["scaling"] = scaling
+        return
+    root = bench.tmp / f"nginx-w{workers}"
+    nginx_port = harness.free_port()
+    nginx = start_nginx(bench, f"nginx-w{workers}", nginx_conf.reference_conf(root, nginx_port,
+                                                                             bench.ports["upstream"], workers),
+                        root, cores, workers)
+    harness.wait_ready(nginx, nginx_port, harness.http_probe("/healthz"), b"HTTP/1.1 200")
+    body = openai_shapes.request_body(body_name)
+    for name, service, port in (("proxy", proxy, proxy_port), ("nginx", nginx, nginx_port)):
+        probes.warm_until_hit(port, path, body, expected)
+        scaling[name] = run_wrk(script, port, 64, bench.args.duration, {name: service.pid})
+    bench.stop(proxy)
+    bench.stop(nginx)
+    bench.results["scaling"] = scaling
+
+
+
+
+def measure_profile(bench: Bench) -> None:
+    """Sample the proxy with py-spy under the hit and miss loads, in runs apart from the measured ones."""
+    py_spy = pyspy.executable()
+    if py_spy is None or bench.args.calibrate:
+        bench.results["profile"] = {"error": "py-spy not installed" if py_spy is None else "calibration run"}
+        return
+    seconds = min(bench.args.duration, 10)
+    profile: dict[str, object] = {}
+    for workload, script, args in (("hit", "hit.lua", ()), ("miss", "miss.lua", (f"{bench.run_id}profile",))):
+        out = bench.out_prefix.with_name(f"{bench.out_prefix.name}-profile-{workload}.txt")
+        sampler = pyspy.record(py_spy, bench.pids["proxy"], seconds + 1, out, LOAD_CORE)
+        time.sleep(0.5)
+        run_wrk(script, bench.ports["proxy"], 64, seconds, {"proxy": bench.pids["proxy"]}, args)
+        try:
+            sampler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+        summary = pyspy.summarize(out.read_text()) if out.exists() else {"self": [], "total": []}
+        profile[workload] = {"collapsed_stacks": out.name, **summary}
+    bench.results["profile"] = profile
+
+
+ALL = (measure_hits, measure_misses, measure_ttfb, measure_working_set, measure_startup, measure_scaling,
+       measure_profile)
