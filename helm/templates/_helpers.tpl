@@ -123,6 +123,10 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
 {{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
 {{- end }}
+{{- if and (eq .Values.mode "sidecar") .Values.sidecar.native (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- /* Before 1.29 the API server drops restartPolicy from init containers: the pod would never leave Init. */}}
+{{- fail "sidecar.native needs Kubernetes 1.29 or later; set sidecar.native=false on this cluster" }}
+{{- end }}
 {{- if and (eq .Values.mode "sidecar") .Values.metrics.serviceMonitor.enabled }}
 {{- fail "metrics.serviceMonitor needs mode=standalone: in sidecar mode the proxy listens on 127.0.0.1 only" }}
 {{- end }}

@@ -45,13 +45,13 @@ def load_values(path: Path) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def render_chart(values: Mapping[str, Any]) -> Render:
+def render_chart(values: Mapping[str, Any], chart_dir: Path = CHART_DIR) -> Render:
     """Render like `helm template rel ./helm -n ns -f values.yaml`. Raises helm.HelmError as Helm would."""
     # A client-side dry-run install yields exactly the sorted manifest stream `helm template` prints, minus
     # hooks; the hooks (the `helm test` pod) come from the plain template render.
     with helm.Config(namespace=NAMESPACE, storage_driver="memory") as config:
-        release = config.install(str(CHART_DIR), RELEASE, dict(values), dry_run="client")
-    with helm.Chart.load(str(CHART_DIR)) as chart:
+        release = config.install(str(chart_dir), RELEASE, dict(values), dry_run="client")
+    with helm.Chart.load(str(chart_dir)) as chart:
         files = chart.render(dict(values), name=RELEASE, namespace=NAMESPACE)
     hooks = [
         doc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .support import (
     load_values,
     pod_spec,
     proxy_container,
+    render_chart,
 )
 
 pytestmark = pytest.mark.deploy
@@ -147,6 +149,29 @@ def test_render_is_valid_kubernetes_when_using_ci_values(rendered: dict[str, Ren
 def test_sidecar_render_is_valid_when_cluster_is_1_29(rendered: dict[str, Render], name: str) -> None:
     for doc in rendered[name].docs:
         kubernetes_validate.validate(doc, K8S_NATIVE_SIDECAR_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "kube_version", "refused"),
+    [("sidecar-native", "v1.28.9", True), ("sidecar-native", "v1.29.0", False), ("sidecar-legacy", "v1.25.0", False)],
+)
+def test_native_sidecar_is_refused_when_cluster_is_older_than_1_29(
+    tmp_path: Path, name: str, kube_version: str, refused: bool
+) -> None:
+    # The engine renders for its own Kubernetes version (and lint only logs `fail`), so render a copy of the
+    # chart that sees the cluster version under test.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART_DIR, chart)
+    helpers = chart / "templates" / "_helpers.tpl"
+    text = helpers.read_text(encoding="utf-8")
+    assert text.count(".Capabilities.KubeVersion.Version") == 1
+    helpers.write_text(text.replace(".Capabilities.KubeVersion.Version", f'"{kube_version}"'), encoding="utf-8")
+    values = load_values(CHART_DIR / "ci" / f"{name}-values.yaml")
+    if refused:
+        with pytest.raises(helm.HelmError, match=re.escape("sidecar.native needs Kubernetes 1.29")):
+            render_chart(values, chart)
+    else:
+        render_chart(values, chart)
 
 
 def test_native_sidecar_starts_before_the_app_when_sidecar_native(rendered: dict[str, Render]) -> None:
