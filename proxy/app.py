@@ -10,6 +10,7 @@ import redis.asyncio as redis
 from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .config import Settings
 from .handlers import healthz, metrics, openai_endpoint, readyz
@@ -43,16 +44,22 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
 
 
 def redis_client_for(settings: Settings) -> redis.Redis:
-    """A pooled client for ``settings.redis``: short socket deadlines, one retry to replace a stale connection."""
+    """A pooled client for ``settings.redis``.
+
+    The socket deadlines are the operation timeout: redis-py then drops a timed-out connection cleanly, where a
+    cancelled command could leave a reply unread on a pooled one. A connection error is retried once, at
+    once, because after a Redis restart every pooled connection is stale; a timeout is not retried.
+    """
     cfg = settings.redis
     pool = redis.ConnectionPool.from_url(
         cfg.url, max_connections=cfg.max_connections, socket_connect_timeout=cfg.op_timeout_s,
-        socket_timeout=max(cfg.op_timeout_s, 1.0), retry=Retry(NoBackoff(), 1), health_check_interval=30,
+        socket_timeout=cfg.op_timeout_s, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=30,
     )
     if cfg.password:
         # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.
         pool.connection_kwargs["password"] = cfg.password
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:

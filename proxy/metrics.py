@@ -8,7 +8,7 @@ from prometheus_client.metrics import MetricWrapperBase
 OUTCOMES = ("HIT", "MISS", "BYPASS")
 
 # The *_created series double the exposition for no use here.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

@@ -89,13 +89,14 @@ class MemoryStore:
 class RedisStore:
     """Entries in Redis, one ``GET`` per lookup and one ``SET ... PX`` per store.
 
-    Every operation has a deadline. After a failure Redis is left alone for *retry_after_s*, so that a dead
+    Every operation has a deadline: the client's socket timeouts, and behind them *op_timeout_s* twice over
+    (room for one reconnect) as a backstop for the whole call. After a failure Redis is left alone for *retry_after_s*, so that a dead
     or slow Redis costs one timeout, not one per request; the next operation after that probes it again.
     """
 
     def __init__(self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float) -> None:
         self._client = client
-        self._op_timeout_s = op_timeout_s
+        self._deadline_s = 2 * op_timeout_s + 0.05
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
         self._writes: set[asyncio.Task[None]] = set()
@@ -113,7 +114,7 @@ class RedisStore:
         if not self.available:
             return None
         try:
-            async with asyncio.timeout(self._op_timeout_s):
+            async with asyncio.timeout(self._deadline_s):
                 raw = await self._client.get(key)
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("read", key, exc)
@@ -139,7 +140,7 @@ class RedisStore:
         if ttl_ms <= 0:
             return
         try:
-            async with asyncio.timeout(self._op_timeout_s):
+            async with asyncio.timeout(self._deadline_s):
                 await self._client.set(key, entry.to_bytes(), px=ttl_ms)
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("write", key, exc)
@@ -154,7 +155,7 @@ class RedisStore:
     async def ping(self) -> bool:
         """One deadline-bound PING; used by readiness reporting, never by the request path."""
         try:
-            async with asyncio.timeout(self._op_timeout_s):
+            async with asyncio.timeout(self._deadline_s):
                 await self._client.ping()
         except (RedisError, TimeoutError, OSError):
             return False

@@ -1,0 +1,186 @@
+"""The proxy against a real redis-server on a free port: sharing, TTLs, and Redis failing in every way."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
+
+from proxy.app import create_app, redis_client_for
+from proxy.entry import CacheEntry
+from proxy.keys import STORE
+from proxy.store import TieredStore
+from tests.conftest import UPSTREAM_KEY, chat_body, received
+from tests.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.integration
+
+
+async def start_proxy(aiohttp_client: Any, settings: Any) -> TestClient[Any, Any]:
+    """A proxy whose Redis client is built from settings, as in production."""
+    return await aiohttp_client(create_app(settings))
+
+
+def tiered(client: TestClient[Any, Any]) -> TieredStore:
+    store = client.app[STORE]
+    assert isinstance(store, TieredStore)
+    return store
+
+
+async def keys_in(url: str) -> list[bytes]:
+    async with redis.Redis.from_url(url) as conn:
+        return sorted(await conn.keys("*"))
+
+
+async def test_replicas_share_answers_when_they_share_redis(aiohttp_client: Any, fake_upstream: Any,
+                                                            settings_for: Any, redis_url: str) -> None:
+    settings = settings_for(fake_upstream, url=redis_url)
+    one, two = await start_proxy(aiohttp_client, settings), await start_proxy(aiohttp_client, settings)
+    first = await one.post("/v1/chat/completions", json=chat_body("shared"))
+    await tiered(one).remote.drain()
+    second = await two.post("/v1/chat/completions", json=chat_body("shared"))
+    assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "HIT"]
+    assert await second.read() == await first.read()
+    assert len(received(fake_upstream)) == 1
+
+
+async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(aiohttp_client: Any, fake_upstream: Any,
+                                                                          settings_for: Any, redis_url: str) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url, ttl_s=120))
+    await client.post("/v1/chat/completions", json=chat_body("ttl"), headers={"Authorization": "Bearer sk-client"})
+    await tiered(client).remote.drain()
+    keys = await keys_in(redis_url)
+    assert len(keys) == 1 and keys[0].startswith(b"test:v1:chat/completions:")
+    async with redis.Redis.from_url(redis_url) as conn:
+        ttl = await conn.ttl(keys[0])
+        raw = await conn.get(keys[0])
+    assert 100 < ttl <= 120
+    assert UPSTREAM_KEY.encode() not in keys[0] + raw and b"sk-client" not in keys[0] + raw
+    entry = CacheEntry.from_bytes(raw)
+    assert entry.status == 200 and not entry.is_stream and entry.usage is not None
+    assert dict(entry.headers)["Content-Type"].startswith("application/json")
+    assert "x-ratelimit-remaining-requests" not in {k.lower() for k, _ in entry.headers}
+
+
+async def test_per_request_ttl_header_sets_expiry_when_given(aiohttp_client: Any, fake_upstream: Any,
+                                                             settings_for: Any, redis_url: str) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url, ttl_s=3600))
+    await client.post("/v1/chat/completions", json=chat_body("short ttl"), headers={"X-Cache-TTL": "30"})
+    await tiered(client).remote.drain()
+    async with redis.Redis.from_url(redis_url) as conn:
+        (key,) = await conn.keys("*")
+        assert 20 < await conn.ttl(key) <= 30
+    assert "X-Cache-TTL" not in received(fake_upstream)[0].headers
+
+
+async def test_hit_is_served_from_redis_when_memory_tier_is_cold(aiohttp_client: Any, fake_upstream: Any,
+                                                                 settings_for: Any, redis_url: str) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url))
+    body = chat_body("cold tier", stream=True)
+    first = await (await client.post("/v1/chat/completions", json=body)).read()
+    store = tiered(client)
+    await store.remote.drain()
+    await store.memory.aclose()
+    hit = await client.post("/v1/chat/completions", json=body)
+    assert hit.headers["X-Cache"] == "HIT" and await hit.read() == first
+    assert len(store.memory) == 1  # promoted back into memory
+
+
+async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(aiohttp_client: Any,
+                                                                             fake_upstream: Any, settings_for: Any,
+                                                                             redis_url: str) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url))
+    await client.post("/v1/chat/completions", json=chat_body("old format"))
+    store = tiered(client)
+    await store.remote.drain()
+    await store.memory.aclose()
+    async with redis.Redis.from_url(redis_url) as conn:
+        (key,) = await conn.keys("*")
+        await conn.set(key, b"LCP\x09 an entry from a future version")
+    response = await client.post("/v1/chat/completions", json=chat_body("old format"))
+    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    await store.remote.drain()
+    async with redis.Redis.from_url(redis_url) as conn:
+        assert CacheEntry.from_bytes(await conn.get(key)).status == 200
+
+
+async def test_requests_succeed_and_cache_locally_when_redis_is_down_at_start(aiohttp_client: Any,
+                                                                             fake_upstream: Any,
+                                                                             settings_for: Any) -> None:
+    settings = settings_for(fake_upstream, url=f"redis://127.0.0.1:{free_port()}/0")
+    client = await start_proxy(aiohttp_client, settings)
+    first = await client.post("/v1/chat/completions", json=chat_body("no redis"))
+    second = await client.post("/v1/chat/completions", json=chat_body("no redis"))
+    assert [first.status, second.status] == [200, 200]
+    assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "HIT"]
+    ready = await (await client.get("/readyz")).json()
+    assert ready == {"status": "ready", "cache": "degraded"}
+
+
+async def test_caching_resumes_when_redis_comes_back(aiohttp_client: Any, fake_upstream: Any, settings_for: Any,
+                                                     own_redis: RedisServer) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=own_redis.url, retry_after_s=0.3))
+    await client.post("/v1/chat/completions", json=chat_body("before"))
+    await tiered(client).remote.drain()
+    own_redis.stop()
+    during = [await client.post("/v1/chat/completions", json=chat_body(f"during {i}")) for i in range(3)]
+    assert [r.status for r in during] == [200, 200, 200]
+    repeat = await client.post("/v1/chat/completions", json=chat_body("during 0"))
+    assert repeat.headers["X-Cache"] == "HIT"  # the in-process fallback
+    own_redis.start()
+    await asyncio.sleep(0.4)
+    for i in range(5):  # the first call after the pause may still meet a dead pooled connection
+        await client.post("/v1/chat/completions", json=chat_body(f"after {i}"))
+        await tiered(client).remote.drain()
+    assert any(b"test:v1:" in k for k in await keys_in(own_redis.url))
+    assert tiered(client).remote.available
+
+
+async def test_requests_succeed_when_redis_refuses_auth(aiohttp_client: Any, fake_upstream: Any,
+                                                        settings_for: Any) -> None:
+    server = RedisServer(password="right-password")
+    server.start()
+    try:
+        wrong = f"redis://:wrong-password@127.0.0.1:{server.port}/0"
+        client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=wrong))
+        responses = [await client.post("/v1/chat/completions", json=chat_body("auth")) for _ in range(2)]
+        assert [r.status for r in responses] == [200, 200]
+        assert not tiered(client).remote.available
+    finally:
+        server.close()
+
+
+async def test_redis_password_setting_wins_over_url_when_both_given(fake_upstream: Any, settings_for: Any) -> None:
+    from dataclasses import replace
+
+    server = RedisServer(password="right-password")
+    server.start()
+    try:
+        settings = settings_for(fake_upstream, url=f"redis://:wrong@127.0.0.1:{server.port}/0")
+        settings = replace(settings, redis=replace(settings.redis, password="right-password"))
+        client = redis_client_for(settings)
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+    finally:
+        server.close()
+
+
+async def test_slow_redis_costs_one_timeout_when_it_stalls(aiohttp_client: Any, fake_upstream: Any,
+                                                           settings_for: Any, own_redis: RedisServer) -> None:
+    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=own_redis.url, op_timeout_s=0.1,
+                                                            retry_after_s=30))
+    await client.post("/v1/chat/completions", json=chat_body("warm"))
+    await tiered(client).remote.drain()
+    async with redis.Redis.from_url(own_redis.url) as admin:
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        responses = [await client.post("/v1/chat/completions", json=chat_body(f"stalled {i}")) for i in range(3)]
+        await admin.execute_command("CLIENT", "UNPAUSE")
+    assert [r.status for r in responses] == [200, 200, 200]
+    store = tiered(client).remote
+    # One deadline expired; the next requests did not wait for Redis at all.
+    assert store.errors == 1 and not store.available
