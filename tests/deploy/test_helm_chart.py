@@ -39,7 +39,7 @@ K8S_VERSION = "1.30.0"
 K8S_NATIVE_SIDECAR_VERSION = "1.29.0"
 # Kinds from CRDs that kubernetes-validate has no schema for; checked by assertions instead.
 CRD_KINDS = {"ServiceMonitor"}
-HELM_WARNING = 2  # Helm's lint severities: 1 info, 2 warning, 4 error
+HELM_WARNING = 2  # Helm's lint severities: 0 unknown, 1 info, 2 warning, 3 error
 
 EXPECTED_KINDS = {
     "default": ["ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment"],
