@@ -25,6 +25,7 @@ CONNECTIONS = (64, 1)
 
 
 def measure_hits(bench: Bench) -> None:
+    """Hit workloads at 64 and 1 connections, proxy then nginx, after both answer ``X-Cache: HIT``."""
     targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"]}
     hits: dict[str, object] = {}
     for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
@@ -43,6 +44,7 @@ def measure_hits(bench: Bench) -> None:
 
 
 def measure_misses(bench: Bench) -> None:
+    """The miss workload against proxy, nginx and the fake upstream itself; a fresh nonce per run."""
     targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"], "upstream": bench.ports["upstream"]}
     for name in ("proxy", "nginx"):
         probes.expect_miss(targets[name], CHAT, openai_shapes.miss_body(f"probe-{bench.run_id}", 0))
@@ -60,6 +62,7 @@ def measure_misses(bench: Bench) -> None:
 
 
 def measure_ttfb(bench: Bench) -> None:
+    """Added time to the first SSE event of streamed misses, with a second proxy on a slow-to-start upstream."""
     port = harness.free_port()
     upstream = bench.start("fake-upstream", [sys.executable, str(HERE / "fake_upstream.py"), "--port", str(port),
                                              "--first-event-delay-ms", "20", "--rest-delay-ms", "10"],
@@ -71,12 +74,13 @@ def measure_ttfb(bench: Bench) -> None:
                openai_shapes.miss_body(f"ttfb-p-{bench.run_id}", i, "chat_stream")) for i in range(samples + 3)]
     probes.stream_ttfb(port, proxy_port, bodies[:3])  # connections, imports and pools warm up first
     bench.results["stream_ttfb"] = probes.stream_ttfb(port, proxy_port, bodies[3:])
-    bench.results["startup_s"].append(started_s)  # type: ignore[attr-defined]
+    bench.startup_s.append(started_s)
     bench.stop(proxy)
     bench.stop(upstream)
 
 
 def measure_working_set(bench: Bench) -> None:
+    """Distinct bodies sent twice through the proxy, then its peak and current RSS."""
     size = 1000 if bench.args.quick else 10_000
     bodies = [openai_shapes.miss_body(f"ws-{bench.run_id}", i) for i in range(size)]
     started = time.perf_counter()
@@ -89,13 +93,15 @@ def measure_working_set(bench: Bench) -> None:
 
 
 def measure_startup(bench: Bench) -> None:
+    """Fresh proxy processes, each timed from start to its first ``/healthz`` 200 and stopped."""
     for i in range(3 if bench.args.quick else 5):
         service, _, started_s = start_proxy(bench, f"proxy-start-{i}", bench.ports["upstream"])
-        bench.results["startup_s"].append(started_s)  # type: ignore[attr-defined]
+        bench.startup_s.append(started_s)
         bench.stop(service)
 
 
 def measure_scaling(bench: Bench) -> None:
+    """Hit throughput with N proxy workers and N nginx workers on cores 0..N-1 (skipped for N = 1)."""
     workers = bench.args.workers
     if workers < 2:
         return
@@ -121,8 +127,6 @@ def measure_scaling(bench: Bench) -> None:
     bench.stop(proxy)
     bench.stop(nginx)
     bench.results["scaling"] = scaling
-
-
 
 
 def measure_profile(bench: Bench) -> None:

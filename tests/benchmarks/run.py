@@ -31,16 +31,18 @@ INSTALL_HINT = "apt-get install -y wrk nginx-light redis-server util-linux"
 
 
 def environment(args: argparse.Namespace) -> dict[str, object]:
+    """Commit, machine, tool versions and options: what a reader needs to compare two result files."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "proxy"],
                                 capture_output=True, text=True).stdout.strip())
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
+    redis = " ".join(harness.tool_version(["redis-server", "--version"]).split()[:3])
     return {
         "commit": commit + ("+dirty" if dirty else ""), "cpu": cpu, "cores": os.cpu_count(),
-        "python": sys.version.split()[0], "wrk": harness.tool_version(["wrk", "--version"]),
-        "nginx": harness.tool_version(["nginx", "-v"]), "redis": harness.tool_version(["redis-server", "--version"]),
+        "python": sys.version.split()[0], "wrk": harness.tool_version(["wrk", "--version"]).split(" Copyright")[0],
+        "nginx": harness.tool_version(["nginx", "-v"]), "redis": redis,
         "duration_s": args.duration, "quick": args.quick, "calibrate": args.calibrate, "log_level": args.log_level,
         "server_core": SERVER_CORE, "load_core": LOAD_CORE,
     }
@@ -67,6 +69,7 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every phase; 0 on success, 1 when a measurement was invalid, 2 when the machine lacks a tool or core."""
     args = parse_args(argv)
     missing = harness.missing_tools(TOOLS)
     if missing:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     before = harness.core_times()
     time.sleep(1.0)
     idle_busy = harness.core_busy(before, harness.core_times())
-    bench.results["environment"]["cores_busy_before_start"] = idle_busy  # type: ignore[index]
+    bench.results["environment"]["cores_busy_before_start"] = idle_busy
     if max(idle_busy.values()) > 0.1:
         print(f"warning: the machine is busy before the run starts ({idle_busy}); numbers will be noisy",
               flush=True)

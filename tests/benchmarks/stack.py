@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import harness
 import nginx_conf
@@ -33,7 +34,8 @@ class Bench:
     services: list[Service] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
-    results: dict[str, object] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    startup_s: list[float] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], cores: str, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Service:
@@ -47,12 +49,14 @@ class Bench:
 
 
 def nginx_argv(root: Path, workers: int) -> list[str]:
+    """nginx in the foreground with everything under *root*; one worker runs without a master process."""
     single = " master_process off;" if workers == 1 else ""
     return ["nginx", "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "error.log"),
             "-g", f"daemon off;{single}"]
 
 
 def start_nginx(bench: Bench, name: str, conf: str, root: Path, cores: str, workers: int = 1) -> Service:
+    """Write *conf* to ``root/nginx.conf`` and start nginx on *cores*."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "nginx.conf").write_text(conf)
     return bench.start(name, nginx_argv(root, workers), cores)
@@ -118,6 +122,7 @@ def run_wrk(script: str, port: int, connections: int, duration_s: int, watch: di
 
 
 def setup(bench: Bench) -> None:
+    """Start the fake upstream and Redis on the load core, nginx and the proxy on the server core."""
     www = bench.tmp / "www"
     openai_shapes.write_static_bodies(www)
     load = str(LOAD_CORE)
@@ -136,7 +141,8 @@ def setup(bench: Bench) -> None:
     harness.wait_ready(redis, bench.ports["redis"], b"PING\r\n", b"+PONG")
     harness.wait_ready(nginx, bench.ports["nginx"], harness.http_probe("/healthz"), b"HTTP/1.1 200")
     proxy, bench.ports["proxy"], started_s = start_proxy(bench, "proxy", bench.ports["upstream"])
-    bench.results["startup_s"] = [started_s]
+    bench.startup_s.append(started_s)
+    bench.results["startup_s"] = bench.startup_s
     bench.pids.update(upstream=upstream.pid, redis=redis.pid, nginx=nginx.pid, proxy=proxy.pid)
 
 
