@@ -90,8 +90,9 @@ class RedisStore:
     """Entries in Redis, one ``GET`` per lookup and one ``SET ... PX`` per store.
 
     Every operation has a deadline: the client's socket timeouts, and behind them *op_timeout_s* twice over
-    (room for one reconnect) as a backstop for the whole call. After a failure Redis is left alone for *retry_after_s*, so that a dead
-    or slow Redis costs one timeout, not one per request; the next operation after that probes it again.
+    (room for one reconnect) as a backstop for the whole call. After a failure Redis is left alone for
+    *retry_after_s*, so that a dead or slow Redis costs one timeout, not one per request; the next operation
+    after that probes it again.
     """
 
     def __init__(self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float) -> None:

@@ -191,7 +191,7 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
             content_type="application/json", headers={**headers(model), "x-embedding-serial": serial})
 
     async def moderations(request: web.Request) -> web.StreamResponse:
-        body, text = await record(request)
+        await record(request)
         return web.Response(body=orjson.dumps({
             "id": state.next_id("modr"), "model": "omni-moderation-latest",
             "results": [{"flagged": False, "categories": {"violence": False},
