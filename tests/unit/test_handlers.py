@@ -361,3 +361,27 @@ async def test_health_endpoints_answer_when_running(fake_upstream: Any, proxy_fo
     ready = await client.get("/readyz")
     assert (health.status, await health.json()) == (200, {"status": "ok"})
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
+
+
+async def test_compressed_upstream_answer_is_relayed_decoded_when_upstream_gzips(aiohttp_server: Any,
+                                                                                aiohttp_client: Any,
+                                                                                settings_for: Any) -> None:
+    from aiohttp import web
+
+    from proxy.app import create_app
+
+    async def gzipped(request: web.Request) -> web.Response:
+        response = web.json_response({"id": "chatcmpl-gz", "object": "chat.completion", "choices": []})
+        response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/chat/completions", gzipped)
+    upstream = await aiohttp_server(upstream_app)
+    client = await aiohttp_client(create_app(settings_for(upstream), redis_client=FakeAsyncRedis()))
+    for outcome in ("MISS", "HIT"):
+        response = await client.post("/v1/chat/completions", json=chat_body("gzip"),
+                                     headers={"Accept-Encoding": "identity"})
+        assert response.headers["X-Cache"] == outcome
+        assert "Content-Encoding" not in response.headers
+        assert (await response.json())["id"] == "chatcmpl-gz"
