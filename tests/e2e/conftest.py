@@ -1,0 +1,75 @@
+"""End-to-end fixtures: the fake upstream, redis-server and the proxy as real processes on real sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import openai
+import pytest
+
+from tests.e2e.support import (
+    CLIENT_KEY,
+    REPO_ROOT,
+    ProxyProcess,
+    clean_env,
+    start_proxy,
+    stop_process,
+    wait_until_serving,
+)
+from tests.redis_server import RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake OpenAI upstream (``tests.fakes.upstream``) in a process of its own, shared by all e2e tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("fake-upstream") / "upstream.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
+                                   cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Any path answers; /v1/ping falls through to the fake's echo route.
+        wait_until_serving(f"http://127.0.0.1:{port}/v1/ping", process, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """A redis-server for the proxies of one test module."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream_url: str, module_redis: RedisServer,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """The proxy with default settings, shared by one test module (tests use prompts of their own)."""
+    process = start_proxy(tmp_path_factory.mktemp("proxy"), upstream_url, module_redis.url)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK reads these when no argument is given; an exported one would add headers to every request.
+    for name in ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def client(proxy: ProxyProcess) -> Iterator[openai.OpenAI]:
+    # max_retries=0: the SDK retries 5xx and 429 by default, which would skew upstream counts.
+    with openai.OpenAI(base_url=proxy.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def aclient(proxy: ProxyProcess) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
+        yield sdk
