@@ -12,9 +12,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .cache_key import Memo
 from .config import Settings
 from .handlers import healthz, metrics, openai_endpoint, readyz
-from .keys import FLIGHTS, INJECTED_REDIS, METRICS, READY, SESSION, SETTINGS, STORE
+from .keys import FLIGHTS, INJECTED_REDIS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
 from .metrics import Metrics
 from .middlewares import error_envelope
 from .relay import Flights
@@ -23,6 +24,9 @@ from .upstream import create_session
 
 log = logging.getLogger(__name__)
 
+# Raw request bodies remembered for keying; small next to the in-process entry tier.
+KEY_MEMO_MAX_BYTES = 4 * 1024 * 1024
+
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
     """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
@@ -30,6 +34,7 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[FLIGHTS] = Flights()
+    app[KEY_MEMO] = Memo(KEY_MEMO_MAX_BYTES)
     app[READY] = asyncio.Event()
     if redis_client is not None:
         app[INJECTED_REDIS] = redis_client

@@ -13,11 +13,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .cache_key import build_key, build_scope, short_key
+from .cache_key import Keyed, build_key, build_scope, short_key
 from .config import Settings, Upstream
 from .entry import CacheEntry
 from .errors import InvalidApiKey, MethodNotAllowed, ProxyError, UpstreamUnreachable
-from .keys import FLIGHTS, METRICS, READY, SESSION, SETTINGS, STORE
+from .keys import FLIGHTS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
 from .policy import CACHEABLE_ROUTES, CachePlan, decide
 from .relay import Flight
 from .upstream import kept_headers, relay_headers, send
@@ -29,45 +29,57 @@ _JSON = "application/json"
 
 async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     """``/v1/{rest}``: answer from the cache, or from a (shared) upstream call that may then be stored."""
-    settings = request.app[SETTINGS]
-    _authorize(request, settings)
+    app = request.app
+    settings = app[SETTINGS]
+    if settings.proxy_api_keys:
+        _authorize(request, settings)
     route = request.match_info["rest"]
     if request.method != "POST" or route not in CACHEABLE_ROUTES:
         return await passthrough(request, route)
 
     raw = await request.read()
-    body: Any
-    try:
-        body = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        body = None  # the upstream's answer to it is the authority
-    model = body.get("model") if isinstance(body, dict) else None
-    upstream = settings.upstream_for(model if isinstance(model, str) else None)
     headers = request.headers
-    plan = decide("POST", route, body, headers.get("Cache-Control"), settings.cache.ttl_s,
-                  headers.get("X-Cache-TTL"))
-    metrics = request.app[METRICS]
-    opener = partial(_open_upstream, request, upstream, "POST", route, raw)
-    if not plan.cacheable:
-        metrics.count(route, "BYPASS")
-        return await Flight(None).started_by(opener).respond(request, (("X-Cache", "BYPASS"),))
+    cache_control, ttl_header = headers.get("Cache-Control"), headers.get("X-Cache-TTL")
+    # Requests without cache controls have the default plan, so their keying can be remembered by raw bytes.
+    memo_key = None
+    if cache_control is None and ttl_header is None:
+        memo_key = (route, raw, request.query_string, headers.get("Authorization"), headers.get("api-key"),
+                    headers.get("OpenAI-Organization"), headers.get("OpenAI-Project"))
+    keyed = app[KEY_MEMO].get(memo_key) if memo_key is not None else None
+    if keyed is None:
+        body: Any
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None  # the upstream's answer to it is the authority
+        model = body.get("model") if isinstance(body, dict) else None
+        upstream = settings.upstream_for(model if isinstance(model, str) else None)
+        plan = decide("POST", route, body, cache_control, settings.cache.ttl_s, ttl_header)
+        if not plan.cacheable:
+            app[METRICS].count(route, "BYPASS")
+            opener = partial(_open_upstream, request, upstream, "POST", route, raw)
+            return await Flight(None).started_by(opener).respond(request, (("X-Cache", "BYPASS"),))
+        key = build_key(settings.cache.namespace, route, body, _scope(request, settings, upstream))
+        keyed = Keyed(key, short_key(key), upstream, plan)
+        if memo_key is not None:
+            app[KEY_MEMO].put(memo_key, len(raw), keyed)
 
-    key = build_key(settings.cache.namespace, route, body, _scope(request, settings, upstream))
-    tag = short_key(key)
-    store = request.app[STORE]
+    plan = keyed.plan
+    metrics = app[METRICS]
     if plan.lookup:
-        entry = await store.get(key)
+        entry = await app[STORE].get(keyed.key)
         if entry is not None:
             now = time.time()
             if plan.max_age_s is None or now - entry.stored_at <= plan.max_age_s:
                 metrics.count(route, "HIT")
                 if entry.usage:
-                    _count_tokens(request, entry.usage)
-                return _replay(entry, tag, now)
+                    metrics.count_tokens(entry.usage)
+                return _replay(entry, keyed.tag, now)
 
-    on_complete = partial(_store_flight, request.app, key, plan) if plan.store else None
+    opener = partial(_open_upstream, request, keyed.upstream, "POST", route, raw)
+    on_complete = partial(_store_flight, app, keyed.key, plan) if plan.store else None
     if plan.lookup and on_complete is not None:
-        flight, leader = request.app[FLIGHTS].join(key, opener, on_complete)
+        flight, leader = app[FLIGHTS].join(keyed.key, opener, on_complete)
     else:
         flight, leader = Flight(None, on_complete).started_by(opener), True
     outcome = "MISS" if leader else "HIT"
@@ -76,8 +88,8 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     metrics.count(route, outcome)
     if not leader:
         metrics.coalesced.inc()
-    log.debug("cache %s route=%s key=%s reason=%s", outcome, route, tag, plan.reason)
-    return await flight.respond(request, (("X-Cache", outcome), ("X-Cache-Key", tag)))
+    log.debug("cache %s route=%s key=%s reason=%s", outcome, route, keyed.tag, plan.reason)
+    return await flight.respond(request, (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)))
 
 
 async def _open_upstream(request: web.Request, upstream: Upstream, method: str, route: str,
@@ -131,14 +143,6 @@ def _store_flight(app: web.Application, key: str, plan: CachePlan, flight: Fligh
                        is_stream=flight.is_stream, stored_at=now, expires_at=now + plan.ttl_s, usage=usage)
     app[STORE].put(key, entry)
     app[METRICS].stores.inc()
-
-
-def _count_tokens(request: web.Request, usage: Mapping[str, Any]) -> None:
-    counter = request.app[METRICS].tokens_saved
-    for kind in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens"):
-        value = usage.get(kind)
-        if isinstance(value, int) and value > 0:
-            counter.labels(kind.removesuffix("_tokens")).inc(value)
 
 
 def _scope(request: web.Request, settings: Settings, upstream: Upstream) -> str:

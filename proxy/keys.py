@@ -8,6 +8,7 @@ import aiohttp
 import redis.asyncio as redis
 from aiohttp import web
 
+from .cache_key import Keyed, Memo
 from .config import Settings
 from .metrics import Metrics
 from .relay import Flights
@@ -19,4 +20,5 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 FLIGHTS = web.AppKey("flights", Flights)
 METRICS = web.AppKey("metrics", Metrics)
 READY = web.AppKey("ready", asyncio.Event)
+KEY_MEMO = web.AppKey("key_memo", Memo[tuple[str | bytes | None, ...], Keyed])
 INJECTED_REDIS = web.AppKey("injected_redis", redis.Redis)

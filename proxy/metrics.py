@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 OUTCOMES = ("HIT", "MISS", "BYPASS")
+# Chat and completions report prompt/completion tokens, the Responses API input/output tokens.
+_TOKEN_FIELDS = (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("input_tokens", "input"),
+                 ("output_tokens", "output"))
 
 # The *_created series double the exposition for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -40,12 +46,23 @@ class Metrics:
         self.memory_entries = Gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.",
                                     registry=self.registry)
         self._outcomes: dict[tuple[str, str], MetricWrapperBase] = {}
+        self._tokens: dict[str, MetricWrapperBase] = {}
 
     def count(self, route: str, outcome: str) -> None:
         child = self._outcomes.get((route, outcome))
         if child is None:
             child = self._outcomes[(route, outcome)] = self.requests.labels(route, outcome)
         child.inc()  # type: ignore[attr-defined]
+
+    def count_tokens(self, usage: Mapping[str, Any]) -> None:
+        """Add a replayed answer's token usage to ``tokens_saved``."""
+        for field, kind in _TOKEN_FIELDS:
+            value = usage.get(field)
+            if type(value) is int and value > 0:
+                child = self._tokens.get(kind)
+                if child is None:
+                    child = self._tokens[kind] = self.tokens_saved.labels(kind)
+                child.inc(value)  # type: ignore[attr-defined]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
