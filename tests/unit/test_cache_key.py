@@ -50,13 +50,13 @@ def test_credential_is_not_recoverable_when_it_partitions_the_key() -> None:
 def test_memo_empties_itself_when_over_its_byte_bound() -> None:
     from proxy.cache_key import Memo
 
-    memo: Memo[str, int] = Memo(max_bytes=1000)
-    for i in range(10):
+    memo: Memo[str, int] = Memo(max_bytes=1600)
+    for i in range(16):
         memo.put(f"k{i}", 100, i)
-    assert len(memo) == 10 and memo.get("k3") == 3
-    memo.put("k10", 100, 10)
-    assert len(memo) == 1 and memo.get("k3") is None and memo.get("k10") == 10
-    memo.put("too-big", 500, 0)  # larger than a sixteenth of the bound: never remembered
+    assert len(memo) == 16 and memo.get("k3") == 3
+    memo.put("k16", 100, 16)
+    assert len(memo) == 1 and memo.get("k3") is None and memo.get("k16") == 16
+    memo.put("too-big", 101, 0)  # larger than a sixteenth of the bound: never remembered
     assert memo.get("too-big") is None
 
 
