@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .cache_key import Memo
-from .config import Settings
+from .config import DEFAULT_REDIS_URL, Settings
 from .handlers import healthz, metrics, openai_endpoint, readyz
 from .keys import FLIGHTS, INJECTED_REDIS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
 from .metrics import Metrics
@@ -94,7 +94,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics.redis_errors.set_function(lambda: remote.errors)
         metrics.redis_available.set_function(lambda: 1 if remote.available else 0)
         store = tiered
-        probe = asyncio.get_running_loop().create_task(_probe_redis(remote))
+        probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis.url))
     app[STORE] = store
     app[READY].set()
     yield
@@ -105,12 +105,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
-async def _probe_redis(remote: RedisStore) -> None:
-    # Only to tell the operator early; requests never wait for this.
-    if await remote.ping():
+async def _probe_redis(remote: RedisStore, url: str) -> None:
+    # Tells the operator early, and spares the first requests a wait on a Redis that is not there.
+    default = url == DEFAULT_REDIS_URL
+    if await remote.ping(quiet=default):
         log.info("redis reachable; shared cache in use")
-    else:
-        log.warning("redis unreachable; serving from the in-process cache until it answers")
+    elif default:
+        log.info("no redis at the default address; caching in this process until one answers")
 
 
 async def _stop_ready(app: web.Application) -> None:

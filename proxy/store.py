@@ -100,6 +100,7 @@ class RedisStore:
         self._deadline_s = 2 * op_timeout_s + 0.05
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
+        self._failing = False
         self._writes: set[asyncio.Task[None]] = set()
         self.errors = 0
 
@@ -120,6 +121,8 @@ class RedisStore:
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("read", key, exc)
             return None
+        if self._failing:
+            self._recovered()
         if raw is None:
             return None
         try:
@@ -145,21 +148,34 @@ class RedisStore:
                 await self._client.set(key, entry.to_bytes(), px=ttl_ms)
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("write", key, exc)
+            return
+        if self._failing:
+            self._recovered()
 
-    def _failed(self, op: str, key: str, exc: BaseException) -> None:
+    def _failed(self, op: str, key: str, exc: BaseException, *, quiet: bool = False) -> None:
         self.errors += 1
-        if self.available:
-            log.warning("redis %s failed; serving without it for %.1fs key=%s error=%r",
-                        op, self._retry_after_s, key, exc)
+        # One warning per outage, not one per probe: a laptop without Redis must not drown in them.
+        level = logging.DEBUG if self._failing or quiet else logging.WARNING
+        log.log(level, "redis %s failed; serving without it, next try in %.1fs key=%s error=%s: %s",
+                op, self._retry_after_s, key, type(exc).__name__, exc)
+        self._failing = True
         self._down_until = time.monotonic() + self._retry_after_s
 
-    async def ping(self) -> bool:
-        """One deadline-bound PING; used by readiness reporting, never by the request path."""
+    def _recovered(self) -> None:
+        self._failing = False
+        log.info("redis answers again; shared cache in use")
+
+    async def ping(self, *, quiet: bool = False) -> bool:
+        """One deadline-bound PING; a failure pauses Redis use like any other, logged at DEBUG when *quiet*.
+        Never on the request path."""
         try:
             async with asyncio.timeout(self._deadline_s):
                 await self._client.ping()
-        except (RedisError, TimeoutError, OSError):
+        except (RedisError, TimeoutError, OSError) as exc:
+            self._failed("ping", "-", exc, quiet=quiet)
             return False
+        if self._failing:
+            self._recovered()
         return True
 
     async def drain(self) -> None:

@@ -184,3 +184,37 @@ async def test_slow_redis_costs_one_timeout_when_it_stalls(aiohttp_client: Any, 
     store = tiered(client).remote
     # One deadline expired; the next requests did not wait for Redis at all.
     assert store.errors == 1 and not store.available
+
+
+async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(aiohttp_client: Any, fake_upstream: Any,
+                                                                    settings_for: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from dataclasses import replace
+
+    from proxy.config import Upstream
+
+    caplog.set_level(logging.DEBUG)
+    server = RedisServer(password="redis-pass-1234")
+    server.start()
+    try:
+        settings = settings_for(fake_upstream, url=f"redis://:wrong-redis-pass-5678@127.0.0.1:{server.port}/0")
+        dead = Upstream(name="dead", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="sk-dead-upstream-9999",
+                        models=("dead-*",))
+        settings = replace(settings, upstreams=(*settings.upstreams, dead),
+                           proxy_api_keys=frozenset({"client-key-4321"}))
+        client = await start_proxy(aiohttp_client, settings)
+        auth = {"Authorization": "Bearer client-key-4321"}
+        texts = [await (await client.post("/v1/chat/completions", json=chat_body("logs"), headers=auth)).text(),
+                 await (await client.post("/v1/chat/completions", json={**chat_body(), "model": "dead-1"},
+                                          headers=auth)).text(),
+                 await (await client.post("/v1/chat/completions", json=chat_body(),
+                                          headers={"Authorization": "Bearer wrong-client-key"})).text(),
+                 await (await client.get("/metrics")).text()]
+    finally:
+        server.close()
+    everything = caplog.text + "".join(texts)
+    assert "redis failed" in caplog.text or "redis ping failed" in caplog.text
+    for secret in ("wrong-redis-pass-5678", "redis-pass-1234", UPSTREAM_KEY, "sk-dead-upstream-9999",
+                   "client-key-4321", "wrong-client-key"):
+        assert secret not in everything

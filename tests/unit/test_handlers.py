@@ -385,3 +385,27 @@ async def test_compressed_upstream_answer_is_relayed_decoded_when_upstream_gzips
         assert response.headers["X-Cache"] == outcome
         assert "Content-Encoding" not in response.headers
         assert (await response.json())["id"] == "chatcmpl-gz"
+
+
+async def test_memory_backend_caches_without_redis_when_configured(fake_upstream: Any, aiohttp_client: Any,
+                                                                   settings_for: Any) -> None:
+    from proxy.app import create_app
+    from proxy.store import MemoryStore
+
+    client = await aiohttp_client(create_app(settings_for(fake_upstream, backend="memory")))
+    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("mem"))).headers["X-Cache"]
+                for _ in range(2)]
+    assert outcomes == ["MISS", "HIT"]
+    assert isinstance(client.app[STORE], MemoryStore)
+    assert (await (await client.get("/readyz")).json())["cache"] == "ok"
+
+
+async def test_off_backend_always_calls_upstream_when_configured(fake_upstream: Any, aiohttp_client: Any,
+                                                                 settings_for: Any) -> None:
+    from proxy.app import create_app
+
+    client = await aiohttp_client(create_app(settings_for(fake_upstream, backend="off")))
+    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("off"))).headers["X-Cache"]
+                for _ in range(2)]
+    assert outcomes == ["MISS", "MISS"]
+    assert len(received(fake_upstream)) == 2
