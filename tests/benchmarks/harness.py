@@ -60,22 +60,25 @@ def start(name: str, argv: Sequence[str], cores: str, log_dir: Path,
 
 
 def stop(service: Service, timeout_s: float = 5.0) -> None:
-    """SIGTERM the service's process group, then SIGKILL it if it is still there after *timeout_s*."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM the service's main process, as a service manager would; SIGKILL its group after *timeout_s*."""
+    try:
+        os.kill(service.pid, signal.SIGTERM)
+        service.popen.wait(timeout=timeout_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    deadline = time.perf_counter() + timeout_s
+    # Workers may still be finishing after their master returned; the group id stays ours until they are gone.
+    while time.perf_counter() < deadline:
         try:
-            os.killpg(service.pid, sig)
+            os.killpg(service.pid, 0)
         except ProcessLookupError:
-            pass
-        try:
-            service.popen.wait(timeout=timeout_s)
             break
-        except subprocess.TimeoutExpired:
-            continue
-    # Workers may outlive a master that exited first; the group id is still ours to signal.
+        time.sleep(0.01)
     try:
         os.killpg(service.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    service.popen.wait()
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
@@ -178,6 +181,24 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmHWM", "VmRSS"):
             values[key] = int(rest.split()[0])
     return values
+
+
+def scan_logs(paths: Sequence[Path], limit: int = 5) -> dict[str, object]:
+    """Count warning, error and traceback lines in *paths*; keep the first *limit* distinct ones, shortened."""
+    counts = {"warning": 0, "error": 0}
+    first: list[str] = []
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines():
+            upper = line.upper()
+            # A warning may quote an exception name ("error=MaxConnectionsError"), so its level is looked at first.
+            kind = "warning" if "WARNING" in upper else "error" if "ERROR" in upper or "TRACEBACK" in upper else None
+            if kind is None:
+                continue
+            counts[kind] += 1
+            short = f"{path.stem}: {line[:200]}"
+            if len(first) < limit and short not in first:
+                first.append(short)
+    return {**counts, "first": first}
 
 
 def missing_tools(names: Sequence[str]) -> list[str]:

@@ -103,6 +103,11 @@ def _misses(results: dict[str, Any]) -> list[str]:
                      _ms(p, "p50_ms"), _ms(n, "p50_ms"), _ms(u, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p99_ms"),
                      _ms(u, "p99_ms"), _cpu(p, "proxy"), _cpu(n, "nginx"), f"{stored:.2f}"])
     notes = [line for key, run in misses.items() if not key.endswith("upstream") for line in _noise(key, run)]
+    for conns in (64, 1):
+        run = misses[f"miss/{conns}/proxy"]
+        stored = run["redis_keys_added"] / max(run["wrk"]["requests"], 1)
+        if stored < 0.9 and not results["environment"]["calibrate"]:
+            notes.append(f"- miss/{conns}/proxy: only {stored:.0%} of the misses were written to Redis")
     p, n, u = (misses[f"miss/1/{name}"] for name in ("proxy", "nginx", "upstream"))
     added_p = p["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
     added_n = n["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
@@ -165,6 +170,12 @@ def _profile(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _log(results: dict[str, Any]) -> list[str]:
+    found = results["proxy_log"]
+    lines = [f"## Proxy log: {found['warning']} warnings, {found['error']} errors", ""]
+    return lines + [f"- `{line}`" for line in found["first"]]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The whole report: environment line, hit, miss, stream/memory/start-up, scaling and target tables."""
     env = results["environment"]
@@ -176,7 +187,7 @@ def markdown(results: dict[str, Any]) -> str:
              + ", ".join(f"core {c} {b:.0%}" for c, b in env.get("cores_busy_before_start", {}).items()) + ".", ""]
     for sections, render in ((("hits",), _hits), (("misses",), _misses),
                              (("stream_ttfb", "working_set", "startup_s"), _other), (("scaling",), _scaling),
-                             (("profile",), _profile)):
+                             (("profile",), _profile), (("proxy_log",), _log)):
         if any(section in results for section in sections):
             lines += [*render(results), ""]
     checks = targets(results)

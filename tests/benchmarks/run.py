@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for service in reversed(bench.services):
             harness.stop(service)
+        bench.results["proxy_log"] = harness.scan_logs(sorted(bench.tmp.glob("proxy*.log")))
         for cache in bench.tmp.glob("*/cache"):
             shutil.rmtree(cache, ignore_errors=True)
     print(report.markdown(bench.results))
