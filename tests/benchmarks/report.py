@@ -134,8 +134,10 @@ def _other(results: dict[str, Any]) -> list[str]:
         rows.append([f"working set of {w['entries']} bodies, sent twice",
                      f"pass 1 {w['passes'][0]}, pass 2 {w['passes'][1]}", f"{w['seconds']:.1f} s"])
         rows.append(["proxy peak RSS (VmHWM) after all runs", f"{w['memory_kib']['VmHWM'] / MIB_KIB:.1f} MiB",
-                     f"VmRSS {w['memory_kib']['VmRSS'] / MIB_KIB:.1f} MiB; nginx VmHWM "
-                     f"{w['nginx_memory_kib']['VmHWM'] / MIB_KIB:.1f} MiB"])
+                     f"nginx VmHWM {w['nginx_memory_kib']['VmHWM'] / MIB_KIB:.1f} MiB"])
+    if "proxy_rss_kib" in results:
+        rows.append(["proxy RSS (VmRSS) after each phase", ", ".join(
+            f"{phase} {kib / MIB_KIB:.1f}" for phase, kib in results["proxy_rss_kib"].items()) + " MiB", ""])
     if results.get("startup_s"):
         s = results["startup_s"]
         rows.append([f"process start to first /healthz 200 ({len(s)} starts)", f"median {statistics.median(s):.3f} s",

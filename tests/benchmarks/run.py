@@ -98,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scratch dir {bench.tmp}; {args.duration} s per wrk run", flush=True)
     try:
         setup(bench)
+        rss = bench.results["proxy_rss_kib"] = {"start": harness.memory_kib(bench.pids["proxy"])["VmRSS"]}
         for phase in phases.ALL:
             if phase is not phases.measure_profile or args.profile:
-                print(f"{phase.__name__.removeprefix('measure_')}:", flush=True)
+                name = phase.__name__.removeprefix("measure_")
+                print(f"{name}:", flush=True)
                 phase(bench)
+                rss[name] = harness.memory_kib(bench.pids["proxy"])["VmRSS"]
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}\nlogs in {bench.tmp}", file=sys.stderr)
         return 1
