@@ -43,8 +43,8 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     # Requests without cache controls have the default plan, so their keying can be remembered by raw bytes.
     memo_key = None
     if cache_control is None and ttl_header is None:
-        memo_key = (route, raw, request.query_string, headers.get("Authorization"), headers.get("api-key"),
-                    headers.get("OpenAI-Organization"), headers.get("OpenAI-Project"))
+        memo_key = (route, raw, request.rel_url.raw_query_string, headers.get("Authorization"),
+                    headers.get("api-key"), headers.get("OpenAI-Organization"), headers.get("OpenAI-Project"))
     keyed = app[KEY_MEMO].get(memo_key) if memo_key is not None else None
     if keyed is None:
         body: Any
@@ -96,7 +96,7 @@ async def _open_upstream(request: web.Request, upstream: Upstream, method: str, 
                          data: Any) -> aiohttp.ClientResponse:
     counter = request.app[METRICS].upstream_responses
     try:
-        response = await send(request.app[SESSION], upstream, method, route, request.query_string,
+        response = await send(request.app[SESSION], upstream, method, route, request.rel_url.raw_query_string,
                               request.headers, data)
     except ProxyError:
         counter.labels(upstream.name, "error").inc()
@@ -155,7 +155,7 @@ def _scope(request: web.Request, settings: Settings, upstream: Upstream) -> str:
 
 
 def _canonical_query(request: web.Request) -> str:
-    query = request.query_string
+    query = request.rel_url.raw_query_string
     if not query or "&" not in query:
         return query
     return "&".join(sorted(query.split("&")))

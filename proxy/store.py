@@ -89,15 +89,19 @@ class MemoryStore:
 class RedisStore:
     """Entries in Redis, one ``GET`` per lookup and one ``SET ... PX`` per store.
 
-    Every operation has a deadline: the client's socket timeouts, and behind them *op_timeout_s* twice over
-    (room for one reconnect) as a backstop for the whole call. After a failure Redis is left alone for
-    *retry_after_s*, so that a dead or slow Redis costs one timeout, not one per request; the next operation
-    after that probes it again.
+    Every operation, waiting for a free connection included, has the deadline *op_timeout_s*. A cancelled
+    command makes redis-py drop its connection, so no reply is ever left unread on a pooled one. After a
+    failure Redis is left alone for *retry_after_s*, so that a dead or slow Redis costs one timeout, not one
+    per request; the next operation after that probes it again.
     """
 
-    def __init__(self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float) -> None:
+    def __init__(self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float,
+                 max_in_flight: int = 64) -> None:
         self._client = client
-        self._deadline_s = 2 * op_timeout_s + 0.05
+        # At most as many operations in flight as the pool has connections: a burst waits here, cheaply, and a
+        # pool that runs dry can never be mistaken for a Redis outage.
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._deadline_s = op_timeout_s
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
         self._failing = False
@@ -116,7 +120,7 @@ class RedisStore:
         if not self.available:
             return None
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(self._deadline_s), self._slots:
                 raw = await self._client.get(key)
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("read", key, exc)
@@ -144,7 +148,7 @@ class RedisStore:
         if ttl_ms <= 0:
             return
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with asyncio.timeout(self._deadline_s), self._slots:
                 await self._client.set(key, entry.to_bytes(), px=ttl_ms)
         except (RedisError, TimeoutError, OSError) as exc:
             self._failed("write", key, exc)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .config import Upstream
 from .errors import UpstreamTimeout, UpstreamUnreachable
@@ -61,26 +63,35 @@ def create_session(limit: int = 256) -> aiohttp.ClientSession:
     """The process-wide upstream session. Timeouts are per request, from each :class:`Upstream`."""
     connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True)
     # auto_decompress: the client gets identity bodies; cache entries are stored decompressed.
+    # DummyCookieJar: a cookie set by the upstream for one client must never ride along on another's request.
     return aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+                                 timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar())
+
+
+@lru_cache(maxsize=1024)
+def _url(base_url: str, rest: str, query: str) -> URL:
+    # Parsed once per distinct target: yarl parsing is a measurable share of a miss.
+    return URL(f"{base_url}/{rest}?{query}" if query else f"{base_url}/{rest}", encoded=True)
+
+
+@lru_cache(maxsize=64)
+def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
+    # total=None: aiohttp's default 300 s total would cut long generations; sock_read bounds silence instead.
+    return aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s)
 
 
 async def send(session: aiohttp.ClientSession, upstream: Upstream, method: str, rest: str, query: str,
                headers: Mapping[str, str], body: Any) -> aiohttp.ClientResponse:
-    """Open the upstream response for ``/v1/<rest>?<query>``; the caller reads and releases it.
+    """Open the upstream response for ``/v1/<rest>?<query>`` (*query* still percent-encoded); the caller reads
+    and releases it.
 
     Raises :class:`UpstreamUnreachable` when no connection can be made, :class:`UpstreamTimeout` when the
     upstream stays silent for longer than its ``timeout_s`` (between bytes, so long streams are not cut).
     """
-    url = f"{upstream.base_url}/{rest}"
-    if query:
-        url = f"{url}?{query}"
-    # total=None: aiohttp's default 300 s total would cut long generations; sock_read bounds silence instead.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_s,
-                                    sock_read=upstream.timeout_s)
     try:
-        return await session.request(method, url, headers=forward_headers(headers, upstream), data=body,
-                                     timeout=timeout, allow_redirects=False)
+        return await session.request(method, _url(upstream.base_url, rest, query),
+                                     headers=forward_headers(headers, upstream), data=body,
+                                     timeout=_timeout(upstream), allow_redirects=False)
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {upstream.name} did not answer within {upstream.timeout_s:g}s") from None
     except aiohttp.ClientConnectorError as exc:
