@@ -6,11 +6,12 @@ import asyncio
 import time
 from typing import Any
 
+import redis.asyncio as redis
 from fakeredis import FakeAsyncRedis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.entry import CacheEntry
 from proxy.store import MemoryStore, NullStore, RedisStore, TieredStore
+from tests.redis_server import free_port
 
 
 def entry(body: bytes = b'{"ok":true}', ttl_s: float = 60) -> CacheEntry:
@@ -19,19 +20,9 @@ def entry(body: bytes = b'{"ok":true}', ttl_s: float = 60) -> CacheEntry:
                       stored_at=now, expires_at=now + ttl_s)
 
 
-class BrokenRedis:
-    """A client whose every call fails the way a dead server does."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def get(self, key: str) -> bytes:
-        self.calls += 1
-        raise RedisConnectionError("Connection refused")
-
-    async def set(self, *args: Any, **kwargs: Any) -> None:
-        self.calls += 1
-        raise RedisConnectionError("Connection refused")
+def dead_redis() -> redis.Redis:
+    """A real client aimed at a port where nothing listens: every call fails like a dead server."""
+    return redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
 
 
 async def test_memory_evicts_least_recently_used_when_over_entry_bound() -> None:
@@ -71,31 +62,57 @@ async def test_redis_store_round_trips_with_ttl_when_healthy() -> None:
 
 
 async def test_redis_failure_reads_as_miss_and_pauses_redis_when_it_breaks() -> None:
-    broken = BrokenRedis()
-    store = RedisStore(broken, op_timeout_s=0.2, retry_after_s=60)  # type: ignore[arg-type]
+    client = dead_redis()
+    store = RedisStore(client, op_timeout_s=0.2, retry_after_s=60)
     assert await store.get("k") is None
     assert await store.get("k") is None
     store.put("k", entry())
     await store.drain()
-    assert broken.calls == 1 and store.errors == 1 and store.state == "degraded"
+    assert store.errors == 1 and store.state == "degraded"
+    await client.aclose()
 
 
 async def test_redis_is_tried_again_when_pause_ends() -> None:
-    broken = BrokenRedis()
-    store = RedisStore(broken, op_timeout_s=0.2, retry_after_s=0.01)  # type: ignore[arg-type]
+    client = dead_redis()
+    store = RedisStore(client, op_timeout_s=0.2, retry_after_s=0.01)
     await store.get("k")
     await asyncio.sleep(0.02)
     await store.get("k")
-    assert broken.calls == 2
+    assert store.errors == 2
+    await client.aclose()
+
+
+async def test_concurrent_lookups_share_one_round_trip_when_issued_together() -> None:
+    client = FakeAsyncRedis()
+    store = RedisStore(client, op_timeout_s=0.2, retry_after_s=1)
+    for key in ("a", "b"):
+        store.put(key, entry(key.encode()))
+    await store.drain()
+    sent: list[tuple[object, ...]] = []
+    original = client.connection_pool.connection_class.send_packed_command
+
+    async def spy(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(tuple(command))
+        await original(self, command, check_health)
+
+    client.connection_pool.connection_class.send_packed_command = spy  # type: ignore[method-assign]
+    try:
+        found = await asyncio.gather(*(store.get(k) for k in ("a", "b", "missing", "a")))
+    finally:
+        client.connection_pool.connection_class.send_packed_command = original  # type: ignore[method-assign]
+    assert [e.body if e else None for e in found] == [b"a", b"b", None, b"a"]
+    assert len(sent) == 1
 
 
 async def test_tiered_store_serves_from_memory_when_redis_is_down() -> None:
-    store = TieredStore(MemoryStore(10, 1 << 20), RedisStore(BrokenRedis(), op_timeout_s=0.2,  # type: ignore[arg-type]
-                                                             retry_after_s=60))
+    client = dead_redis()
+    store = TieredStore(MemoryStore(10, 1 << 20), RedisStore(client, op_timeout_s=0.2, retry_after_s=60))
+    assert await store.get("k") is None
     store.put("k", entry())
     await store.remote.drain()
     assert await store.get("k") is not None
     assert store.state == "degraded"
+    await client.aclose()
 
 
 async def test_tiered_store_promotes_redis_hits_when_memory_is_cold() -> None:
