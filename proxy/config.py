@@ -16,6 +16,9 @@ import yaml
 DEFAULT_CONFIG_FILE = "proxy.yaml"
 BACKENDS = ("redis", "memory", "off")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The in-process tier: hot entries in front of Redis, or the whole cache. Sized so that a sidecar stays
+# near 60 MiB resident; raise it for CACHE_BACKEND=memory on a machine with room.
+DEFAULT_MEMORY_MAX_BYTES = 8 * 1024 * 1024
 _N = TypeVar("_N", int, float)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
 
@@ -61,7 +64,7 @@ class CacheSettings:
     namespace: str = "llm-cache"
     ttl_s: int = 3600
     memory_max_entries: int = 10_000
-    memory_max_bytes: int = 16 * 1024 * 1024
+    memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
     max_entry_bytes: int = 8 * 1024 * 1024
 
 
@@ -192,7 +195,7 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             namespace=namespace,
             ttl_s=_positive(env.get("CACHE_TTL", cache.get("ttl_s", 3600)), "CACHE_TTL", int),
             memory_max_entries=_positive(cache.get("memory_max_entries", 10_000), "cache.memory_max_entries", int),
-            memory_max_bytes=_positive(cache.get("memory_max_bytes", 16 * 1024 * 1024), "cache.memory_max_bytes",
+            memory_max_bytes=_positive(cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES), "cache.memory_max_bytes",
                                        int),
             max_entry_bytes=_positive(cache.get("max_entry_bytes", 8 * 1024 * 1024), "cache.max_entry_bytes", int),
         ),

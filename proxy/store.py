@@ -17,8 +17,9 @@ from .entry import CacheEntry, EntryFormatError
 
 log = logging.getLogger(__name__)
 
-# Rough per-entry bookkeeping cost in the LRU, so that many tiny entries still count against the byte bound.
-_ENTRY_OVERHEAD_BYTES = 512
+# Measured cost of an entry's Python objects beside its body (headers, strings, dataclass, dict slot), so
+# that the byte bound is close to the memory really used.
+_ENTRY_OVERHEAD_BYTES = 1536
 
 
 class CacheStore(Protocol):
