@@ -35,11 +35,12 @@ async def test_memory_evicts_least_recently_used_when_over_entry_bound() -> None
 
 
 async def test_memory_evicts_when_over_byte_bound() -> None:
-    store = MemoryStore(max_entries=100, max_bytes=3000)
+    store = MemoryStore(max_entries=100, max_bytes=6000)
     for key in "abcd":
-        store.put(key, entry(b"x" * 900))
-    assert len(store) == 2 and store.bytes <= 3000
-    store.put("huge", entry(b"x" * 5000))
+        store.put(key, entry(b"x" * 900))  # about 2.4 kB each with the per-entry overhead
+    assert len(store) == 2 and store.bytes <= 6000
+    assert [await store.get(k) is not None for k in "abcd"] == [False, False, True, True]
+    store.put("huge", entry(b"x" * 7000))
     assert await store.get("huge") is None
 
 
