@@ -25,12 +25,18 @@ CONNECTIONS = (64, 1)
 
 
 def measure_hits(bench: Bench) -> None:
-    """Hit workloads at 64 and 1 connections, proxy then nginx, after both answer ``X-Cache: HIT``."""
-    targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"]}
+    """Hit workloads at 64 and 1 connections: proxy, nginx, then the aiohttp floor, once all answer ``X-Cache: HIT``.
+
+    The floor's hit must carry the proxy's headers; the names of any that differ are recorded with its runs.
+    """
+    targets = {name: bench.ports[name] for name in ("proxy", "nginx", "floor")}
     hits: dict[str, object] = {}
     for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
         body = openai_shapes.request_body(body_name)
         identical = {name: probes.warm_until_hit(port, path, body, expected) for name, port in targets.items()}
+        proxy_headers, floor_headers = (harness.request(targets[name], "POST", path, body)[1]
+                                        for name in ("proxy", "floor"))
+        floor_differs = probes.differing_headers(proxy_headers, floor_headers)
         for connections in CONNECTIONS:
             for name, port in targets.items():
                 upstream_before = probes.nginx_requests(bench.ports["upstream"])
@@ -39,6 +45,8 @@ def measure_hits(bench: Bench) -> None:
                 # One request is the status probe itself; anything more reached upstream during a "hit" run.
                 run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
                 run["body_identical_to_upstream"] = identical[name]
+                if name == "floor":
+                    run["headers_differing_from_proxy"] = floor_differs
                 hits[f"{workload}/{connections}/{name}"] = run
     bench.results["hits"] = hits
 

@@ -44,6 +44,17 @@ def warm_until_hit(port: int, path: str, body: bytes, expected: bytes) -> bool:
         time.sleep(0.01)
 
 
+def differing_headers(proxy: dict[str, str], other: dict[str, str]) -> list[str]:
+    """Names of the response headers that *other* lacks, adds, or sets differently from *proxy*.
+
+    Only the presence of headers whose value changes with the time or the entry (``Date``, ``Age``,
+    ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``harness.request`` returns them.
+    """
+    varying = {"date", "age", "x-cache-key"}
+    return sorted(name for name in proxy.keys() | other.keys()
+                  if name not in proxy or name not in other or (name not in varying and proxy[name] != other[name]))
+
+
 def expect_miss(port: int, path: str, body: bytes) -> None:
     """Raise BenchmarkError unless a fresh *body* is answered 200 with ``X-Cache: MISS``."""
     status, headers, payload = request(port, "POST", path, body)

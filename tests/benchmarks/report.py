@@ -71,26 +71,62 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def gap_split(results: dict[str, Any], conns: int = 64) -> dict[str, dict[str, float]]:
+    """Per hit workload, the proxy's CPU per request above nginx's, split at the aiohttp floor's.
+
+    ``aiohttp_us`` is the floor's CPU per request above nginx's (what aiohttp costs on its own), ``proxy_us`` the
+    proxy's above the floor's (what its logic adds); ``aiohttp_share`` is the first over the whole gap.
+    Workloads without a floor run are left out.
+    """
+    hits = results.get("hits", {})
+    split: dict[str, dict[str, float]] = {}
+    for workload in HIT_WORKLOADS:
+        runs = [hits.get(f"{workload}/{conns}/{name}") for name in ("proxy", "nginx", "floor")]
+        if any(run is None for run in runs):
+            continue
+        proxy, nginx, floor = (float(run["cpu_us_per_request"][name])
+                               for run, name in zip(runs, ("proxy", "nginx", "floor"), strict=True))
+        gap = proxy - nginx
+        split[workload] = {"gap_us": gap, "aiohttp_us": floor - nginx, "proxy_us": proxy - floor,
+                           "aiohttp_share": (floor - nginx) / gap if gap > 0 else 0.0}
+    return split
+
+
 def _hits(results: dict[str, Any]) -> list[str]:
     hits = results["hits"]
-    rows, notes = [], []
+    speed, cpu, notes = [], [], []
     for workload in HIT_WORKLOADS:
         for conns in (64, 1):
             p, n = hits[f"{workload}/{conns}/proxy"], hits[f"{workload}/{conns}/nginx"]
-            rows.append([workload, conns, f"{_rps(p):.0f}", f"{_rps(n):.0f}", _ratio(_rps(p), _rps(n)),
-                         _ms(p, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p50_ms"), _ms(n, "p99_ms"),
-                         _cpu(p, "proxy"), _cpu(n, "nginx"), f"{p['core_busy']['proxy']:.0%}",
-                         f"{n['core_busy']['nginx']:.0%}"])
-            for name, run in (("proxy", p), ("nginx", n)):
+            f = hits.get(f"{workload}/{conns}/floor")
+            floor = [f"{_rps(f):.0f}", _ratio(_rps(p), _rps(f)), _ms(f, "p50_ms"), _ms(f, "p99_ms")] if f else ["-"] * 4
+            speed.append([workload, conns, f"{_rps(p):.0f}", f"{_rps(n):.0f}", floor[0], _ratio(_rps(p), _rps(n)),
+                          floor[1], _ms(p, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p50_ms"), _ms(n, "p99_ms"),
+                          floor[2], floor[3]])
+            cpu.append([workload, conns, _cpu(p, "proxy"), _cpu(n, "nginx"), _cpu(f, "floor") if f else "-",
+                        f"{p['core_busy']['proxy']:.0%}", f"{n['core_busy']['nginx']:.0%}",
+                        f"{f['core_busy']['floor']:.0%}" if f else "-"])
+            for name, run in (("proxy", p), ("nginx", n), ("floor", f)):
+                if run is None:
+                    continue
                 if run["upstream_requests"]:
                     notes.append(f"- {workload}/{conns}/{name}: {run['upstream_requests']} requests reached upstream")
                 if not run["body_identical_to_upstream"]:
                     notes.append(f"- {workload}/{name}: the hit's body differs from upstream's bytes")
+                if run.get("headers_differing_from_proxy"):
+                    notes.append(f"- {workload}/{name}: headers unlike the proxy's hit: "
+                                 + ", ".join(run["headers_differing_from_proxy"]))
                 notes += _noise(f"{workload}/{conns}/{name}", run)
+    split = [f"- {workload}: {s['gap_us']:.1f} µs, of which aiohttp's floor {s['aiohttp_us']:.1f} µs "
+             f"({s['aiohttp_share']:.0%}) and the proxy's own work {s['proxy_us']:.1f} µs"
+             for workload, s in gap_split(results).items()]
+    if split:
+        split = ["CPU per hit the proxy spends above nginx at 64 conns, split at the aiohttp floor:", "", *split, ""]
     return ["## Cache hits", "", *_table(
-        ["workload", "conns", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy p50 ms", "proxy p99 ms",
-         "nginx p50 ms", "nginx p99 ms", "proxy CPU µs/req", "nginx CPU µs/req", "proxy core busy",
-         "nginx core busy"], rows), "", *notes]
+        ["workload", "conns", "proxy req/s", "nginx req/s", "floor req/s", "proxy/nginx", "proxy/floor",
+         "proxy p50 ms", "proxy p99 ms", "nginx p50 ms", "nginx p99 ms", "floor p50 ms", "floor p99 ms"], speed),
+        "", *_table(["workload", "conns", "proxy CPU µs/req", "nginx CPU µs/req", "floor CPU µs/req",
+                     "proxy core busy", "nginx core busy", "floor core busy"], cpu), "", *split, *notes]
 
 
 def _misses(results: dict[str, Any]) -> list[str]:

@@ -122,11 +122,11 @@ def run_wrk(script: str, port: int, connections: int, duration_s: int, watch: di
 
 
 def setup(bench: Bench) -> None:
-    """Start the fake upstream and Redis on the load core, nginx and the proxy on the server core."""
+    """Fake upstream and Redis on the load core; nginx, the aiohttp floor and the proxy on the server core."""
     www = bench.tmp / "www"
     openai_shapes.write_static_bodies(www)
     load = str(LOAD_CORE)
-    for name in ("upstream", "nginx", "redis"):
+    for name in ("upstream", "nginx", "redis", "floor"):
         bench.ports[name] = harness.free_port()
     upstream = start_nginx(bench, "upstream", nginx_conf.upstream_conf(bench.tmp / "upstream", www,
                                                                       bench.ports["upstream"]),
@@ -137,12 +137,15 @@ def setup(bench: Bench) -> None:
     nginx = start_nginx(bench, "nginx", nginx_conf.reference_conf(bench.tmp / "nginx", bench.ports["nginx"],
                                                                  bench.ports["upstream"]),
                         bench.tmp / "nginx", str(SERVER_CORE))
+    floor_argv = [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(bench.ports["floor"])]
+    floor = bench.start("floor", floor_argv, str(SERVER_CORE), cwd=HERE)
     harness.wait_ready(upstream, bench.ports["upstream"], harness.http_probe("/_status"), b"HTTP/1.1 200")
     harness.wait_ready(redis, bench.ports["redis"], b"PING\r\n", b"+PONG")
     harness.wait_ready(nginx, bench.ports["nginx"], harness.http_probe("/healthz"), b"HTTP/1.1 200")
+    harness.wait_ready(floor, bench.ports["floor"], harness.http_probe("/"), b"HTTP/1.1 404")
     proxy, bench.ports["proxy"], started_s = start_proxy(bench, "proxy", bench.ports["upstream"])
     bench.startup_s.append(started_s)
     bench.results["startup_s"] = bench.startup_s
-    bench.pids.update(upstream=upstream.pid, redis=redis.pid, nginx=nginx.pid, proxy=proxy.pid)
+    bench.pids.update(upstream=upstream.pid, redis=redis.pid, nginx=nginx.pid, floor=floor.pid, proxy=proxy.pid)
 
 
