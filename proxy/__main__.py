@@ -92,7 +92,11 @@ def _supervise(settings: Settings) -> None:
             os._exit(0)
         children.append(pid)
 
+    stopping = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             try:
                 os.kill(child, signum)
@@ -108,7 +112,7 @@ def _supervise(settings: Settings) -> None:
         except ChildProcessError:
             break
         children.remove(pid)
-        if code and children:
+        if code and not stopping:
             log.error("worker exited pid=%d status=%d; stopping the others", pid, code)
             status = 1
             forward(signal.SIGTERM, None)

@@ -17,7 +17,7 @@ from .config import DEFAULT_REDIS_URL, Settings
 from .handlers import healthz, metrics, openai_endpoint, readyz
 from .keys import FLIGHTS, INJECTED_REDIS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
 from .metrics import Metrics
-from .middlewares import error_envelope
+from .middlewares import get_only, guarded, not_found
 from .relay import Flights
 from .store import CacheStore, MemoryStore, NullStore, RedisStore, TieredStore
 from .upstream import create_session
@@ -30,7 +30,7 @@ KEY_MEMO_MAX_BYTES = 1024 * 1024
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
     """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_envelope])
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[FLIGHTS] = Flights()
@@ -41,10 +41,10 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_stop_ready)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/v1/{rest:.+}", openai_endpoint)
+    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
+        app.router.add_route("*", path, guarded(get_only(handler)))
+    app.router.add_route("*", "/v1/{rest:.+}", guarded(openai_endpoint))
+    app.router.add_route("*", "/{tail:.*}", guarded(not_found))
     return app
 
 

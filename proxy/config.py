@@ -165,7 +165,9 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         raise ConfigError("auth.proxy_api_keys must be a list or a comma-separated string")
     proxy_api_keys = frozenset(str(k).strip() for k in keys_value if str(k).strip())
 
-    backend = str(env.get("CACHE_BACKEND", cache.get("backend", "redis"))).lower()
+    backend_value = env.get("CACHE_BACKEND", cache.get("backend", "redis"))
+    # YAML 1.1 reads an unquoted `off` as false.
+    backend = "off" if backend_value is False else str(backend_value).lower()
     if backend not in BACKENDS:
         raise ConfigError(f"CACHE_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
     namespace = str(env.get("CACHE_NAMESPACE", cache.get("namespace", "llm-cache")))
@@ -195,8 +197,8 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             namespace=namespace,
             ttl_s=_positive(env.get("CACHE_TTL", cache.get("ttl_s", 3600)), "CACHE_TTL", int),
             memory_max_entries=_positive(cache.get("memory_max_entries", 10_000), "cache.memory_max_entries", int),
-            memory_max_bytes=_positive(cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES), "cache.memory_max_bytes",
-                                       int),
+            memory_max_bytes=_positive(cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES),
+                                       "cache.memory_max_bytes", int),
             max_entry_bytes=_positive(cache.get("max_entry_bytes", 8 * 1024 * 1024), "cache.max_entry_bytes", int),
         ),
         proxy_api_keys=proxy_api_keys,

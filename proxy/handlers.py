@@ -16,7 +16,7 @@ from aiohttp import web
 from .cache_key import Keyed, build_key, build_scope, short_key
 from .config import Settings, Upstream
 from .entry import CacheEntry
-from .errors import InvalidApiKey, MethodNotAllowed, ProxyError, UpstreamUnreachable
+from .errors import InvalidApiKey, MethodNotAllowed, NotFound, ProxyError, UpstreamUnreachable
 from .keys import FLIGHTS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
 from .policy import CACHEABLE_ROUTES, CachePlan, decide
 from .relay import Flight
@@ -34,6 +34,9 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     if settings.proxy_api_keys:
         _authorize(request, settings)
     route = request.match_info["rest"]
+    if "." in route and any(part in (".", "..") for part in route.split("/")):
+        # The upstream base may sit below other paths of the same host; never let a client climb out of it.
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
     if request.method != "POST" or route not in CACHEABLE_ROUTES:
         return await passthrough(request, route)
 
@@ -95,8 +98,11 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
 async def _open_upstream(request: web.Request, upstream: Upstream, method: str, route: str,
                          data: Any) -> aiohttp.ClientResponse:
     counter = request.app[METRICS].upstream_responses
+    # The path as the client encoded it: decoding would turn an escaped "?" or "/" into syntax.
+    raw_path = request.rel_url.raw_path
+    target = raw_path[4:] if raw_path.startswith("/v1/") else route
     try:
-        response = await send(request.app[SESSION], upstream, method, route, request.rel_url.raw_query_string,
+        response = await send(request.app[SESSION], upstream, method, target, request.rel_url.raw_query_string,
                               request.headers, data)
     except ProxyError:
         counter.labels(upstream.name, "error").inc()

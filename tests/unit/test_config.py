@@ -106,3 +106,7 @@ def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> N
 def test_missing_config_file_fails_when_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(str(tmp_path / "absent.yaml"), env={})
+
+
+def test_unquoted_off_means_off_when_yaml_reads_it_as_false(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "cache: {backend: off}\n"), env={}).cache.backend == "off"

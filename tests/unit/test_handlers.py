@@ -409,3 +409,28 @@ async def test_off_backend_always_calls_upstream_when_configured(fake_upstream: 
                 for _ in range(2)]
     assert outcomes == ["MISS", "MISS"]
     assert len(received(fake_upstream)) == 2
+
+
+async def test_escaped_path_reaches_upstream_unchanged_when_client_encodes_it(fake_upstream: Any,
+                                                                             proxy_for: Any) -> None:
+    client = await proxy_for(fake_upstream)
+    response = await client.get("/v1/files/file%3Fabc?purpose=x%26y")
+    assert response.status == 200
+    sent = received(fake_upstream)[0]
+    assert sent.path == "/v1/files/file?abc" and sent.query == "purpose=x%26y"
+    assert (await response.json())["path"] == "/v1/files/file?abc"
+
+
+async def test_dot_segments_are_refused_when_they_would_leave_v1(fake_upstream: Any, proxy_for: Any) -> None:
+    client = await proxy_for(fake_upstream)
+    response = await client.get("/v1/models/%2E%2E/%2E%2E/admin")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "unknown_url"
+    assert received(fake_upstream) == []
+
+
+async def test_wrong_method_on_health_gets_openai_error_when_posted(fake_upstream: Any, proxy_for: Any) -> None:
+    client = await proxy_for(fake_upstream)
+    response = await client.post("/healthz")
+    assert response.status == 405
+    assert (await response.json())["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,107 @@
+"""``python -m proxy`` as users start it: ./proxy.yaml and .env in the working directory, flags, workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.redis_server import free_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any proxy setting, plus *extra*."""
+    prefixes = ("PROXY_", "CACHE_", "REDIS_", "UPSTREAM_", "OPENAI_", "LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def start(cwd: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=cwd, env=clean_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def get_json(port: int, path: str, timeout_s: float = 10) -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+                return orjson.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=15)
+    return process.returncode, err.decode()
+
+
+def test_working_directory_files_configure_the_proxy_when_present(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "proxy.yaml").write_text("cache: {backend: memory}\nlog_level: DEBUG\n")
+    (tmp_path / ".env").write_text(f"PROXY_PORT={port}\nOPENAI_API_KEY=sk-from-dotenv-file\n")
+    process = start(tmp_path)
+    try:
+        assert get_json(port, "/readyz") == {"status": "ready", "cache": "ok"}
+    finally:
+        code, err = stop(process)
+    assert code == 0
+    assert "cache=memory" in err and "key=configured" in err
+    assert "sk-from-dotenv-file" not in err
+
+
+def test_real_environment_wins_over_dotenv_when_both_set(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / ".env").write_text(f"PROXY_PORT={free_port()}\nCACHE_BACKEND=redis\n")
+    process = start(tmp_path, PROXY_PORT=str(port), CACHE_BACKEND="off")
+    try:
+        assert get_json(port, "/readyz") == {"status": "ready", "cache": "off"}
+    finally:
+        code, _ = stop(process)
+    assert code == 0
+
+
+def test_config_flag_selects_the_file_when_given(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "elsewhere.yaml"
+    config.write_text(f"server: {{port: {port}}}\ncache: {{backend: off}}\n")
+    (tmp_path / "proxy.yaml").write_text("cache: {backend: memory}\n")
+    process = start(tmp_path, "--config", str(config))
+    try:
+        assert get_json(port, "/readyz") == {"status": "ready", "cache": "off"}
+    finally:
+        stop(process)
+
+
+def test_bad_setting_stops_startup_naming_the_key_when_invalid(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "proxy"], cwd=tmp_path, capture_output=True, timeout=30,
+                            env=clean_env(CACHE_TTL="soon", REDIS_URL="redis://:hunter2@h:6379/0"))
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert "CACHE_TTL" in err and "Traceback" not in err and "hunter2" not in err
+
+
+def test_workers_share_the_port_and_stop_together_when_signalled(tmp_path: Path) -> None:
+    port = free_port()
+    process = start(tmp_path, "--workers", "2", PROXY_PORT=str(port), CACHE_BACKEND="memory")
+    try:
+        assert get_json(port, "/healthz") == {"status": "ok"}
+    finally:
+        code, err = stop(process)
+    assert code == 0 and "ERROR" not in err
