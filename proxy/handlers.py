@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .cache_key import Keyed, build_key, build_scope, short_key
 from .config import Settings, Upstream
@@ -40,7 +42,7 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     if request.method != "POST" or route not in CACHEABLE_ROUTES:
         return await passthrough(request, route)
 
-    raw = await request.read()
+    raw = await _read_body(request, settings.max_body_bytes)
     headers = request.headers
     cache_control, ttl_header = headers.get("Cache-Control"), headers.get("X-Cache-TTL")
     # Requests without cache controls have the default plan, so their keying can be remembered by raw bytes.
@@ -95,6 +97,20 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     return await flight.respond(request, (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)))
 
 
+async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The whole request body. With a Content-Length it is one exact read (aiohttp's ``read()`` loops and
+    copies); chunked and oversized bodies go through ``read()``, which enforces ``client_max_size`` (413)."""
+    length = request.content_length
+    if length is None or length > max_bytes:
+        return await request.read()
+    if length == 0:
+        return b""
+    try:
+        return await request.content.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise ConnectionResetError("client closed the connection mid-body") from None
+
+
 async def _open_upstream(request: web.Request, upstream: Upstream, method: str, route: str,
                          data: Any) -> aiohttp.ClientResponse:
     counter = request.app[METRICS].upstream_responses
@@ -112,14 +128,12 @@ async def _open_upstream(request: web.Request, upstream: Upstream, method: str, 
 
 
 def _replay(entry: CacheEntry, tag: str, now: float) -> web.Response:
-    response = web.Response(status=entry.status, body=entry.body)
-    out = response.headers
-    for name, value in entry.headers:
-        out.add(name, value)
-    out["X-Cache"] = "HIT"
-    out["X-Cache-Key"] = tag
-    out["Age"] = str(max(0, int(now - entry.stored_at)))
-    return response
+    # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
+    headers = CIMultiDict(entry.headers)
+    headers["X-Cache"] = "HIT"
+    headers["X-Cache-Key"] = tag
+    headers["Age"] = str(max(0, int(now - entry.stored_at)))
+    return web.Response(status=entry.status, body=entry.body, headers=headers)
 
 
 def _store_flight(app: web.Application, key: str, plan: CachePlan, flight: Flight) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.core import CounterMetricFamily, Metric
 
 OUTCOMES = ("HIT", "MISS", "BYPASS")
 # Chat and completions report prompt/completion tokens, the Responses API input/output tokens.
@@ -26,8 +27,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("llm_cache_requests", "Proxied requests by route and cache outcome.",
-                                ("route", "outcome"), registry=self.registry)
+        # Counted on every request, hits included, so kept as plain integers and turned into metric families
+        # only when scraped: prometheus_client's counters take a lock per increment.
+        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.tokens: defaultdict[str, int] = defaultdict(int)
+        self.registry.register(_HotCounters(self))
         self.upstream_responses = Counter("llm_cache_upstream_responses",
                                           "Upstream responses by upstream and status class (2xx, 4xx, 5xx, error).",
                                           ("upstream", "status"), registry=self.registry)
@@ -35,9 +39,6 @@ class Metrics:
         self.coalesced = Counter("llm_cache_coalesced",
                                  "Requests answered by joining an identical request already in flight.",
                                  registry=self.registry)
-        self.tokens_saved = Counter("llm_cache_tokens_saved",
-                                    "Tokens of upstream usage answered from the cache instead.",
-                                    ("kind",), registry=self.registry)
         self.redis_errors = Gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).",
                                   registry=self.registry)
         self.redis_available = Gauge("llm_cache_redis_available",
@@ -45,24 +46,35 @@ class Metrics:
                                      registry=self.registry)
         self.memory_entries = Gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.",
                                     registry=self.registry)
-        self._outcomes: dict[tuple[str, str], MetricWrapperBase] = {}
-        self._tokens: dict[str, MetricWrapperBase] = {}
 
     def count(self, route: str, outcome: str) -> None:
-        child = self._outcomes.get((route, outcome))
-        if child is None:
-            child = self._outcomes[(route, outcome)] = self.requests.labels(route, outcome)
-        child.inc()  # type: ignore[attr-defined]
+        self.requests[(route, outcome)] += 1
 
     def count_tokens(self, usage: Mapping[str, Any]) -> None:
-        """Add a replayed answer's token usage to ``tokens_saved``."""
+        """Add a replayed answer's token usage to ``llm_cache_tokens_saved_total``."""
         for field, kind in _TOKEN_FIELDS:
             value = usage.get(field)
             if type(value) is int and value > 0:
-                child = self._tokens.get(kind)
-                if child is None:
-                    child = self._tokens[kind] = self.tokens_saved.labels(kind)
-                child.inc(value)  # type: ignore[attr-defined]
+                self.tokens[kind] += value
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HotCounters:
+    """Exposes :attr:`Metrics.requests` and :attr:`Metrics.tokens` as Prometheus counters."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("llm_cache_requests", "Proxied requests by route and cache outcome.",
+                                       labels=("route", "outcome"))
+        for (route, outcome), count in sorted(self._metrics.requests.items()):
+            requests.add_metric((route, outcome), count)
+        yield requests
+        tokens = CounterMetricFamily("llm_cache_tokens_saved",
+                                     "Tokens of upstream usage answered from the cache instead.", labels=("kind",))
+        for kind, count in sorted(self._metrics.tokens.items()):
+            tokens.add_metric((kind,), count)
+        yield tokens
