@@ -25,7 +25,7 @@ from .upstream import create_session
 log = logging.getLogger(__name__)
 
 # Raw request bodies remembered for keying; small next to the in-process entry tier.
-KEY_MEMO_MAX_BYTES = 1024 * 1024
+KEY_MEMO_MAX_BYTES = 512 * 1024
 
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
