@@ -50,10 +50,13 @@ async def test_replicas_share_answers_when_they_share_redis(aiohttp_client: Any,
 async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(aiohttp_client: Any, fake_upstream: Any,
                                                                           settings_for: Any, redis_url: str) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url, ttl_s=120))
-    await client.post("/v1/chat/completions", json=chat_body("ttl"), headers={"Authorization": "Bearer sk-client"})
+    response = await client.post("/v1/chat/completions", json=chat_body("ttl"),
+                                 headers={"Authorization": "Bearer sk-client"})
     await tiered(client).remote.drain()
     keys = await keys_in(redis_url)
     assert len(keys) == 1 and keys[0].startswith(b"test:v1:chat/completions:")
+    tag = response.headers["X-Cache-Key"]
+    assert len(tag) == 16 and keys[0].decode().rpartition(":")[2].startswith(tag)
     async with redis.Redis.from_url(redis_url) as conn:
         ttl = await conn.ttl(keys[0])
         raw = await conn.get(keys[0])
