@@ -69,10 +69,8 @@ def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One real redis-server for the session; tests flush it through :func:`redis_url`."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
@@ -87,7 +85,5 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop and restart under a running proxy."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server

@@ -40,10 +40,8 @@ def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def module_redis() -> Iterator[RedisServer]:
     """A redis-server for the proxies of one test module."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

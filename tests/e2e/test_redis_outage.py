@@ -20,14 +20,6 @@ CONFIG = "redis:\n  retry_after_s: 0.5\n  op_timeout_s: 0.2\n"
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def started() -> Iterator[list[ProxyProcess]]:
     """Proxies a test started, stopped at teardown even when the test fails halfway."""
     processes: list[ProxyProcess] = []
@@ -47,15 +39,15 @@ def _readyz(proxy: ProxyProcess) -> tuple[int, dict[str, str]]:
 
 
 def test_requests_succeed_and_cache_returns_when_redis_dies_and_restarts(
-        upstream_url: str, redis_server: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
-    proxy = start_proxy(tmp_path, upstream_url, redis_server.url, config=CONFIG)
+        upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
+    proxy = start_proxy(tmp_path, upstream_url, own_redis.url, config=CONFIG)
     started.append(proxy)
     with openai.OpenAI(base_url=proxy.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
         warm = _ask(sdk, "warmed before the outage")
         assert warm[0] == "MISS"
-        assert eventually(lambda: redis_key_count(redis_server.url) == 1)
+        assert eventually(lambda: redis_key_count(own_redis.url) == 1)
 
-        redis_server.stop()
+        own_redis.stop()
         assert _ask(sdk, "warmed before the outage") == ("HIT", warm[1])
         during = _ask(sdk, "first seen during the outage")
         assert during[0] == "MISS"
@@ -63,33 +55,33 @@ def test_requests_succeed_and_cache_returns_when_redis_dies_and_restarts(
         assert _ask(sdk, "first seen during the outage") == ("HIT", during[1])
         assert _readyz(proxy)[0] == 200
 
-        redis_server.start()
-        assert redis_key_count(redis_server.url) == 0
+        own_redis.start()
+        assert redis_key_count(own_redis.url) == 0
         # New questions until one lands in Redis: the proxy tries Redis again once its retry window passed.
         for n in range(100):
             assert _ask(sdk, f"asked after the restart {n}")[0] == "MISS"
-            if eventually(lambda: redis_key_count(redis_server.url) > 0, timeout_s=0.1):
+            if eventually(lambda: redis_key_count(own_redis.url) > 0, timeout_s=0.1):
                 break
         else:
             pytest.fail("no entry reached Redis after it came back")
-        settled = redis_key_count(redis_server.url)
+        settled = redis_key_count(own_redis.url)
         after = _ask(sdk, "asked once redis is back")
         assert after[0] == "MISS"
-        assert eventually(lambda: redis_key_count(redis_server.url) == settled + 1)
+        assert eventually(lambda: redis_key_count(own_redis.url) == settled + 1)
         assert _ask(sdk, "asked once redis is back") == ("HIT", after[1])
         assert _readyz(proxy) == (200, {"status": "ready", "cache": "ok"})
 
 
 def test_entries_written_by_one_proxy_are_hits_in_another_when_they_share_redis(
-        upstream_url: str, redis_server: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
-    first = start_proxy(tmp_path / "first", upstream_url, redis_server.url, config=CONFIG)
+        upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
+    first = start_proxy(tmp_path / "first", upstream_url, own_redis.url, config=CONFIG)
     started.append(first)
-    second = start_proxy(tmp_path / "second", upstream_url, redis_server.url, config=CONFIG)
+    second = start_proxy(tmp_path / "second", upstream_url, own_redis.url, config=CONFIG)
     started.append(second)
     with openai.OpenAI(base_url=first.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
         stored = _ask(sdk, "shared across replicas")
     assert stored[0] == "MISS"
-    assert eventually(lambda: redis_key_count(redis_server.url) == 1)
+    assert eventually(lambda: redis_key_count(own_redis.url) == 1)
     with openai.OpenAI(base_url=second.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
         assert _ask(sdk, "shared across replicas") == ("HIT", stored[1])
     assert second.upstream_responses() == 0
