@@ -11,6 +11,7 @@ import nginx_conf
 import openai_shapes
 import probes
 import pyspy
+import rounds
 from harness import BenchmarkError
 from stack import HERE, LOAD_CORE, SERVER_CORE, Bench, run_wrk, start_nginx, start_proxy
 
@@ -22,10 +23,12 @@ HIT_WORKLOADS = {
     "embeddings": ("embeddings.lua", "/v1/embeddings", "embeddings", openai_shapes.embeddings()),
 }
 CONNECTIONS = (64, 1)
+TTFB_BACKENDS = ("redis", "memory", "off")
 
 
 def measure_hits(bench: Bench) -> None:
-    """Hit workloads at 64 and 1 connections: proxy, nginx, then the aiohttp floor, once all answer ``X-Cache: HIT``.
+    """Hit workloads at 64 and 1 connections against proxy, nginx and the aiohttp floor, once all answer
+    ``X-Cache: HIT``, in interleaved rounds (``rounds.order``); one summary of its rounds per server.
 
     The floor's hit must carry the proxy's headers; the names of any that differ are recorded with its runs.
     """
@@ -38,52 +41,87 @@ def measure_hits(bench: Bench) -> None:
                                         for name in ("proxy", "floor"))
         floor_differs = probes.differing_headers(proxy_headers, floor_headers)
         for connections in CONNECTIONS:
-            for name, port in targets.items():
-                upstream_before = probes.nginx_requests(bench.ports["upstream"])
-                run = run_wrk(script, port, connections, bench.args.duration,
-                              {name: bench.pids[name], "redis": bench.pids["redis"]})
-                # One request is the status probe itself; anything more reached upstream during a "hit" run.
-                run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
-                run["body_identical_to_upstream"] = identical[name]
+            runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
+            for round_index in range(bench.args.rounds):
+                for name in rounds.order(list(targets), round_index):
+                    upstream_before = probes.nginx_requests(bench.ports["upstream"])
+                    run = run_wrk(script, targets[name], connections, bench.args.duration,
+                                  {name: bench.pids[name], "redis": bench.pids["redis"]})
+                    # One request is the status probe itself; anything more reached upstream during a "hit" run.
+                    run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
+                    runs[name].append(run)
+            for name, its_runs in runs.items():
+                extra: dict[str, object] = {"body_identical_to_upstream": identical[name]}
                 if name == "floor":
-                    run["headers_differing_from_proxy"] = floor_differs
-                hits[f"{workload}/{connections}/{name}"] = run
+                    extra["headers_differing_from_proxy"] = floor_differs
+                hits[f"{workload}/{connections}/{name}"] = rounds.summarize(its_runs, **extra)
     bench.results["hits"] = hits
 
 
 def measure_misses(bench: Bench) -> None:
-    """The miss workload against proxy, nginx and the fake upstream itself; a fresh nonce per run."""
+    """The miss workload against proxy, nginx and the fake upstream itself in interleaved rounds; a fresh nonce
+    per run."""
     targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"], "upstream": bench.ports["upstream"]}
     for name in ("proxy", "nginx"):
         probes.expect_miss(targets[name], CHAT, openai_shapes.miss_body(f"probe-{bench.run_id}", 0))
     misses: dict[str, object] = {}
     for connections in CONNECTIONS:
-        for name, port in targets.items():
-            keys_before = probes.redis_dbsize(bench.ports["redis"])
-            watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
-            nonce = f"{bench.run_id}{name}{connections}"
-            run = run_wrk("miss.lua", port, connections, bench.args.duration, watch, (nonce,))
-            time.sleep(0.2)
-            run["redis_keys_added"] = probes.redis_dbsize(bench.ports["redis"]) - keys_before
-            misses[f"miss/{connections}/{name}"] = run
+        runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
+        for round_index in range(bench.args.rounds):
+            for name in rounds.order(list(targets), round_index):
+                keys_before = probes.redis_dbsize(bench.ports["redis"])
+                watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
+                nonce = f"{bench.run_id}{name}{connections}r{round_index}"
+                run = run_wrk("miss.lua", targets[name], connections, bench.args.duration, watch, (nonce,))
+                time.sleep(0.2)
+                run["redis_keys_added"] = probes.redis_dbsize(bench.ports["redis"]) - keys_before
+                runs[name].append(run)
+        for name, its_runs in runs.items():
+            misses[f"miss/{connections}/{name}"] = rounds.summarize(its_runs)
     bench.results["misses"] = misses
 
 
 def measure_ttfb(bench: Bench) -> None:
-    """Added time to the first SSE event of streamed misses, with a second proxy on a slow-to-start upstream."""
+    """Added time to the first SSE event of streamed misses, with proxies of their own on a slow-to-start upstream.
+
+    First with a new connection per request to the default (Redis) proxy and to upstream, then with one kept-alive
+    connection per side to upstream, to a bare aiohttp relay (the miss path's floor) and to three proxies, one per
+    ``CACHE_BACKEND`` (``redis``, ``memory``, ``off``), interleaved: the differences between them are what the
+    proxy's own request path and each cache lookup add before the request goes upstream.
+    """
     port = harness.free_port()
     upstream = bench.start("fake-upstream", [sys.executable, str(HERE / "fake_upstream.py"), "--port", str(port),
                                              "--first-event-delay-ms", "20", "--rest-delay-ms", "10"],
                            str(LOAD_CORE), cwd=HERE)
     harness.wait_ready(upstream, port, harness.http_probe("/"), b"HTTP/1.1 404")
-    proxy, proxy_port, started_s = start_proxy(bench, "proxy-ttfb", port)
-    samples = 10 if bench.args.quick else 60
-    bodies = [(openai_shapes.miss_body(f"ttfb-d-{bench.run_id}", i, "chat_stream"),
-               openai_shapes.miss_body(f"ttfb-p-{bench.run_id}", i, "chat_stream")) for i in range(samples + 3)]
-    probes.stream_ttfb(port, proxy_port, bodies[:3])  # connections, imports and pools warm up first
-    bench.results["stream_ttfb"] = probes.stream_ttfb(port, proxy_port, bodies[3:])
-    bench.startup_s.append(started_s)
-    bench.stop(proxy)
+    backends = ("redis",) if bench.args.calibrate else TTFB_BACKENDS
+    relay_port = harness.free_port()
+    relay = bench.start("relay-floor", [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(relay_port),
+                                        "--relay-to", str(port)], str(SERVER_CORE), cwd=HERE)
+    harness.wait_ready(relay, relay_port, harness.http_probe("/"), b"HTTP/1.1 404")
+    proxies, ports = [relay], {"direct": port, "relay": relay_port}
+    for backend in backends:
+        name = "proxy-ttfb" if backend == "redis" else f"proxy-ttfb-{backend}"
+        proxy, ports[backend], started_s = start_proxy(bench, name, port, backend=backend)
+        proxies.append(proxy)
+        if backend == "redis":
+            bench.startup_s.append(started_s)
+    samples, warm = (10 if bench.args.quick else 60), 3
+
+    def bodies(kind: str, sides: list[str]) -> list[dict[str, bytes]]:
+        return [{side: openai_shapes.miss_body(f"ttfb-{kind}-{side}-{bench.run_id}", i, "chat_stream")
+                 for side in sides} for i in range(warm + samples)]
+
+    new = probes.stream_ttfb({"direct": port, "proxy": ports["redis"]}, bodies("new", ["direct", "proxy"]),
+                             kept_alive=False, warm=warm)
+    kept = probes.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=warm)
+    bench.results["stream_ttfb"] = {
+        "samples": samples, "new_connection": new,
+        "kept_alive": {"direct": kept["direct"], "proxy": kept["redis"]},
+        "kept_alive_backends": kept,
+    }
+    for proxy in proxies:
+        bench.stop(proxy)
     bench.stop(upstream)
 
 
@@ -109,7 +147,8 @@ def measure_startup(bench: Bench) -> None:
 
 
 def measure_scaling(bench: Bench) -> None:
-    """Hit throughput with N proxy workers and N nginx workers on cores 0..N-1 (skipped for N = 1)."""
+    """Hit throughput with N proxy workers and N nginx workers on cores 0..N-1 (skipped for N = 1), in rounds
+    interleaved with the one-worker proxy and nginx, so that the speed-up compares runs close in time."""
     workers = bench.args.workers
     if workers < 2:
         return
@@ -129,9 +168,19 @@ def measure_scaling(bench: Bench) -> None:
                         root, cores, workers)
     harness.wait_ready(nginx, nginx_port, harness.http_probe("/healthz"), b"HTTP/1.1 200")
     body = openai_shapes.request_body(body_name)
-    for name, service, port in (("proxy", proxy, proxy_port), ("nginx", nginx, nginx_port)):
+    # entry name: (role, port, pid); the one-worker servers are the ones measured in every other phase.
+    targets = {"proxy": ("proxy", proxy_port, proxy.pid), "nginx": ("nginx", nginx_port, nginx.pid),
+               "proxy_one_worker": ("proxy", bench.ports["proxy"], bench.pids["proxy"]),
+               "nginx_one_worker": ("nginx", bench.ports["nginx"], bench.pids["nginx"])}
+    for _, port, _ in targets.values():
         probes.warm_until_hit(port, path, body, expected)
-        scaling[name] = run_wrk(script, port, 64, bench.args.duration, {name: service.pid})
+    runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
+    for round_index in range(bench.args.rounds):
+        for name in rounds.order(list(targets), round_index):
+            role, port, pid = targets[name]
+            runs[name].append(run_wrk(script, port, 64, bench.args.duration, {role: pid}, label=name))
+    for name, its_runs in runs.items():
+        scaling[name] = rounds.summarize(its_runs)
     bench.stop(proxy)
     bench.stop(nginx)
     bench.results["scaling"] = scaling
@@ -143,7 +192,7 @@ def measure_profile(bench: Bench) -> None:
     if py_spy is None or bench.args.calibrate:
         bench.results["profile"] = {"error": "py-spy not installed" if py_spy is None else "calibration run"}
         return
-    seconds = min(bench.args.duration, 10)
+    seconds = min(bench.args.duration * bench.args.rounds, 10)
     profile: dict[str, object] = {}
     for workload, script, args in (("hit", "hit.lua", ()), ("miss", "miss.lua", (f"{bench.run_id}profile",))):
         out = bench.out_prefix.with_name(f"{bench.out_prefix.name}-profile-{workload}.txt")

@@ -10,9 +10,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import rounds
 from harness import BenchmarkError, request
 
 HIT_WAIT_S = 3.0
+CHAT = "/v1/chat/completions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,61 +64,137 @@ def expect_miss(port: int, path: str, body: bytes) -> None:
         raise BenchmarkError(f"fresh body on port {port}: {status} X-Cache={headers.get('x-cache')} {payload[:200]!r}")
 
 
-def post_timed(port: int, path: str, body: bytes, timeout_s: float = 10.0) -> Reply:
-    """POST over a raw socket connected beforehand, timing the first byte and the first ``data:`` event."""
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer sk-bench\r\nAccept: text/event-stream\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode()
+def _post_head(port: int, path: str, length: int, keep_alive: bool) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer sk-bench\r\nAccept: text/event-stream\r\nContent-Length: {length}\r\n"
+            + ("" if keep_alive else "Connection: close\r\n") + "\r\n").encode()
+
+
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """The body carried so far by the chunked payload *data*, and whether its last (zero-size) chunk arrived.
+
+    A chunk not yet complete is left out. Trailers are not expected: the empty line must follow the last chunk.
+    """
+    parts: list[bytes] = []
+    pos = 0
+    while (eol := data.find(b"\r\n", pos)) >= 0:
+        size = int(data[pos:eol].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(parts), data.startswith(b"\r\n", eol + 2)
+        end = eol + 2 + size
+        if len(data) < end + 2:
+            break
+        parts.append(data[eol + 2:end])
+        pos = end + 2
+    return b"".join(parts), False
+
+
+def _exchange(sock: socket.socket, port: int, path: str, body: bytes, keep_alive: bool) -> Reply:
+    """POST *body* on *sock*, timing the first byte and the first ``data:`` event from the request's first byte;
+    read the response to the end of its framing (Content-Length or chunked), or to EOF when it has none."""
     first_byte = first_event = None
     buf = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        started = time.perf_counter()
-        sock.sendall(head + body)
-        while chunk := sock.recv(65536):
-            now = time.perf_counter() - started
-            buf += chunk
-            first_byte = now if first_byte is None else first_byte
-            end = buf.find(b"\r\n\r\n")
-            if first_event is None and end >= 0 and buf.find(b"data: ", end) >= 0:
-                first_event = now
+    header_end = -1
+    length: int | None = None
+    chunked = False
+    started = time.perf_counter()
+    sock.sendall(_post_head(port, path, len(body), keep_alive) + body)
+    while chunk := sock.recv(65536):
+        now = time.perf_counter() - started
+        buf += chunk
+        first_byte = now if first_byte is None else first_byte
+        if header_end < 0:
+            header_end = buf.find(b"\r\n\r\n")
+            if header_end < 0:
+                continue
+            framing = _headers(buf[:header_end])
+            chunked = "chunked" in framing.get("transfer-encoding", "").lower()
+            length = int(framing["content-length"]) if "content-length" in framing and not chunked else None
+        if first_event is None and buf.find(b"data: ", header_end) >= 0:
+            first_event = now
+        payload = buf[header_end + 4:]
+        if (length is not None and len(payload) >= length) or (
+                chunked and payload.endswith(b"\r\n\r\n") and dechunk(payload)[1]):
+            break
     head_bytes, _, payload = buf.partition(b"\r\n\r\n")
     lines = head_bytes.decode("latin-1").split("\r\n")
     if first_byte is None or not lines[0].startswith("HTTP/1.1 "):
         raise BenchmarkError(f"no HTTP response from port {port}")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return Reply(int(lines[0].split()[1]), headers, payload, first_byte, first_event)
+    headers = _headers(head_bytes)
+    if keep_alive and headers.get("connection", "").lower() == "close":
+        raise BenchmarkError(f"port {port} closed a connection the client meant to keep alive")
+    return Reply(int(lines[0].split()[1]), headers, dechunk(payload)[0] if chunked else payload, first_byte,
+                 first_event)
 
 
-def stream_ttfb(direct_port: int, proxy_port: int, bodies: list[tuple[bytes, bytes]]) -> dict[str, float | int]:
-    """Median added first-byte and first-event time of streamed misses through the proxy, in milliseconds.
+def _headers(head: bytes) -> dict[str, str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
-    Each pair of *bodies* is one distinct request for upstream and one for the proxy, sent alternately so
-    drift hits both sides alike. Raises BenchmarkError when a stream is not a complete SSE miss.
+
+def post_timed(port: int, path: str, body: bytes, timeout_s: float = 10.0) -> Reply:
+    """POST over a raw socket connected beforehand with ``Connection: close``, timing first byte and first event."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _exchange(sock, port, path, body, keep_alive=False)
+
+
+class KeptAlive:
+    """One persistent HTTP/1.1 connection to a port on 127.0.0.1, for timed POSTs one after another."""
+
+    def __init__(self, port: int, timeout_s: float = 10.0) -> None:
+        self.port = port
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, path: str, body: bytes) -> Reply:
+        return _exchange(self._sock, self.port, path, body, keep_alive=True)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def stream_ttfb(ports: dict[str, int], bodies: list[dict[str, bytes]], kept_alive: bool,
+                warm: int = 3) -> dict[str, dict[str, float]]:
+    """Median first-byte and first-event times of streamed misses per side, in milliseconds; for every side but
+    the first (upstream itself), also the median of its per-round differences to the first (``*_added_ms``).
+
+    *ports* maps side -> port, upstream first. Each item of *bodies* is one round, a distinct body per side; the
+    sides take turns in an order that rotates each round, so drift hits all alike. Each request opens a new
+    connection, or with *kept_alive* each side has one connection for every round. The first *warm* rounds warm
+    connections, imports and pools and are not counted. Raises BenchmarkError when a stream is not a complete
+    SSE miss.
     """
-    byte_direct, byte_proxy, event_direct, event_proxy = [], [], [], []
-    for direct_body, proxy_body in bodies:
-        direct = post_timed(direct_port, "/v1/chat/completions", direct_body)
-        via = post_timed(proxy_port, "/v1/chat/completions", proxy_body)
-        for reply, side in ((direct, "upstream"), (via, "proxy")):
-            if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
-                raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
-        if via.headers.get("x-cache") != "MISS":
-            raise BenchmarkError(f"streamed request via proxy was not a miss (X-Cache: {via.headers.get('x-cache')})")
-        byte_direct.append(direct.first_byte_s)
-        byte_proxy.append(via.first_byte_s)
-        event_direct.append(direct.first_event_s or 0.0)
-        event_proxy.append(via.first_event_s or 0.0)
+    sides = list(ports)
+    byte_s: dict[str, list[float]] = {side: [] for side in sides}
+    event_s: dict[str, list[float]] = {side: [] for side in sides}
+    conns = {side: KeptAlive(port) for side, port in ports.items()} if kept_alive else {}
+    try:
+        for round_index, round_bodies in enumerate(bodies):
+            for side in rounds.order(sides, round_index):
+                reply = (conns[side].post(CHAT, round_bodies[side]) if kept_alive
+                         else post_timed(ports[side], CHAT, round_bodies[side]))
+                if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
+                    raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
+                if side != sides[0] and reply.headers.get("x-cache") != "MISS":
+                    raise BenchmarkError(f"streamed request via {side} was not a miss "
+                                         f"(X-Cache: {reply.headers.get('x-cache')})")
+                if round_index >= warm:
+                    byte_s[side].append(reply.first_byte_s)
+                    event_s[side].append(reply.first_event_s)
+    finally:
+        for conn in conns.values():
+            conn.close()
     ms = 1000.0
-    return {
-        "samples": len(bodies),
-        "first_event_direct_ms": statistics.median(event_direct) * ms,
-        "first_event_proxy_ms": statistics.median(event_proxy) * ms,
-        "first_event_added_ms": statistics.median(p - d for p, d in zip(event_proxy, event_direct, strict=True)) * ms,
-        "first_byte_direct_ms": statistics.median(byte_direct) * ms,
-        "first_byte_proxy_ms": statistics.median(byte_proxy) * ms,
-        "first_byte_added_ms": statistics.median(p - d for p, d in zip(byte_proxy, byte_direct, strict=True)) * ms,
-    }
+    out: dict[str, dict[str, float]] = {}
+    for side in sides:
+        out[side] = {"first_event_ms": statistics.median(event_s[side]) * ms,
+                     "first_byte_ms": statistics.median(byte_s[side]) * ms}
+        if side != sides[0]:
+            for key, times in (("first_event", event_s), ("first_byte", byte_s)):
+                out[side][f"{key}_added_ms"] = statistics.median(
+                    p - d for p, d in zip(times[side], times[sides[0]], strict=True)) * ms
+    return out
 
 
 async def _fill_pass(port: int, bodies: list[bytes], concurrency: int) -> Counter[str]:

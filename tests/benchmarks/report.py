@@ -1,21 +1,26 @@
-"""Turn a run's results into Markdown tables and a target check."""
+"""Turn a run's results into Markdown tables and a target check; ``python report.py FILE.json`` renders a file."""
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-HIT_WORKLOADS = ("hit", "stream", "embeddings")
-MIB_KIB = 1024
+import rounds
+from figures import HIT_WORKLOADS, MIB_KIB, gap_split, ratios, targets, ttfb
+
+# kept-alive TTFB side -> (its name, what it adds over the side before it)
+TTFB_STEPS = (("relay", "bare aiohttp relay", "aiohttp server, client session and stream copy"),
+              ("off", "proxy, CACHE_BACKEND=off", "+ the proxy's own miss path: key, plan, headers, recording"),
+              ("memory", "proxy, CACHE_BACKEND=memory", "+ in-process lookup"),
+              ("redis", "proxy, CACHE_BACKEND=redis", "+ Redis lookup (in-process tier, then a Redis GET)"))
 
 
-def _rps(run: dict[str, Any]) -> float:
-    return float(run["wrk"]["requests_per_s"])
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "-"
+class ResultsFormatError(ValueError):
+    """A results file lacks what the report needs (not one this benchmark wrote, or from a much older one)."""
 
 
 def _row(cells: Sequence[object]) -> str:
@@ -26,83 +31,44 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
 
 
-def _ms(run: dict[str, Any], key: str) -> str:
-    return f"{run['wrk'][key]:.3f}"
+def _spread(s: Mapping[str, float], fmt: str) -> str:
+    """``median (min-max)``, or only the value when there was one round."""
+    if s["min"] == s["max"]:
+        return format(s["median"], fmt)
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
 
-def _cpu(run: dict[str, Any], role: str) -> str:
+def _wrk(entry: Mapping[str, Any] | None, key: str, fmt: str = ".3f") -> str:
+    return _spread(rounds.wrk_spread(entry, key), fmt) if entry is not None else "-"
+
+
+def _ratio(top: Mapping[str, Any] | None, bottom: Mapping[str, Any] | None) -> str:
+    return _spread(rounds.ratio(top, bottom), ".2f") if top is not None and bottom is not None else "-"
+
+
+def _cpu(run: Mapping[str, Any], role: str) -> str:
     return f"{run['cpu_us_per_request'][role]:.1f}"
 
 
-def _noise(label: str, run: dict[str, Any]) -> list[str]:
-    other = run.get("server_core_other", 0.0)
-    return [f"- {label}: {other:.0%} of the server core went to other processes; noisy"] if other > 0.05 else []
+def _noise(label: str, entry: Mapping[str, Any]) -> list[str]:
+    notes = []
+    for i, run in enumerate(rounds.runs_of(entry)):
+        other = run.get("server_core_other", 0.0)
+        if other > 0.05:
+            notes.append(f"- {label} (round {i + 1}): {other:.0%} of the server core went to other processes; noisy")
+    return notes
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target with its measured value and whether it was met; absent measurements are skipped."""
-    checks: list[dict[str, Any]] = []
-
-    def check(name: str, value: float, goal: str, met: bool, unit: str = "") -> None:
-        checks.append({"target": name, "measured": round(value, 4), "unit": unit, "goal": goal, "met": met})
-
-    hits = results.get("hits", {})
-    for workload in HIT_WORKLOADS:
-        if f"{workload}/64/proxy" not in hits:
-            continue
-        busy, idle = hits[f"{workload}/64/proxy"], hits[f"{workload}/1/proxy"]
-        ratio = _rps(busy) / _rps(hits[f"{workload}/64/nginx"])
-        check(f"{workload}: req/s vs nginx, 64 conns", ratio, ">= 0.35", ratio >= 0.35, "x")
-        check(f"{workload}: p99, 64 conns", busy["wrk"]["p99_ms"], "< 5", busy["wrk"]["p99_ms"] < 5, "ms")
-        check(f"{workload}: p50, 1 conn", idle["wrk"]["p50_ms"], "< 0.3", idle["wrk"]["p50_ms"] < 0.3, "ms")
-    misses = results.get("misses", {})
-    if "miss/64/proxy" in misses:
-        ratio = _rps(misses["miss/64/proxy"]) / _rps(misses["miss/64/nginx"])
-        check("miss: req/s vs nginx, 64 conns", ratio, ">= 0.8", ratio >= 0.8, "x")
-    if "stream_ttfb" in results:
-        added = results["stream_ttfb"]["first_event_added_ms"]
-        check("stream miss: first event added", added, "<= 1", added <= 1, "ms")
-    if "working_set" in results:
-        peak = results["working_set"]["memory_kib"]["VmHWM"] / MIB_KIB
-        check("peak RSS (VmHWM)", peak, "< 60", peak < 60, "MiB")
-    if results.get("startup_s"):
-        median = statistics.median(results["startup_s"])
-        check("start to first /healthz 200 (median)", median, "< 0.5", median < 0.5, "s")
-    return checks
-
-
-def gap_split(results: dict[str, Any], conns: int = 64) -> dict[str, dict[str, float]]:
-    """Per hit workload, the proxy's CPU per request above nginx's, split at the aiohttp floor's.
-
-    ``aiohttp_us`` is the floor's CPU per request above nginx's (what aiohttp costs on its own), ``proxy_us`` the
-    proxy's above the floor's (what its logic adds); ``aiohttp_share`` is the first over the whole gap.
-    Workloads without a floor run are left out.
-    """
-    hits = results.get("hits", {})
-    split: dict[str, dict[str, float]] = {}
-    for workload in HIT_WORKLOADS:
-        runs = [hits.get(f"{workload}/{conns}/{name}") for name in ("proxy", "nginx", "floor")]
-        if any(run is None for run in runs):
-            continue
-        proxy, nginx, floor = (float(run["cpu_us_per_request"][name])
-                               for run, name in zip(runs, ("proxy", "nginx", "floor"), strict=True))
-        gap = proxy - nginx
-        split[workload] = {"gap_us": gap, "aiohttp_us": floor - nginx, "proxy_us": proxy - floor,
-                           "aiohttp_share": (floor - nginx) / gap if gap > 0 else 0.0}
-    return split
-
-
-def _hits(results: dict[str, Any]) -> list[str]:
+def _hits(results: Mapping[str, Any]) -> list[str]:
     hits = results["hits"]
-    speed, cpu, notes = [], [], []
+    speed, latency, cpu, notes = [], [], [], []
     for workload in HIT_WORKLOADS:
         for conns in (64, 1):
             p, n = hits[f"{workload}/{conns}/proxy"], hits[f"{workload}/{conns}/nginx"]
             f = hits.get(f"{workload}/{conns}/floor")
-            floor = [f"{_rps(f):.0f}", _ratio(_rps(p), _rps(f)), _ms(f, "p50_ms"), _ms(f, "p99_ms")] if f else ["-"] * 4
-            speed.append([workload, conns, f"{_rps(p):.0f}", f"{_rps(n):.0f}", floor[0], _ratio(_rps(p), _rps(n)),
-                          floor[1], _ms(p, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p50_ms"), _ms(n, "p99_ms"),
-                          floor[2], floor[3]])
+            speed.append([workload, conns, _wrk(p, "requests_per_s", ".0f"), _wrk(n, "requests_per_s", ".0f"),
+                          _wrk(f, "requests_per_s", ".0f"), _ratio(p, n), _ratio(p, f)])
+            latency.append([workload, conns, *(_wrk(run, key) for run in (p, n, f) for key in ("p50_ms", "p99_ms"))])
             cpu.append([workload, conns, _cpu(p, "proxy"), _cpu(n, "nginx"), _cpu(f, "floor") if f else "-",
                         f"{p['core_busy']['proxy']:.0%}", f"{n['core_busy']['nginx']:.0%}",
                         f"{f['core_busy']['floor']:.0%}" if f else "-"])
@@ -121,50 +87,72 @@ def _hits(results: dict[str, Any]) -> list[str]:
              f"({s['aiohttp_share']:.0%}) and the proxy's own work {s['proxy_us']:.1f} µs"
              for workload, s in gap_split(results).items()]
     if split:
-        split = ["CPU per hit the proxy spends above nginx at 64 conns, split at the aiohttp floor:", "", *split, ""]
-    return ["## Cache hits", "", *_table(
-        ["workload", "conns", "proxy req/s", "nginx req/s", "floor req/s", "proxy/nginx", "proxy/floor",
-         "proxy p50 ms", "proxy p99 ms", "nginx p50 ms", "nginx p99 ms", "floor p50 ms", "floor p99 ms"], speed),
-        "", *_table(["workload", "conns", "proxy CPU µs/req", "nginx CPU µs/req", "floor CPU µs/req",
-                     "proxy core busy", "nginx core busy", "floor core busy"], cpu), "", *split, *notes]
+        split = ["CPU per hit the proxy spends above nginx at 64 conns (medians), split at the aiohttp floor:", "",
+                 *split, ""]
+    return ["## Cache hits", "", _rounds_line(results, "req/s"), "", *_table(
+        ["workload", "conns", "proxy req/s", "nginx req/s", "floor req/s", "proxy/nginx", "proxy/floor"], speed),
+        "", "Latency in ms, median over the rounds of each run's percentile (min-max):", "", *_table(
+        ["workload", "conns", "proxy p50", "proxy p99", "nginx p50", "nginx p99", "floor p50", "floor p99"],
+        latency), "", "CPU per request and core busy, median over the rounds:", "",
+        *_table(["workload", "conns", "proxy CPU µs/req", "nginx CPU µs/req", "floor CPU µs/req",
+                 "proxy core busy", "nginx core busy", "floor core busy"], cpu), "", *split, *notes]
 
 
-def _misses(results: dict[str, Any]) -> list[str]:
+def _rounds_line(results: Mapping[str, Any], what: str) -> str:
+    count = results["environment"].get("rounds")
+    if count is None:
+        return (f"{what} of one run per server (a result file from before interleaved rounds: no spread, "
+                "ratios of single runs):")
+    return (f"{what}, median of {count} interleaved rounds (min-max); each ratio is computed within a round, "
+            "then its median (min-max) is shown:")
+
+
+def _misses(results: Mapping[str, Any]) -> list[str]:
     misses = results["misses"]
-    rows = []
+    speed, rest = [], []
     for conns in (64, 1):
         p, n, u = (misses[f"miss/{conns}/{name}"] for name in ("proxy", "nginx", "upstream"))
         stored = p["redis_keys_added"] / max(p["wrk"]["requests"], 1)
-        rows.append([conns, f"{_rps(p):.0f}", f"{_rps(n):.0f}", f"{_rps(u):.0f}", _ratio(_rps(p), _rps(n)),
-                     _ms(p, "p50_ms"), _ms(n, "p50_ms"), _ms(u, "p50_ms"), _ms(p, "p99_ms"), _ms(n, "p99_ms"),
-                     _ms(u, "p99_ms"), _cpu(p, "proxy"), _cpu(n, "nginx"), f"{stored:.2f}"])
+        speed.append([conns, _wrk(p, "requests_per_s", ".0f"), _wrk(n, "requests_per_s", ".0f"),
+                      _wrk(u, "requests_per_s", ".0f"), _ratio(p, n)])
+        rest.append([conns, *(_wrk(run, key) for key in ("p50_ms", "p99_ms") for run in (p, n, u)),
+                     _cpu(p, "proxy"), _cpu(n, "nginx"), f"{stored:.2f}"])
     notes = [line for key, run in misses.items() if not key.endswith("upstream") for line in _noise(key, run)]
     for conns in (64, 1):
         run = misses[f"miss/{conns}/proxy"]
         stored = run["redis_keys_added"] / max(run["wrk"]["requests"], 1)
         if stored < 0.9 and not results["environment"]["calibrate"]:
             notes.append(f"- miss/{conns}/proxy: only {stored:.0%} of the misses were written to Redis")
-    p, n, u = (misses[f"miss/1/{name}"] for name in ("proxy", "nginx", "upstream"))
-    added_p = p["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
-    added_n = n["wrk"]["p50_ms"] - u["wrk"]["p50_ms"]
-    return ["## Cache misses (a new body every request)", "", *_table(
-        ["conns", "proxy req/s", "nginx req/s", "upstream direct req/s", "proxy/nginx", "proxy p50 ms",
-         "nginx p50 ms", "direct p50 ms", "proxy p99 ms", "nginx p99 ms", "direct p99 ms", "proxy CPU µs/req",
-         "nginx CPU µs/req", "Redis keys added per request"], rows), "",
-        f"Latency added over calling upstream directly (p50, 1 conn): proxy {added_p:.3f} ms, nginx {added_n:.3f} ms.",
-        *notes]
+    p, n, u = (rounds.runs_of(misses[f"miss/1/{name}"]) for name in ("proxy", "nginx", "upstream"))
+    added_p = statistics.median(a["wrk"]["p50_ms"] - b["wrk"]["p50_ms"] for a, b in zip(p, u, strict=True))
+    added_n = statistics.median(a["wrk"]["p50_ms"] - b["wrk"]["p50_ms"] for a, b in zip(n, u, strict=True))
+    return ["## Cache misses (a new body every request)", "", _rounds_line(results, "req/s"), "", *_table(
+        ["conns", "proxy req/s", "nginx req/s", "upstream direct req/s", "proxy/nginx"], speed), "", *_table(
+        ["conns", "proxy p50 ms", "nginx p50 ms", "direct p50 ms", "proxy p99 ms", "nginx p99 ms", "direct p99 ms",
+         "proxy CPU µs/req", "nginx CPU µs/req", "Redis keys added per request"], rest), "",
+        "Latency added over calling upstream directly (p50, 1 conn; median of the per-round differences): "
+        f"proxy {added_p:.3f} ms, nginx {added_n:.3f} ms.", *notes]
 
 
-def _other(results: dict[str, Any]) -> list[str]:
+def _other(results: Mapping[str, Any]) -> list[str]:
     lines = ["## Stream, memory, start-up", ""]
     rows: list[list[object]] = []
+    breakdown: list[str] = []
     if "stream_ttfb" in results:
-        t = results["stream_ttfb"]
-        rows.append([f"streamed miss, first SSE event (median of {t['samples']})",
-                     f"{t['first_event_direct_ms']:.2f} ms direct, {t['first_event_proxy_ms']:.2f} ms via proxy",
-                     f"{t['first_event_added_ms']:.3f} ms added"])
-        rows.append(["streamed miss, first response byte", f"{t['first_byte_direct_ms']:.2f} ms direct, "
-                     f"{t['first_byte_proxy_ms']:.2f} ms via proxy", f"{t['first_byte_added_ms']:.3f} ms added"])
+        t = ttfb(results)
+        for label, key in (("new connection per request", "new_connection"),
+                           ("one kept-alive connection per side", "kept_alive")):
+            if key not in t:
+                continue
+            direct, proxy = t[key]["direct"], t[key]["proxy"]
+            rows.append([f"streamed miss, first SSE event, {label} (median of {t['samples']})",
+                         f"{direct['first_event_ms']:.2f} ms direct, {proxy['first_event_ms']:.2f} ms via proxy",
+                         f"{proxy['first_event_added_ms']:.3f} ms added"])
+            rows.append([f"streamed miss, first response byte, {label}",
+                         f"{direct['first_byte_ms']:.2f} ms direct, {proxy['first_byte_ms']:.2f} ms via proxy",
+                         f"{proxy['first_byte_added_ms']:.3f} ms added"])
+        if "kept_alive_backends" in t:
+            breakdown = _ttfb_breakdown(t["kept_alive_backends"], t["samples"])
     if "working_set" in results:
         w = results["working_set"]
         rows.append([f"working set of {w['entries']} bodies, sent twice",
@@ -178,23 +166,49 @@ def _other(results: dict[str, Any]) -> list[str]:
         s = results["startup_s"]
         rows.append([f"process start to first /healthz 200 ({len(s)} starts)", f"median {statistics.median(s):.3f} s",
                      f"min {min(s):.3f} s, max {max(s):.3f} s"])
-    return lines + _table(["measure", "value", "detail"], rows)
+    return lines + _table(["measure", "value", "detail"], rows) + breakdown
 
 
-def _scaling(results: dict[str, Any]) -> list[str]:
+def _ttfb_breakdown(sides: Mapping[str, Mapping[str, float]], samples: int) -> list[str]:
+    """Kept-alive first-event time added by a bare aiohttp relay and by the proxy per ``CACHE_BACKEND``, and what
+    each step adds over the one before."""
+    rows, before = [], 0.0
+    for side, name, step in TTFB_STEPS:
+        if side not in sides:
+            continue
+        added = sides[side]["first_event_added_ms"]
+        rows.append([name, f"{sides[side]['first_event_ms']:.3f}", f"{added:.3f}",
+                     f"{sides[side]['first_byte_added_ms']:.3f}", step, f"{added - before:+.3f}"])
+        before = added
+    if len(rows) < 2:
+        return []
+    return ["", f"### Streamed miss over kept-alive connections, step by step (median of {samples} rounds)", "",
+            f"Direct to upstream: first event {sides['direct']['first_event_ms']:.3f} ms. All sides take turns in "
+            "rotating order; each added time is the median of the per-round differences to direct.", "",
+            *_table(["via", "first event ms", "first event added ms", "first byte added ms", "step",
+                     "step adds ms"], rows)]
+
+
+def _scaling(results: Mapping[str, Any]) -> list[str]:
     s = results["scaling"]
     head = [f"## Worker scaling (hit, 64 conns; {s['workers']} workers on cores {s['cores']}, wrk on core "
             f"{s['load_core']}: with 2 cores the load generator shares a core with a worker)", ""]
     if "error" in s:
         return [*head, f"not measured: {s['error']}"]
-    one_p, one_n = results["hits"]["hit/64/proxy"], results["hits"]["hit/64/nginx"]
-    rows = [[1, f"{_rps(one_p):.0f}", f"{_rps(one_n):.0f}", _ratio(_rps(one_p), _rps(one_n)), "1.00"],
-            [s["workers"], f"{_rps(s['proxy']):.0f}", f"{_rps(s['nginx']):.0f}",
-             _ratio(_rps(s["proxy"]), _rps(s["nginx"])), _ratio(_rps(s["proxy"]), _rps(one_p))]]
-    return head + _table(["workers", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy speed-up"], rows)
+    one_p = s.get("proxy_one_worker", results["hits"]["hit/64/proxy"])
+    one_n = s.get("nginx_one_worker", results["hits"]["hit/64/nginx"])
+    speed_up = ratios(results)["scaling"]["speed-up"]
+    rows = [[1, _wrk(one_p, "requests_per_s", ".0f"), _wrk(one_n, "requests_per_s", ".0f"), _ratio(one_p, one_n),
+             "1.00"],
+            [s["workers"], _wrk(s["proxy"], "requests_per_s", ".0f"), _wrk(s["nginx"], "requests_per_s", ".0f"),
+             _ratio(s["proxy"], s["nginx"]), _spread(speed_up, ".2f")]]
+    where = ("the one-worker rows ran in the same rounds" if "proxy_one_worker" in s
+             else "the one-worker rows are the hit runs")
+    return [*head, _rounds_line(results, "req/s") + f" {where}.", "",
+            *_table(["workers", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy speed-up"], rows)]
 
 
-def _profile(results: dict[str, Any]) -> list[str]:
+def _profile(results: Mapping[str, Any]) -> list[str]:
     profile = results["profile"]
     if "error" in profile:
         return ["## Profile", "", f"not taken: {profile['error']}"]
@@ -208,19 +222,31 @@ def _profile(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _log(results: dict[str, Any]) -> list[str]:
+def _log(results: Mapping[str, Any]) -> list[str]:
     found = results["proxy_log"]
     lines = [f"## Proxy log: {found['warning']} warnings, {found['error']} errors", ""]
     return lines + [f"- `{line}`" for line in found["first"]]
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The whole report: environment line, hit, miss, stream/memory/start-up, scaling and target tables."""
+def markdown(results: Mapping[str, Any]) -> str:
+    """The whole report: environment line, hit, miss, stream/memory/start-up, scaling and target tables.
+
+    Raises ResultsFormatError when *results* lacks a part the report needs.
+    """
+    try:
+        return _markdown(results)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResultsFormatError(f"cannot render these results: {type(exc).__name__} {exc}") from exc
+
+
+def _markdown(results: Mapping[str, Any]) -> str:
     env = results["environment"]
     who = "a second nginx (calibration run)" if env["calibrate"] else "the proxy"
+    runs = (f"{env['rounds']} interleaved rounds of {env['duration_s']} s wrk runs" if "rounds" in env
+            else f"{env['duration_s']} s per wrk run, one run per server")
     lines = [f"# Benchmark: {who} vs nginx proxy_cache", "",
              f"commit {env['commit']}, {env['cpu']} x{env['cores']}, Python {env['python']}, {env['nginx']}, "
-             f"{env['wrk']}, {env['redis']}; {env['duration_s']} s per wrk run; servers on core "
+             f"{env['wrk']}, {env['redis']}; {runs}; servers on core "
              f"{env['server_core']}, wrk/Redis/upstream on core {env['load_core']}. Busy before the run: "
              + ", ".join(f"core {c} {b:.0%}" for c, b in env.get("cores_busy_before_start", {}).items()) + ".", ""]
     for sections, render in ((("hits",), _hits), (("misses",), _misses),
@@ -233,3 +259,21 @@ def markdown(results: dict[str, Any]) -> str:
         [c["target"], f"{c['measured']:.3f} {c['unit']}", f"{c['goal']} {c['unit']}", "yes" if c["met"] else "NO"]
         for c in checks])]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Print the report of a results file; 1 with the reason when it cannot be rendered."""
+    if len(argv) != 1:
+        print("usage: python report.py RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    try:
+        print(markdown(json.loads(path.read_text())))
+    except (OSError, ValueError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """Benchmark the proxy against nginx ``proxy_cache`` in one run; every process is started and stopped here.
 
-    python tests/benchmarks/run.py [--quick] [--duration S] [--workers N] [--profile] [--keep] [--calibrate]
+    python tests/benchmarks/run.py [--quick] [--duration S] [--rounds N] [--workers N] [--profile] [--keep]
+                                   [--calibrate]
 
 See README.md beside this file for what is measured, how, and the targets.
 """
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+import figures
 import harness
 import phases
 import report
@@ -43,7 +45,8 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
         "commit": commit + ("+dirty" if dirty else ""), "cpu": cpu, "cores": os.cpu_count(),
         "python": sys.version.split()[0], "wrk": harness.tool_version(["wrk", "--version"]).split(" Copyright")[0],
         "nginx": harness.tool_version(["nginx", "-v"]), "redis": redis,
-        "duration_s": args.duration, "quick": args.quick, "calibrate": args.calibrate, "log_level": args.log_level,
+        "duration_s": args.duration, "rounds": args.rounds, "quick": args.quick, "calibrate": args.calibrate,
+        "log_level": args.log_level,
         "server_core": SERVER_CORE, "load_core": LOAD_CORE,
     }
 
@@ -51,7 +54,9 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark the proxy against nginx proxy_cache.")
     parser.add_argument("--quick", action="store_true", help="1 s per run and smaller samples (a smoke run)")
-    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 10, or 1 with --quick)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 4, or 1 with --quick)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the hit, miss and scaling runs (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="proxy workers for the scaling run; 1 skips it")
     parser.add_argument("--profile", action="store_true",
                         help="after the measured runs, sample the proxy with py-spy under the hit and miss loads")
@@ -60,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="put a second nginx where the proxy goes: every ratio should come out near 1.0")
     parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL given to the proxy (default WARNING)")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (1 if args.quick else 10)
+    args.duration = args.duration or (1 if args.quick else 4)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if max(idle_busy.values()) > 0.1:
         print(f"warning: the machine is busy before the run starts ({idle_busy}); numbers will be noisy",
               flush=True)
-    print(f"scratch dir {bench.tmp}; {args.duration} s per wrk run", flush=True)
+    print(f"scratch dir {bench.tmp}; {args.rounds} rounds of {args.duration} s wrk runs", flush=True)
     try:
         setup(bench)
         rss = bench.results["proxy_rss_kib"] = {"start": harness.memory_kib(bench.pids["proxy"])["VmRSS"]}
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         for cache in bench.tmp.glob("*/cache"):
             shutil.rmtree(cache, ignore_errors=True)
     print(report.markdown(bench.results))
-    bench.results["targets"] = report.targets(bench.results)
+    bench.results["ratios"] = figures.ratios(bench.results)
+    bench.results["targets"] = figures.targets(bench.results)
     out = bench.out_prefix.with_suffix(".json")
     out.write_text(json.dumps(bench.results, indent=2) + "\n")
     if args.keep:

@@ -63,8 +63,9 @@ def start_nginx(bench: Bench, name: str, conf: str, root: Path, cores: str, work
 
 
 def start_proxy(bench: Bench, name: str, upstream_port: int, workers: int = 1,
-                cores: str = str(SERVER_CORE)) -> tuple[Service, int, float]:
-    """Start the proxy (or, with --calibrate, a second nginx reference) and wait for ``/healthz``.
+                cores: str = str(SERVER_CORE), backend: str = "redis") -> tuple[Service, int, float]:
+    """Start the proxy with ``CACHE_BACKEND=backend`` (or, with --calibrate, a second nginx reference) and wait
+    for ``/healthz``.
 
     Returns the service, its port, and seconds from process start to the first 200.
     """
@@ -77,7 +78,7 @@ def start_proxy(bench: Bench, name: str, upstream_port: int, workers: int = 1,
         env = {k: v for k, v in os.environ.items() if k not in ("PROXY_CONFIG", "PROXY_WORKERS")}
         env.update(PYTHONPATH=str(REPO), PROXY_HOST="127.0.0.1", PROXY_PORT=str(port),
                    UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1", OPENAI_API_KEY="sk-bench",
-                   REDIS_URL=f"redis://127.0.0.1:{bench.ports['redis']}/0", CACHE_BACKEND="redis",
+                   REDIS_URL=f"redis://127.0.0.1:{bench.ports['redis']}/0", CACHE_BACKEND=backend,
                    CACHE_NAMESPACE=f"bench-{bench.run_id}-{name}", CACHE_TTL="3600",
                    LOG_LEVEL=bench.args.log_level)
         argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
@@ -88,9 +89,9 @@ def start_proxy(bench: Bench, name: str, upstream_port: int, workers: int = 1,
 
 
 def run_wrk(script: str, port: int, connections: int, duration_s: int, watch: dict[str, int],
-            script_args: tuple[str, ...] = ()) -> dict[str, object]:
+            script_args: tuple[str, ...] = (), label: str | None = None) -> dict[str, object]:
     """One wrk run on the load core; CPU seconds over the run of each watched process tree (role -> pid, the
-    server under load first).
+    server under load first). *label* names the server in the progress line (default: its role).
 
     Raises BenchmarkError when wrk fails or reports any non-2xx response or socket error.
     """
@@ -111,7 +112,7 @@ def run_wrk(script: str, port: int, connections: int, duration_s: int, watch: di
         raise BenchmarkError(f"wrk {script} on port {port}: {exc}\n{done.stdout}\n{done.stderr}") from None
     if result.errors:
         raise BenchmarkError(f"wrk {script} on port {port} saw errors:\n{done.stdout}")
-    print(f"  {script:<15} {next(iter(watch)):<9} c={connections:<3} {result.requests_per_s:>9.0f} req/s "
+    print(f"  {script:<15} {label or next(iter(watch)):<16} c={connections:<3} {result.requests_per_s:>9.0f} req/s "
           f"p50={result.p50_ms:.3f}ms p99={result.p99_ms:.3f}ms", flush=True)
     return {"wrk": asdict(result), "wall_s": wall_s, "cpu_s": cpu,
             "cpu_us_per_request": {role: s * 1e6 / max(result.requests, 1) for role, s in cpu.items()},

@@ -1,12 +1,14 @@
-"""The report's hit tables and the aiohttp floor comparison, on made-up results."""
+"""The report's tables, rounds and ratios, the aiohttp floor comparison and the TTFB breakdown, on made-up results."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+import rounds
+from figures import HIT_WORKLOADS, gap_split, ratios, targets
 from probes import differing_headers
-from report import HIT_WORKLOADS, gap_split, markdown
+from report import ResultsFormatError, markdown
 
 ENVIRONMENT = {"commit": "abc1234", "cpu": "Test CPU", "cores": 2, "python": "3.11.7", "nginx": "nginx/1.22.1",
                "wrk": "wrk 4.1.0", "redis": "Redis 7.0.15", "duration_s": 10, "server_core": 0, "load_core": 1,
@@ -29,10 +31,34 @@ def _results(servers: tuple[str, ...] = ("proxy", "nginx", "floor")) -> dict[str
     return {"environment": ENVIRONMENT, "hits": hits}
 
 
+def _wrk_run(role: str, rps: float, p50: float, p99: float, cpu_us: float = 100.0) -> dict[str, Any]:
+    wrk = {"requests_per_s": rps, "latency_avg_ms": p50, "p50_ms": p50, "p75_ms": p50, "p90_ms": p99,
+           "p99_ms": p99, "latency_max_ms": p99 * 2, "requests": int(rps * 4), "duration_s": 4.0,
+           "bytes_read": 1000, "non_2xx": 0, "connect_errors": 0, "read_errors": 0, "write_errors": 0,
+           "timeouts": 0}
+    return {"wrk": wrk, "cpu_us_per_request": {role: cpu_us}, "core_busy": {role: 1.0}, "server_core_other": 0.0,
+            "upstream_requests": 0}
+
+
+def _rounds_results() -> dict[str, Any]:
+    """Three rounds in which the machine drifts: the per-round ratio stays 0.5 while each server's req/s moves."""
+    speeds = {"proxy": (5000.0, 8000.0, 6000.0), "nginx": (10000.0, 16000.0, 12000.0),
+              "floor": (6000.0, 9000.0, 7000.0)}
+    hits = {}
+    for workload in HIT_WORKLOADS:
+        for conns in (64, 1):
+            for name, rps in speeds.items():
+                runs = [_wrk_run(name, r, 1.0 + i, 4.0 + i) for i, r in enumerate(rps)]
+                hits[f"{workload}/{conns}/{name}"] = rounds.summarize(runs, body_identical_to_upstream=True)
+    return {"environment": {**ENVIRONMENT, "rounds": 3, "duration_s": 4}, "hits": hits}
+
+
 def test_floor_columns_and_ratio_show_when_the_floor_was_measured() -> None:
     text = markdown(_results())
-    assert "| hit | 64 | 10000 | 30000 | 10500 | 0.33 | 0.95 | 6.000 | 9.000 | 2.000 | 3.000 | 5.500 | 8.000 |" in text
+    assert "| hit | 64 | 10000 | 30000 | 10500 | 0.33 | 0.95 |" in text
+    assert "| hit | 64 | 6.000 | 9.000 | 2.000 | 3.000 | 5.500 | 8.000 |" in text
     assert "| hit | 64 | 100.0 | 30.0 | 94.0 | 100% | 100% | 100% |" in text
+    assert "one run per server" in text
 
 
 def test_gap_to_nginx_is_split_at_the_floor_when_all_three_ran() -> None:
@@ -49,7 +75,8 @@ def test_gap_to_nginx_is_split_at_the_floor_when_all_three_ran() -> None:
 def test_hit_tables_render_without_floor_when_the_results_predate_it() -> None:
     results = _results(("proxy", "nginx"))
     text = markdown(results)
-    assert "| hit | 64 | 10000 | 30000 | - | 0.33 | - | 6.000 | 9.000 | 2.000 | 3.000 | - | - |" in text
+    assert "| hit | 64 | 10000 | 30000 | - | 0.33 | - |" in text
+    assert "| hit | 64 | 6.000 | 9.000 | 2.000 | 3.000 | - | - |" in text
     assert gap_split(results) == {}
 
 
@@ -68,3 +95,100 @@ def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
     floor["content-type"] = "text/plain"
     floor["x-extra"] = "1"
     assert differing_headers(proxy, floor) == ["age", "content-type", "x-extra"]
+
+
+def test_servers_take_turns_first_when_rounds_rotate() -> None:
+    names = ["proxy", "nginx", "floor"]
+    assert [rounds.order(names, i) for i in range(4)] == [
+        ["proxy", "nginx", "floor"], ["floor", "proxy", "nginx"], ["nginx", "floor", "proxy"],
+        ["proxy", "nginx", "floor"]]
+
+
+def test_summary_keeps_medians_sums_and_rounds_when_runs_are_summarized() -> None:
+    runs = [_wrk_run("proxy", rps, p50, p99, cpu) for rps, p50, p99, cpu in
+            ((5000.0, 1.0, 3.0, 90.0), (8000.0, 2.0, 9.0, 120.0), (6000.0, 1.5, 4.0, 100.0))]
+    runs[1]["server_core_other"] = 0.2
+    entry = rounds.summarize(runs, body_identical_to_upstream=True)
+    assert entry["wrk"]["requests_per_s"] == 6000.0
+    assert (entry["wrk"]["p50_ms"], entry["wrk"]["p99_ms"]) == (1.5, 4.0)
+    assert entry["wrk"]["requests"] == 20000 + 32000 + 24000
+    assert entry["wrk"]["latency_max_ms"] == 18.0
+    assert entry["cpu_us_per_request"] == {"proxy": 100.0}
+    assert entry["server_core_other"] == 0.2
+    assert entry["spread"]["requests_per_s"] == {"min": 5000.0, "max": 8000.0}
+    assert entry["upstream_requests"] == 0 and entry["body_identical_to_upstream"] is True
+    assert entry["rounds"] == runs
+
+
+def test_ratio_is_taken_per_round_when_the_machine_drifts_between_rounds() -> None:
+    results = _rounds_results()
+    by_round = ratios(results)["hit/64"]["proxy/nginx"]
+    assert by_round["rounds"] == [0.5, 0.5, 0.5]
+    assert (by_round["median"], by_round["min"], by_round["max"]) == (0.5, 0.5, 0.5)
+    proxy_floor = ratios(results)["hit/64"]["proxy/floor"]
+    assert proxy_floor["rounds"] == pytest.approx([5000 / 6000, 8000 / 9000, 6000 / 7000])
+    assert proxy_floor["median"] == pytest.approx(6000 / 7000)
+
+
+def test_hit_tables_show_median_and_spread_when_there_are_rounds() -> None:
+    text = markdown(_rounds_results())
+    assert "median of 3 interleaved rounds" in text
+    assert "| hit | 64 | 6000 (5000-8000) | 12000 (10000-16000) | 7000 (6000-9000) | 0.50 | 0.86 (0.83-0.89) |" in text
+    assert "| hit | 64 | 2.000 (1.000-3.000) | 5.000 (4.000-6.000) |" in text
+    checks = {c["target"]: c for c in targets(_rounds_results())}
+    assert checks["hit: req/s vs nginx, 64 conns"]["measured"] == 0.5
+    assert checks["hit: p99, 64 conns"]["measured"] == 5.0
+
+
+def test_one_run_per_round_is_required_of_both_sides_when_a_ratio_is_taken() -> None:
+    results = _rounds_results()
+    results["hits"]["hit/64/nginx"]["rounds"].pop()
+    with pytest.raises(ValueError, match="3 rounds against 2"):
+        ratios(results)
+
+
+def test_report_says_it_cannot_render_when_a_part_is_missing() -> None:
+    results = _rounds_results()
+    del results["hits"]["stream/1/nginx"]
+    with pytest.raises(ResultsFormatError, match="cannot render"):
+        markdown(results)
+
+
+OLD_TTFB = {"samples": 60, "first_event_direct_ms": 20.84, "first_event_proxy_ms": 22.79,
+            "first_event_added_ms": 1.907, "first_byte_direct_ms": 0.40, "first_byte_proxy_ms": 2.28,
+            "first_byte_added_ms": 1.852}
+
+
+def _side(event_ms: float, added_ms: float | None = None) -> dict[str, float]:
+    side = {"first_event_ms": event_ms, "first_byte_ms": event_ms - 20.0}
+    if added_ms is not None:
+        side |= {"first_event_added_ms": added_ms, "first_byte_added_ms": added_ms}
+    return side
+
+
+def test_ttfb_renders_as_new_connection_when_the_file_predates_kept_alive() -> None:
+    text = markdown({"environment": ENVIRONMENT, "stream_ttfb": OLD_TTFB})
+    assert ("| streamed miss, first SSE event, new connection per request (median of 60) "
+            "| 20.84 ms direct, 22.79 ms via proxy | 1.907 ms added |") in text
+    assert "kept-alive" not in text
+    assert [c["target"] for c in targets({"stream_ttfb": OLD_TTFB})] == [
+        "stream miss: first event added, new connection"]
+
+
+def test_ttfb_breakdown_shows_each_backend_step_when_all_backends_ran() -> None:
+    backends = {"direct": _side(20.5), "relay": _side(20.8, 0.3), "redis": _side(21.4, 0.9),
+                "memory": _side(21.1, 0.6), "off": _side(21.0, 0.5)}
+    ttfb = {"samples": 60, "new_connection": {"direct": _side(20.8), "proxy": _side(22.7, 1.9)},
+            "kept_alive": {"direct": backends["direct"], "proxy": backends["redis"]},
+            "kept_alive_backends": backends}
+    text = markdown({"environment": ENVIRONMENT, "stream_ttfb": ttfb})
+    assert "| streamed miss, first SSE event, one kept-alive connection per side (median of 60) " in text
+    assert ("| bare aiohttp relay | 20.800 | 0.300 | 0.300 | aiohttp server, client session and stream copy "
+            "| +0.300 |") in text
+    assert "| proxy, CACHE_BACKEND=off | 21.000 | 0.500 | 0.500 | + the proxy's own miss path" in text
+    assert "| proxy, CACHE_BACKEND=memory | 21.100 | 0.600 | 0.600 | + in-process lookup | +0.100 |" in text
+    assert ("| proxy, CACHE_BACKEND=redis | 21.400 | 0.900 | 0.900 | + Redis lookup (in-process tier, then a Redis "
+            "GET) | +0.300 |") in text
+    met = {c["target"]: c["met"] for c in targets({"stream_ttfb": ttfb})}
+    assert met == {"stream miss: first event added, new connection": False,
+                   "stream miss: first event added, kept-alive": True}
