@@ -13,7 +13,7 @@ import rounds
 from figures import HIT_WORKLOADS, MIB_KIB, gap_split, ratios, targets, ttfb
 
 # kept-alive TTFB side -> (its name, what it adds over the side before it)
-TTFB_STEPS = (("relay", "bare aiohttp relay", "aiohttp server, client session and stream copy"),
+TTFB_STEPS = (("relay", "bare aiohttp relay", "aiohttp server and client, stream copy"),
               ("off", "proxy, CACHE_BACKEND=off", "+ the proxy's own miss path: key, plan, headers, recording"),
               ("memory", "proxy, CACHE_BACKEND=memory", "+ in-process lookup"),
               ("redis", "proxy, CACHE_BACKEND=redis", "+ Redis lookup (in-process tier, then a Redis GET)"))

@@ -183,7 +183,7 @@ def test_ttfb_breakdown_shows_each_backend_step_when_all_backends_ran() -> None:
             "kept_alive_backends": backends}
     text = markdown({"environment": ENVIRONMENT, "stream_ttfb": ttfb})
     assert "| streamed miss, first SSE event, one kept-alive connection per side (median of 60) " in text
-    assert ("| bare aiohttp relay | 20.800 | 0.300 | 0.300 | aiohttp server, client session and stream copy "
+    assert ("| bare aiohttp relay | 20.800 | 0.300 | 0.300 | aiohttp server and client, stream copy "
             "| +0.300 |") in text
     assert "| proxy, CACHE_BACKEND=off | 21.000 | 0.500 | 0.500 | + the proxy's own miss path" in text
     assert "| proxy, CACHE_BACKEND=memory | 21.100 | 0.600 | 0.600 | + in-process lookup | +0.100 |" in text
