@@ -86,16 +86,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = NullStore()
     elif cache.backend == "memory":
         memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
-        metrics.memory_entries.set_function(lambda: len(memory))
+        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(memory))
         store = memory
     else:
         client = app.get(INJECTED_REDIS) or redis_client_for(settings)
         remote = RedisStore(client, op_timeout_s=settings.redis.op_timeout_s,
                             retry_after_s=settings.redis.retry_after_s, max_in_flight=settings.redis.max_connections)
         tiered = TieredStore(MemoryStore(cache.memory_max_entries, cache.memory_max_bytes), remote)
-        metrics.memory_entries.set_function(lambda: len(tiered.memory))
-        metrics.redis_errors.set_function(lambda: remote.errors)
-        metrics.redis_available.set_function(lambda: 1 if remote.available else 0)
+        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.",
+                      lambda: len(tiered.memory))
+        metrics.gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).",
+                      lambda: remote.errors)
+        metrics.gauge("llm_cache_redis_available", "1 while Redis is in use, 0 while the proxy serves without it.",
+                      lambda: 1 if remote.available else 0)
         store = tiered
         probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis.url))
     app[STORE] = store

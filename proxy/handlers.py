@@ -92,7 +92,7 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
         outcome = "BYPASS"
     metrics.count(route, outcome)
     if not leader:
-        metrics.coalesced.inc()
+        metrics.coalesced += 1
     log.debug("cache %s route=%s key=%s reason=%s", outcome, route, keyed.tag, plan.reason)
     return await flight.respond(request, (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)))
 
@@ -113,7 +113,7 @@ async def _read_body(request: web.Request, max_bytes: int) -> bytes:
 
 async def _open_upstream(request: web.Request, upstream: Upstream, method: str, route: str,
                          data: Any) -> aiohttp.ClientResponse:
-    counter = request.app[METRICS].upstream_responses
+    metrics = request.app[METRICS]
     # The path as the client encoded it: decoding would turn an escaped "?" or "/" into syntax.
     raw_path = request.rel_url.raw_path
     target = raw_path[4:] if raw_path.startswith("/v1/") else route
@@ -121,9 +121,9 @@ async def _open_upstream(request: web.Request, upstream: Upstream, method: str, 
         response = await send(request.app[SESSION], upstream, method, target, request.rel_url.raw_query_string,
                               request.headers, data)
     except ProxyError:
-        counter.labels(upstream.name, "error").inc()
+        metrics.count_upstream(upstream.name, "error")
         raise
-    counter.labels(upstream.name, f"{response.status // 100}xx").inc()
+    metrics.count_upstream(upstream.name, f"{response.status // 100}xx")
     return response
 
 
@@ -162,7 +162,7 @@ def _store_flight(app: web.Application, key: str, plan: CachePlan, flight: Fligh
     entry = CacheEntry(status=flight.status, headers=kept_headers(flight.headers), body=body,
                        is_stream=flight.is_stream, stored_at=now, expires_at=now + plan.ttl_s, usage=usage)
     app[STORE].put(key, entry)
-    app[METRICS].stores.inc()
+    app[METRICS].stores += 1
 
 
 def _scope(request: web.Request, settings: Settings, upstream: Upstream) -> str:

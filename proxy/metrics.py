@@ -1,54 +1,39 @@
-"""Prometheus metrics of one proxy process, in a registry of its own (one per app)."""
+"""Metrics of one proxy process: plain counters on the request path, Prometheus text when scraped."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
-
-OUTCOMES = ("HIT", "MISS", "BYPASS")
 # Chat and completions report prompt/completion tokens, the Responses API input/output tokens.
 _TOKEN_FIELDS = (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("input_tokens", "input"),
                  ("output_tokens", "output"))
 
-# The *_created series double the exposition for no use here.
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
 
 class Metrics:
-    """Counters for cache outcomes, upstream calls, Redis trouble and tokens saved.
+    """Counters for cache outcomes, upstream responses, stores, coalesced requests and tokens saved, plus
+    gauges read from the store when scraped.
 
-    Label values are route names, outcomes, upstream names and status classes: never keys, prompts or
-    credentials.
+    Every request updates plain integers: prometheus_client's own counters take a lock per increment, and
+    importing it is left to the first scrape (it is a measurable part of start-up). Label values are route
+    names, outcomes, upstream names and status classes: never keys, prompts or credentials.
     """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        # Counted on every request, hits included, so kept as plain integers and turned into metric families
-        # only when scraped: prometheus_client's counters take a lock per increment.
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.upstream_responses: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.tokens: defaultdict[str, int] = defaultdict(int)
-        self.registry.register(_HotCounters(self))
-        self.upstream_responses = Counter("llm_cache_upstream_responses",
-                                          "Upstream responses by upstream and status class (2xx, 4xx, 5xx, error).",
-                                          ("upstream", "status"), registry=self.registry)
-        self.stores = Counter("llm_cache_stores", "Responses written to the cache.", registry=self.registry)
-        self.coalesced = Counter("llm_cache_coalesced",
-                                 "Requests answered by joining an identical request already in flight.",
-                                 registry=self.registry)
-        self.redis_errors = Gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).",
-                                  registry=self.registry)
-        self.redis_available = Gauge("llm_cache_redis_available",
-                                     "1 while Redis is in use, 0 while the proxy serves without it.",
-                                     registry=self.registry)
-        self.memory_entries = Gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.",
-                                    registry=self.registry)
+        self.stores = 0
+        self.coalesced = 0
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def count(self, route: str, outcome: str) -> None:
         self.requests[(route, outcome)] += 1
+
+    def count_upstream(self, upstream: str, status: str) -> None:
+        """*status* is a class: ``2xx``, ``4xx``, ``5xx`` or ``error`` (no response)."""
+        self.upstream_responses[(upstream, status)] += 1
 
     def count_tokens(self, usage: Mapping[str, Any]) -> None:
         """Add a replayed answer's token usage to ``llm_cache_tokens_saved_total``."""
@@ -57,24 +42,46 @@ class Metrics:
             if type(value) is int and value > 0:
                 self.tokens[kind] += value
 
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Expose ``read()`` as gauge *name* at every scrape."""
+        self.gauges[name] = (help_text, read)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of everything above."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+        def families() -> list[Metric]:
+            requests = CounterMetricFamily("llm_cache_requests", "Proxied requests by route and cache outcome.",
+                                           labels=("route", "outcome"))
+            for labels, value in sorted(self.requests.items()):
+                requests.add_metric(labels, value)
+            upstream = CounterMetricFamily(
+                "llm_cache_upstream_responses",
+                "Upstream responses by upstream and status class (2xx, 4xx, 5xx, error).",
+                labels=("upstream", "status"))
+            for labels, value in sorted(self.upstream_responses.items()):
+                upstream.add_metric(labels, value)
+            tokens = CounterMetricFamily("llm_cache_tokens_saved",
+                                         "Tokens of upstream usage answered from the cache instead.",
+                                         labels=("kind",))
+            for kind, value in sorted(self.tokens.items()):
+                tokens.add_metric((kind,), value)
+            out: list[Metric] = [
+                requests, upstream, tokens,
+                CounterMetricFamily("llm_cache_stores", "Responses written to the cache.", value=self.stores),
+                CounterMetricFamily("llm_cache_coalesced",
+                                    "Requests answered by joining an identical request already in flight.",
+                                    value=self.coalesced),
+            ]
+            out.extend(GaugeMetricFamily(name, help_text, value=read())
+                       for name, (help_text, read) in self.gauges.items())
+            return out
 
-class _HotCounters:
-    """Exposes :attr:`Metrics.requests` and :attr:`Metrics.tokens` as Prometheus counters."""
+        class Snapshot:
+            def collect(self) -> list[Metric]:
+                return families()
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("llm_cache_requests", "Proxied requests by route and cache outcome.",
-                                       labels=("route", "outcome"))
-        for (route, outcome), count in sorted(self._metrics.requests.items()):
-            requests.add_metric((route, outcome), count)
-        yield requests
-        tokens = CounterMetricFamily("llm_cache_tokens_saved",
-                                     "Tokens of upstream usage answered from the cache instead.", labels=("kind",))
-        for kind, count in sorted(self._metrics.tokens.items()):
-            tokens.add_metric((kind,), count)
-        yield tokens
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Snapshot())
+        return generate_latest(registry)
