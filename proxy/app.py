@@ -10,7 +10,6 @@ import redis.asyncio as redis
 from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .cache_key import Memo
 from .config import DEFAULT_REDIS_URL, Settings
@@ -53,16 +52,16 @@ def redis_client_for(settings: Settings) -> redis.Redis:
 
     Only connecting has a socket deadline here; each whole operation gets its deadline from
     :class:`RedisStore`. redis-py implements a socket timeout with ``asyncio.wait_for`` around every write,
-    a task per command, which made up a tenth of a cache miss's CPU time. A connection error is retried
-    once, at once, because after a Redis restart every pooled connection is stale.
+    a task per command, which made up a tenth of a cache miss's CPU time. Retrying a stale connection is
+    :meth:`RedisStore._execute`'s job, so the client itself never retries: redis-py's default would retry
+    three times with backoff, inside the operation's deadline.
     """
     cfg = settings.redis
     # RedisStore admits at most max_connections operations at once, so this pool never runs dry; the plain
     # pool hands out connections several times cheaper than the blocking one.
     pool = redis.ConnectionPool.from_url(
         cfg.url, max_connections=cfg.max_connections, socket_connect_timeout=cfg.op_timeout_s,
-        socket_timeout=None, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=30,
+        socket_timeout=None, retry=Retry(NoBackoff(), 0),
     )
     if cfg.password:
         # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.

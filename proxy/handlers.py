@@ -182,8 +182,7 @@ def _canonical_query(request: web.Request) -> str:
 
 
 def _authorize(request: web.Request, settings: Settings) -> None:
-    if not settings.proxy_api_keys:
-        return
+    """Raise :class:`InvalidApiKey` unless the request carries one of ``settings.proxy_api_keys``."""
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
     token_bytes = token.encode()

@@ -51,6 +51,10 @@ class Flight:
         return self
 
     def body(self) -> bytes:
+        """The whole body received so far. A finished plain response is joined once, for every consumer and
+        the store; a stream keeps its chunks, which consumers still follow by index."""
+        if self.finished and not self.is_stream and len(self.chunks) > 1:
+            self.chunks = [b"".join(self.chunks)]
         return b"".join(self.chunks)
 
     async def _drive(self, opener: Opener) -> None:
