@@ -42,11 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"llm-cache-proxy: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    settings = replace(settings, host=args.host or settings.host, port=args.port or settings.port,
-                       workers=args.workers or settings.workers)
+    settings = replace(
+        settings,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers or settings.workers,
+    )
 
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
     _describe(settings)
     if settings.workers > 1:
         _supervise(settings)
@@ -59,12 +66,24 @@ def _describe(settings: Settings) -> None:
     # Host, port and db only: the URL may carry a password.
     redis_at = f"{redis_url.scheme}://{redis_url.hostname}:{redis_url.port or 6379}{redis_url.path}"
     for upstream in settings.upstreams:
-        log.info("upstream name=%s base_url=%s models=%s key=%s", upstream.name, upstream.base_url,
-                 ",".join(upstream.models), "configured" if upstream.api_key else "from-client")
-    log.info("listening host=%s port=%d workers=%d cache=%s namespace=%s ttl_s=%d redis=%s client_keys=%d",
-             settings.host, settings.port, settings.workers, settings.cache.backend, settings.cache.namespace,
-             settings.cache.ttl_s, redis_at if settings.cache.backend == "redis" else "-",
-             len(settings.proxy_api_keys))
+        log.info(
+            "upstream name=%s base_url=%s models=%s key=%s",
+            upstream.name,
+            upstream.base_url,
+            ",".join(upstream.models),
+            "configured" if upstream.api_key else "from-client",
+        )
+    log.info(
+        "listening host=%s port=%d workers=%d cache=%s namespace=%s ttl_s=%d redis=%s client_keys=%d",
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.cache.backend,
+        settings.cache.namespace,
+        settings.cache.ttl_s,
+        redis_at if settings.cache.backend == "redis" else "-",
+        len(settings.proxy_api_keys),
+    )
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -77,9 +96,18 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def _serve(settings: Settings, *, reuse_port: bool) -> None:
     access_log = logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port or None,
-                access_log=access_log, access_log_format=ACCESS_LOG_FORMAT, print=None, shutdown_timeout=25,
-                backlog=1024, loop=_new_loop())
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        reuse_port=reuse_port or None,
+        access_log=access_log,
+        access_log_format=ACCESS_LOG_FORMAT,
+        print=None,
+        shutdown_timeout=25,
+        backlog=1024,
+        loop=_new_loop(),
+    )
 
 
 def _supervise(settings: Settings) -> None:

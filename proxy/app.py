@@ -60,8 +60,11 @@ def redis_client_for(settings: Settings) -> redis.Redis:
     # RedisStore admits at most max_connections operations at once, so this pool never runs dry; the plain
     # pool hands out connections several times cheaper than the blocking one.
     pool = redis.ConnectionPool.from_url(
-        cfg.url, max_connections=cfg.max_connections, socket_connect_timeout=cfg.op_timeout_s,
-        socket_timeout=None, retry=Retry(NoBackoff(), 0),
+        cfg.url,
+        max_connections=cfg.max_connections,
+        socket_connect_timeout=cfg.op_timeout_s,
+        socket_timeout=None,
+        retry=Retry(NoBackoff(), 0),
     )
     if cfg.password:
         # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.
@@ -89,15 +92,20 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = memory
     else:
         client = app.get(INJECTED_REDIS) or redis_client_for(settings)
-        remote = RedisStore(client, op_timeout_s=settings.redis.op_timeout_s,
-                            retry_after_s=settings.redis.retry_after_s, max_in_flight=settings.redis.max_connections)
+        remote = RedisStore(
+            client,
+            op_timeout_s=settings.redis.op_timeout_s,
+            retry_after_s=settings.redis.retry_after_s,
+            max_in_flight=settings.redis.max_connections,
+        )
         tiered = TieredStore(MemoryStore(cache.memory_max_entries, cache.memory_max_bytes), remote)
-        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.",
-                      lambda: len(tiered.memory))
-        metrics.gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).",
-                      lambda: remote.errors)
-        metrics.gauge("llm_cache_redis_available", "1 while Redis is in use, 0 while the proxy serves without it.",
-                      lambda: 1 if remote.available else 0)
+        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(tiered.memory))
+        metrics.gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).", lambda: remote.errors)
+        metrics.gauge(
+            "llm_cache_redis_available",
+            "1 while Redis is in use, 0 while the proxy serves without it.",
+            lambda: 1 if remote.available else 0,
+        )
         store = tiered
         probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis.url))
     app[STORE] = store

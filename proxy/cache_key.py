@@ -28,8 +28,9 @@ def build_key(namespace: str, route: str, body: Any, scope: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def build_scope(namespace: str, upstream: str, query: str, authorization: str | None,
-                organization: str | None, project: str | None) -> str:
+def build_scope(
+    namespace: str, upstream: str, query: str, authorization: str | None, organization: str | None, project: str | None
+) -> str:
     """Digest of everything outside the body that changes the answer.
 
     *authorization* is the client's own credential, given only when it is what reaches the upstream (no

@@ -106,8 +106,9 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
             return default
         raise ConfigError(f"proxy.yaml refers to ${{{name}}}, which is not set and has no default")
 
-    return "".join(line if line.lstrip().startswith("#") else _VAR.sub(substitute, line)
-                   for line in text.splitlines(keepends=True))
+    return "".join(
+        line if line.lstrip().startswith("#") else _VAR.sub(substitute, line) for line in text.splitlines(keepends=True)
+    )
 
 
 def load_settings(config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -187,8 +188,9 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         max_body_bytes=_positive(server.get("max_body_bytes", 32 * 1024 * 1024), "server.max_body_bytes", int),
         upstreams=tuple(upstreams),
         redis=RedisSettings(
-            url=_url(env.get("REDIS_URL", redis_data.get("url", DEFAULT_REDIS_URL)), "REDIS_URL",
-                     ("redis", "rediss", "unix")),
+            url=_url(
+                env.get("REDIS_URL", redis_data.get("url", DEFAULT_REDIS_URL)), "REDIS_URL", ("redis", "rediss", "unix")
+            ),
             password=env.get("REDIS_PASSWORD") or _opt_str(redis_data.get("password")),
             op_timeout_s=_positive(redis_data.get("op_timeout_s", 0.25), "redis.op_timeout_s", float),
             retry_after_s=_positive(redis_data.get("retry_after_s", 2.0), "redis.retry_after_s", float),
@@ -199,8 +201,9 @@ def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             namespace=namespace,
             ttl_s=_positive(env.get("CACHE_TTL", cache.get("ttl_s", 3600)), "CACHE_TTL", int),
             memory_max_entries=_positive(cache.get("memory_max_entries", 10_000), "cache.memory_max_entries", int),
-            memory_max_bytes=_positive(cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES),
-                                       "cache.memory_max_bytes", int),
+            memory_max_bytes=_positive(
+                cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES), "cache.memory_max_bytes", int
+            ),
             max_entry_bytes=_positive(cache.get("max_entry_bytes", 8 * 1024 * 1024), "cache.max_entry_bytes", int),
         ),
         proxy_api_keys=proxy_api_keys,
@@ -212,8 +215,11 @@ def _upstream(item: Any, index: int, env: Mapping[str, str]) -> Upstream:
     where = f"upstreams[{index}]"
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be a mapping")
-    _reject_unknown(item, where + ".", {"name", "base_url", "api_key_env", "models", "timeout_s",
-                                         "connect_timeout_s", "auth_header"})
+    _reject_unknown(
+        item,
+        where + ".",
+        {"name", "base_url", "api_key_env", "models", "timeout_s", "connect_timeout_s", "auth_header"},
+    )
     key_env = item.get("api_key_env", "OPENAI_API_KEY" if index == 0 else None)
     if key_env is not None and not isinstance(key_env, str):
         raise ConfigError(f"{where}.api_key_env must be the name of an environment variable")

@@ -38,14 +38,16 @@ class CacheEntry:
     usage: Mapping[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
-        meta = orjson.dumps({
-            "status": self.status,
-            "headers": self.headers,
-            "stream": self.is_stream,
-            "stored_at": self.stored_at,
-            "expires_at": self.expires_at,
-            "usage": self.usage,
-        })
+        meta = orjson.dumps(
+            {
+                "status": self.status,
+                "headers": self.headers,
+                "stream": self.is_stream,
+                "stored_at": self.stored_at,
+                "expires_at": self.expires_at,
+                "usage": self.usage,
+            }
+        )
         return b"".join((_HEADER.pack(MAGIC, len(meta)), meta, self.body))
 
     @classmethod
@@ -60,7 +62,7 @@ class CacheEntry:
         if end > len(raw):
             raise EntryFormatError("entry truncated")
         try:
-            meta = orjson.loads(raw[_HEADER.size:end])
+            meta = orjson.loads(raw[_HEADER.size : end])
             return cls(
                 status=int(meta["status"]),
                 headers=tuple((str(k), str(v)) for k, v in meta["headers"]),

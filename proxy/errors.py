@@ -68,8 +68,14 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
-def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     """An OpenAI-shaped error: ``{"error": {"message", "type", "param", "code"}}``."""
     body = orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)

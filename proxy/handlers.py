@@ -48,8 +48,15 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     # Requests without cache controls have the default plan, so their keying can be remembered by raw bytes.
     memo_key = None
     if cache_control is None and ttl_header is None:
-        memo_key = (route, raw, request.rel_url.raw_query_string, headers.get("Authorization"),
-                    headers.get("api-key"), headers.get("OpenAI-Organization"), headers.get("OpenAI-Project"))
+        memo_key = (
+            route,
+            raw,
+            request.rel_url.raw_query_string,
+            headers.get("Authorization"),
+            headers.get("api-key"),
+            headers.get("OpenAI-Organization"),
+            headers.get("OpenAI-Project"),
+        )
     keyed = app[KEY_MEMO].get(memo_key) if memo_key is not None else None
     if keyed is None:
         body: Any
@@ -111,15 +118,17 @@ async def _read_body(request: web.Request, max_bytes: int) -> bytes:
         raise ConnectionResetError("client closed the connection mid-body") from None
 
 
-async def _open_upstream(request: web.Request, upstream: Upstream, method: str, route: str,
-                         data: Any) -> aiohttp.ClientResponse:
+async def _open_upstream(
+    request: web.Request, upstream: Upstream, method: str, route: str, data: Any
+) -> aiohttp.ClientResponse:
     metrics = request.app[METRICS]
     # The path as the client encoded it: decoding would turn an escaped "?" or "/" into syntax.
     raw_path = request.rel_url.raw_path
     target = raw_path[4:] if raw_path.startswith("/v1/") else route
     try:
-        response = await send(request.app[SESSION], upstream, method, target, request.rel_url.raw_query_string,
-                              request.headers, data)
+        response = await send(
+            request.app[SESSION], upstream, method, target, request.rel_url.raw_query_string, request.headers, data
+        )
     except ProxyError:
         metrics.count_upstream(upstream.name, "error")
         raise
@@ -159,8 +168,15 @@ def _store_flight(app: web.Application, key: str, plan: CachePlan, flight: Fligh
         if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
             usage = parsed["usage"]
     now = time.time()
-    entry = CacheEntry(status=flight.status, headers=kept_headers(flight.headers), body=body,
-                       is_stream=flight.is_stream, stored_at=now, expires_at=now + plan.ttl_s, usage=usage)
+    entry = CacheEntry(
+        status=flight.status,
+        headers=kept_headers(flight.headers),
+        body=body,
+        is_stream=flight.is_stream,
+        stored_at=now,
+        expires_at=now + plan.ttl_s,
+        usage=usage,
+    )
     app[STORE].put(key, entry)
     app[METRICS].stores += 1
 
@@ -170,8 +186,14 @@ def _scope(request: web.Request, settings: Settings, upstream: Upstream) -> str:
     # With an upstream key every client is the same account upstream, so they share entries; without one,
     # the client's own credential reaches the upstream and must partition the cache.
     credential = None if upstream.api_key else (headers.get("Authorization") or headers.get("api-key"))
-    return build_scope(settings.cache.namespace, upstream.name, _canonical_query(request), credential,
-                       headers.get("OpenAI-Organization"), headers.get("OpenAI-Project"))
+    return build_scope(
+        settings.cache.namespace,
+        upstream.name,
+        _canonical_query(request),
+        credential,
+        headers.get("OpenAI-Organization"),
+        headers.get("OpenAI-Project"),
+    )
 
 
 def _canonical_query(request: web.Request) -> str:
@@ -187,8 +209,9 @@ def _authorize(request: web.Request, settings: Settings) -> None:
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
     token_bytes = token.encode()
     if not token or not any(hmac.compare_digest(token_bytes, k.encode()) for k in settings.proxy_api_keys):
-        raise InvalidApiKey("Incorrect API key provided for this proxy. Send one of its client keys as "
-                            "'Authorization: Bearer <key>'.")
+        raise InvalidApiKey(
+            "Incorrect API key provided for this proxy. Send one of its client keys as 'Authorization: Bearer <key>'."
+        )
 
 
 async def passthrough(request: web.Request, route: str) -> web.StreamResponse:

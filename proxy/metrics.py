@@ -7,8 +7,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 # Chat and completions report prompt/completion tokens, the Responses API input/output tokens.
-_TOKEN_FIELDS = (("prompt_tokens", "prompt"), ("completion_tokens", "completion"), ("input_tokens", "input"),
-                 ("output_tokens", "output"))
+_TOKEN_FIELDS = (
+    ("prompt_tokens", "prompt"),
+    ("completion_tokens", "completion"),
+    ("input_tokens", "input"),
+    ("output_tokens", "output"),
+)
 
 
 class Metrics:
@@ -52,30 +56,37 @@ class Metrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
         def families() -> list[Metric]:
-            requests = CounterMetricFamily("llm_cache_requests", "Proxied requests by route and cache outcome.",
-                                           labels=("route", "outcome"))
+            requests = CounterMetricFamily(
+                "llm_cache_requests", "Proxied requests by route and cache outcome.", labels=("route", "outcome")
+            )
             for labels, value in sorted(self.requests.items()):
                 requests.add_metric(labels, value)
             upstream = CounterMetricFamily(
                 "llm_cache_upstream_responses",
                 "Upstream responses by upstream and status class (2xx, 4xx, 5xx, error).",
-                labels=("upstream", "status"))
+                labels=("upstream", "status"),
+            )
             for labels, value in sorted(self.upstream_responses.items()):
                 upstream.add_metric(labels, value)
-            tokens = CounterMetricFamily("llm_cache_tokens_saved",
-                                         "Tokens of upstream usage answered from the cache instead.",
-                                         labels=("kind",))
+            tokens = CounterMetricFamily(
+                "llm_cache_tokens_saved", "Tokens of upstream usage answered from the cache instead.", labels=("kind",)
+            )
             for kind, value in sorted(self.tokens.items()):
                 tokens.add_metric((kind,), value)
             out: list[Metric] = [
-                requests, upstream, tokens,
+                requests,
+                upstream,
+                tokens,
                 CounterMetricFamily("llm_cache_stores", "Responses written to the cache.", value=self.stores),
-                CounterMetricFamily("llm_cache_coalesced",
-                                    "Requests answered by joining an identical request already in flight.",
-                                    value=self.coalesced),
+                CounterMetricFamily(
+                    "llm_cache_coalesced",
+                    "Requests answered by joining an identical request already in flight.",
+                    value=self.coalesced,
+                ),
             ]
-            out.extend(GaugeMetricFamily(name, help_text, value=read())
-                       for name, (help_text, read) in self.gauges.items())
+            out.extend(
+                GaugeMetricFamily(name, help_text, value=read()) for name, (help_text, read) in self.gauges.items()
+            )
             return out
 
         class Snapshot:

@@ -13,7 +13,10 @@ from .errors import MethodNotAllowed, NotFound, ProxyError, error_response
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
-    400: "invalid_request", 404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large",
+    400: "invalid_request",
+    404: "unknown_url",
+    405: "method_not_allowed",
+    413: "request_too_large",
 }
 
 

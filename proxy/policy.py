@@ -30,8 +30,9 @@ class CachePlan:
         return self.lookup or self.store
 
 
-def decide(method: str, route: str, body: Any, cache_control: str | None, ttl_s: int,
-           ttl_override: str | None = None) -> CachePlan:
+def decide(
+    method: str, route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_override: str | None = None
+) -> CachePlan:
     """Plan one request.
 
     *body* is the parsed JSON body, or ``None`` when it was absent or not JSON (the upstream then judges it).

@@ -27,8 +27,12 @@ class Flight:
     is left to pay for. *on_complete* runs once the upstream finished cleanly.
     """
 
-    def __init__(self, key: str | None, on_complete: Callable[[Flight], None] | None = None,
-                 on_close: Callable[[Flight], None] | None = None) -> None:
+    def __init__(
+        self,
+        key: str | None,
+        on_complete: Callable[[Flight], None] | None = None,
+        on_close: Callable[[Flight], None] | None = None,
+    ) -> None:
         self.key = key
         self.status = 0
         self.headers: list[tuple[str, str]] = []
@@ -81,8 +85,11 @@ class Flight:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Consumers see a truncated response; nothing is stored.
                 log.warning("upstream broke off mid-response status=%s error=%r", self.status, exc)
-                self.error = (UpstreamTimeout("upstream went silent mid-response") if isinstance(exc, TimeoutError)
-                              else UpstreamUnreachable("upstream response broke off"))
+                self.error = (
+                    UpstreamTimeout("upstream went silent mid-response")
+                    if isinstance(exc, TimeoutError)
+                    else UpstreamUnreachable("upstream response broke off")
+                )
             finally:
                 if self.complete:
                     response.release()
@@ -152,8 +159,9 @@ class Flight:
         return response
 
 
-def _set_headers(response: web.StreamResponse, headers: Iterable[tuple[str, str]],
-                 extra_headers: Iterable[tuple[str, str]]) -> None:
+def _set_headers(
+    response: web.StreamResponse, headers: Iterable[tuple[str, str]], extra_headers: Iterable[tuple[str, str]]
+) -> None:
     out = response.headers
     for name, value in headers:
         out.add(name, value)

@@ -103,8 +103,9 @@ class RedisStore:
     costs one timeout, not one per request; the next operation after that probes it again.
     """
 
-    def __init__(self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float,
-                 max_in_flight: int = 64) -> None:
+    def __init__(
+        self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float, max_in_flight: int = 64
+    ) -> None:
         self._client = client
         # At most as many batches in flight as the pool has connections, so the pool never runs dry.
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -222,8 +223,15 @@ class RedisStore:
         self.errors += 1
         # One warning per outage, not one per probe: a laptop without Redis must not drown in them.
         level = logging.DEBUG if self._failing or quiet else logging.WARNING
-        log.log(level, "redis %s failed; serving without it, next try in %.1fs key=%s error=%s: %s",
-                op, self._retry_after_s, key, type(exc).__name__, exc)
+        log.log(
+            level,
+            "redis %s failed; serving without it, next try in %.1fs key=%s error=%s: %s",
+            op,
+            self._retry_after_s,
+            key,
+            type(exc).__name__,
+            exc,
+        )
         self._failing = True
         self._down_until = time.monotonic() + self._retry_after_s
 

@@ -17,10 +17,19 @@ from .errors import UpstreamTimeout, UpstreamUnreachable
 log = logging.getLogger(__name__)
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what the proxy recomputes itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "transfer-encoding", "upgrade",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "x-cache-ttl"}
 # The upstream session decompresses, so the encoding and length of what the client gets are the proxy's.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
@@ -55,8 +64,7 @@ def relay_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 
 def kept_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The subset of response headers worth storing with an entry."""
-    return tuple((k, v) for k, v in headers
-                 if k.lower() == "content-type" or k.lower().startswith(_KEPT_PREFIXES))
+    return tuple((k, v) for k, v in headers if k.lower() == "content-type" or k.lower().startswith(_KEPT_PREFIXES))
 
 
 def create_session(limit: int = 256) -> aiohttp.ClientSession:
@@ -64,8 +72,13 @@ def create_session(limit: int = 256) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True)
     # auto_decompress: the client gets identity bodies; cache entries are stored decompressed.
     # DummyCookieJar: a cookie set by the upstream for one client must never ride along on another's request.
-    return aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
-                                 timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar())
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 @lru_cache(maxsize=1024)
@@ -80,8 +93,15 @@ def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s)
 
 
-async def send(session: aiohttp.ClientSession, upstream: Upstream, method: str, rest: str, query: str,
-               headers: Mapping[str, str], body: Any) -> aiohttp.ClientResponse:
+async def send(
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    method: str,
+    rest: str,
+    query: str,
+    headers: Mapping[str, str],
+    body: Any,
+) -> aiohttp.ClientResponse:
     """Open the upstream response for ``/v1/<rest>?<query>`` (*query* still percent-encoded); the caller reads
     and releases it.
 
@@ -89,9 +109,14 @@ async def send(session: aiohttp.ClientSession, upstream: Upstream, method: str, 
     upstream stays silent for longer than its ``timeout_s`` (between bytes, so long streams are not cut).
     """
     try:
-        return await session.request(method, _url(upstream.base_url, rest, query),
-                                     headers=forward_headers(headers, upstream), data=body,
-                                     timeout=_timeout(upstream), allow_redirects=False)
+        return await session.request(
+            method,
+            _url(upstream.base_url, rest, query),
+            headers=forward_headers(headers, upstream),
+            data=body,
+            timeout=_timeout(upstream),
+            allow_redirects=False,
+        )
     except TimeoutError:
         raise UpstreamTimeout(f"upstream {upstream.name} did not answer within {upstream.timeout_s:g}s") from None
     except aiohttp.ClientConnectorError as exc:

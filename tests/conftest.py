@@ -32,33 +32,43 @@ def received(server: TestServer) -> list[Received]:
     return server.app[RECEIVED]
 
 
-def make_settings(upstream_url: str, *, api_key: str | None = UPSTREAM_KEY, backend: str = "redis",
-                  **overrides: Any) -> Settings:
+def make_settings(
+    upstream_url: str, *, api_key: str | None = UPSTREAM_KEY, backend: str = "redis", **overrides: Any
+) -> Settings:
     """Settings for one proxy in front of *upstream_url* (which ends in ``/v1``)."""
     cache = CacheSettings(backend=backend, namespace="test", ttl_s=60)
-    settings = Settings(upstreams=(Upstream(name="default", base_url=upstream_url, api_key=api_key,
-                                            timeout_s=5.0, connect_timeout_s=2.0),),
-                        redis=RedisSettings(op_timeout_s=0.2, retry_after_s=0.5), cache=cache)
+    settings = Settings(
+        upstreams=(
+            Upstream(name="default", base_url=upstream_url, api_key=api_key, timeout_s=5.0, connect_timeout_s=2.0),
+        ),
+        redis=RedisSettings(op_timeout_s=0.2, retry_after_s=0.5),
+        cache=cache,
+    )
     cache_fields = {k: overrides.pop(k) for k in list(overrides) if k in CacheSettings.__dataclass_fields__}
     redis_fields = {k: overrides.pop(k) for k in list(overrides) if k in ("op_timeout_s", "retry_after_s", "url")}
-    return replace(settings, cache=replace(cache, **cache_fields), redis=replace(settings.redis, **redis_fields),
-                   **overrides)
+    return replace(
+        settings, cache=replace(cache, **cache_fields), redis=replace(settings.redis, **redis_fields), **overrides
+    )
 
 
 @pytest.fixture
 def settings_for() -> Callable[..., Settings]:
     def build(server: TestServer, **overrides: Any) -> Settings:
         return make_settings(str(server.make_url("/v1")), **overrides)
+
     return build
 
 
 @pytest.fixture
 def proxy_for(aiohttp_client: Any, settings_for: SettingsFactory) -> Callable[..., Any]:
     """Start a proxy in front of a fake upstream; the cache is fakeredis unless a client is given."""
+
     async def start(server: TestServer, *, redis_client: Any = None, **overrides: Any) -> TestClient[Any, Any]:
-        app: web.Application = create_app(settings_for(server, **overrides),
-                                          redis_client=redis_client or FakeAsyncRedis())
+        app: web.Application = create_app(
+            settings_for(server, **overrides), redis_client=redis_client or FakeAsyncRedis()
+        )
         return await aiohttp_client(app)
+
     return start
 
 

@@ -60,8 +60,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     headers = {"Content-Type": "application/json", "Authorization": request.headers.get("Authorization", "")}
     async with request.app[SESSION].post(request.app[UPSTREAM] + request.path, data=raw, headers=headers) as answer:
-        resp = web.StreamResponse(status=answer.status, headers={
-            "Content-Type": answer.headers.get("Content-Type", JSON_TYPE), "X-Cache": "MISS"})
+        resp = web.StreamResponse(
+            status=answer.status,
+            headers={"Content-Type": answer.headers.get("Content-Type", JSON_TYPE), "X-Cache": "MISS"},
+        )
         await resp.prepare(request)
         async for chunk in answer.content.iter_any():
             await resp.write(chunk)
@@ -93,8 +95,16 @@ def main() -> None:
     parser.add_argument("--relay-to", type=int, help="relay every POST to this port instead of answering a hit")
     args = parser.parse_args()
     # The proxy's own run_app settings at its default log level: no access log, uvloop, backlog 1024.
-    web.run_app(create_app(args.relay_to), host="127.0.0.1", port=args.port, print=None, access_log=None, backlog=1024,
-                shutdown_timeout=1.0, loop=uvloop.new_event_loop())
+    web.run_app(
+        create_app(args.relay_to),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        backlog=1024,
+        shutdown_timeout=1.0,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

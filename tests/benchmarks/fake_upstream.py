@@ -75,8 +75,15 @@ def main() -> None:
     parser.add_argument("--rest-delay-ms", type=float, default=10.0)
     args = parser.parse_args()
     app = create_app(args.first_event_delay_ms / 1000.0, args.rest_delay_ms / 1000.0)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
-                shutdown_timeout=1.0, loop=uvloop.new_event_loop())
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=1.0,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

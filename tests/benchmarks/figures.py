@@ -34,14 +34,17 @@ def ratios(results: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 pair["proxy/floor"] = rounds.ratio(proxy, hits[f"{workload}/{conns}/floor"])
     for conns in (64, 1):
         if f"miss/{conns}/proxy" in misses:
-            out[f"miss/{conns}"] = {"proxy/nginx": rounds.ratio(misses[f"miss/{conns}/proxy"],
-                                                                misses[f"miss/{conns}/nginx"])}
+            out[f"miss/{conns}"] = {
+                "proxy/nginx": rounds.ratio(misses[f"miss/{conns}/proxy"], misses[f"miss/{conns}/nginx"])
+            }
     scaling = results.get("scaling", {})
     if "proxy" in scaling and "hit/64/proxy" in hits:
         # Older files have no one-worker runs of their own in the scaling phase; the hit runs stand in.
         one = scaling.get("proxy_one_worker", hits["hit/64/proxy"])
-        out["scaling"] = {"proxy/nginx": rounds.ratio(scaling["proxy"], scaling["nginx"]),
-                          "speed-up": rounds.ratio(scaling["proxy"], one)}
+        out["scaling"] = {
+            "proxy/nginx": rounds.ratio(scaling["proxy"], scaling["nginx"]),
+            "speed-up": rounds.ratio(scaling["proxy"], one),
+        }
     return out
 
 
@@ -51,8 +54,12 @@ def ttfb(results: Mapping[str, Any]) -> dict[str, Any]:
     if "new_connection" in t:
         return dict(t)
     direct = {"first_event_ms": t["first_event_direct_ms"], "first_byte_ms": t["first_byte_direct_ms"]}
-    proxy = {"first_event_ms": t["first_event_proxy_ms"], "first_byte_ms": t["first_byte_proxy_ms"],
-             "first_event_added_ms": t["first_event_added_ms"], "first_byte_added_ms": t["first_byte_added_ms"]}
+    proxy = {
+        "first_event_ms": t["first_event_proxy_ms"],
+        "first_byte_ms": t["first_byte_proxy_ms"],
+        "first_event_added_ms": t["first_event_added_ms"],
+        "first_byte_added_ms": t["first_byte_added_ms"],
+    }
     return {"samples": t["samples"], "new_connection": {"direct": direct, "proxy": proxy}}
 
 
@@ -107,9 +114,14 @@ def gap_split(results: Mapping[str, Any], conns: int = 64) -> dict[str, dict[str
         runs = [hits.get(f"{workload}/{conns}/{name}") for name in ("proxy", "nginx", "floor")]
         if any(run is None for run in runs):
             continue
-        proxy, nginx, floor = (float(run["cpu_us_per_request"][name])
-                               for run, name in zip(runs, ("proxy", "nginx", "floor"), strict=True))
+        proxy, nginx, floor = (
+            float(run["cpu_us_per_request"][name]) for run, name in zip(runs, ("proxy", "nginx", "floor"), strict=True)
+        )
         gap = proxy - nginx
-        split[workload] = {"gap_us": gap, "aiohttp_us": floor - nginx, "proxy_us": proxy - floor,
-                           "aiohttp_share": (floor - nginx) / gap if gap > 0 else 0.0}
+        split[workload] = {
+            "gap_us": gap,
+            "aiohttp_us": floor - nginx,
+            "proxy_us": proxy - floor,
+            "aiohttp_share": (floor - nginx) / gap if gap > 0 else 0.0,
+        }
     return split

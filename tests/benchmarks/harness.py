@@ -47,15 +47,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(name: str, argv: Sequence[str], cores: str, log_dir: Path,
-          env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Service:
+def start(
+    name: str,
+    argv: Sequence[str],
+    cores: str,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Service:
     """Start *argv* under ``taskset -c cores`` in a new session, so that stopping it reaches its children."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
         started_at = time.perf_counter()
-        popen = subprocess.Popen(["taskset", "-c", cores, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, env=dict(env) if env is not None else None,
-                                 cwd=cwd, start_new_session=True)
+        popen = subprocess.Popen(
+            ["taskset", "-c", cores, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return Service(name, popen, log_path, started_at)
 
 
@@ -81,8 +93,9 @@ def stop(service: Service, timeout_s: float = 5.0) -> None:
     service.popen.wait()
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            timeout_s: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+def request(
+    port: int, method: str, path: str, body: bytes | None = None, timeout_s: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request on a new connection; return status, lower-cased headers and body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
@@ -119,7 +132,7 @@ def wait_ready(service: Service, port: int, probe: bytes, expect: bytes, timeout
 def _stat_fields(pid: int) -> list[str]:
     text = Path(f"/proc/{pid}/stat").read_text()
     # The command name is in parentheses and may contain spaces; the fields after it start at "state".
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def process_tree(pid: int) -> list[int]:
@@ -162,15 +175,20 @@ def core_times() -> dict[int, tuple[int, int]]:
         name, *values = line.split()
         if name.startswith("cpu") and name != "cpu":
             user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
-            times[int(name[3:])] = (user + nice + system + steal,
-                                    user + nice + system + idle + iowait + irq + softirq + steal)
+            times[int(name[3:])] = (
+                user + nice + system + steal,
+                user + nice + system + idle + iowait + irq + softirq + steal,
+            )
     return times
 
 
 def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, float]:
     """Share of each core's time spent busy between two ``core_times`` snapshots."""
-    return {core: (after[core][0] - before[core][0]) / max(after[core][1] - before[core][1], 1)
-            for core in after if core in before}
+    return {
+        core: (after[core][0] - before[core][0]) / max(after[core][1] - before[core][1], 1)
+        for core in after
+        if core in before
+    }
 
 
 def memory_kib(pid: int) -> dict[str, int]:

@@ -16,8 +16,9 @@ OPENAI_HEADERS = {
 def _preamble(root: Path, workers: int) -> str:
     # Only a root master may switch users, and its workers must still read the 0700 temp dir.
     user = "user root;\n" if os.geteuid() == 0 and workers > 1 else ""
-    temps = "".join(f"    {kind}_temp_path {root}/tmp_{kind};\n"
-                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "".join(
+        f"    {kind}_temp_path {root}/tmp_{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return (
         f"{user}worker_processes {workers};\n"
         f"error_log {root}/error.log warn;\n"
@@ -48,7 +49,7 @@ def upstream_conf(root: Path, www: Path, port: int) -> str:
         "    charset utf-8;\n"
         "    charset_types application/json text/event-stream;\n"
         "    etag off;\n"
-        "    map $request_body $chat_kind { \"~\\\"stream\\\"\\s*:\\s*true\" sse; default json; }\n"
+        '    map $request_body $chat_kind { "~\\"stream\\"\\s*:\\s*true" sse; default json; }\n'
         "    server {\n"
         f"        listen 127.0.0.1:{port} backlog=4096;\n"
         # The static module answers POST with 405; error_page turns that into the file as a 200.
@@ -95,11 +96,11 @@ def reference_conf(root: Path, port: int, upstream_port: int, workers: int = 1) 
         "        location /v1/ {\n"
         "            proxy_pass http://fake;\n"
         "            proxy_http_version 1.1;\n"
-        "            proxy_set_header Connection \"\";\n"
+        '            proxy_set_header Connection "";\n'
         "            proxy_cache bench;\n"
         "            proxy_cache_methods POST;\n"
         # $request_body is only set when the whole body fits client_body_buffer_size (1m above).
-        "            proxy_cache_key \"$request_uri|$request_body\";\n"
+        '            proxy_cache_key "$request_uri|$request_body";\n'
         "            proxy_cache_valid 200 1h;\n"
         "            proxy_buffering on;\n"
         "            proxy_buffer_size 16k;\n"

@@ -41,27 +41,35 @@ def _pretty(value: Any) -> bytes:
 
 def chat_completion() -> bytes:
     """A ``chat.completion`` object with ``usage`` and ``system_fingerprint``."""
-    return _pretty({
-        "id": "chatcmpl-AXbench0000000000000000000001",
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": CHAT_MODEL,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": ANSWER, "refusal": None},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }],
-        "usage": {
-            "prompt_tokens": 58,
-            "completion_tokens": 84,
-            "total_tokens": 142,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-        },
-        "system_fingerprint": FINGERPRINT,
-    })
+    return _pretty(
+        {
+            "id": "chatcmpl-AXbench0000000000000000000001",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": CHAT_MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": ANSWER, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 58,
+                "completion_tokens": 84,
+                "total_tokens": 142,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+            "system_fingerprint": FINGERPRINT,
+        }
+    )
 
 
 def _chunk(delta: dict[str, Any], finish_reason: str | None, usage: dict[str, int] | None = None) -> bytes:
@@ -92,26 +100,30 @@ def chat_chunks() -> list[bytes]:
 
 def completion() -> bytes:
     """A legacy ``text_completion`` object."""
-    return _pretty({
-        "id": "cmpl-AXbench0000000000000000000003",
-        "object": "text_completion",
-        "created": CREATED,
-        "model": "gpt-3.5-turbo-instruct",
-        "choices": [{"text": ANSWER, "index": 0, "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 40, "completion_tokens": 84, "total_tokens": 124},
-    })
+    return _pretty(
+        {
+            "id": "cmpl-AXbench0000000000000000000003",
+            "object": "text_completion",
+            "created": CREATED,
+            "model": "gpt-3.5-turbo-instruct",
+            "choices": [{"text": ANSWER, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 84, "total_tokens": 124},
+        }
+    )
 
 
 def embeddings() -> bytes:
     """An embeddings ``list`` with one 1536-dimension vector, as text-embedding-3-small returns."""
     rng = random.Random(1536)
     vector = [round(rng.gauss(0.0, 0.025), 9) for _ in range(EMBEDDING_DIMS)]
-    return _pretty({
-        "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": vector}],
-        "model": EMBEDDING_MODEL,
-        "usage": {"prompt_tokens": 14, "total_tokens": 14},
-    })
+    return _pretty(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "model": EMBEDDING_MODEL,
+            "usage": {"prompt_tokens": 14, "total_tokens": 14},
+        }
+    )
 
 
 def write_static_bodies(root: Path) -> None:

@@ -37,16 +37,22 @@ def measure_hits(bench: Bench) -> None:
     for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
         body = openai_shapes.request_body(body_name)
         identical = {name: probes.warm_until_hit(port, path, body, expected) for name, port in targets.items()}
-        proxy_headers, floor_headers = (harness.request(targets[name], "POST", path, body)[1]
-                                        for name in ("proxy", "floor"))
+        proxy_headers, floor_headers = (
+            harness.request(targets[name], "POST", path, body)[1] for name in ("proxy", "floor")
+        )
         floor_differs = probes.differing_headers(proxy_headers, floor_headers)
         for connections in CONNECTIONS:
             runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
             for round_index in range(bench.args.rounds):
                 for name in rounds.order(list(targets), round_index):
                     upstream_before = probes.nginx_requests(bench.ports["upstream"])
-                    run = run_wrk(script, targets[name], connections, bench.args.duration,
-                                  {name: bench.pids[name], "redis": bench.pids["redis"]})
+                    run = run_wrk(
+                        script,
+                        targets[name],
+                        connections,
+                        bench.args.duration,
+                        {name: bench.pids[name], "redis": bench.pids["redis"]},
+                    )
                     # One request is the status probe itself; anything more reached upstream during a "hit" run.
                     run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
                     runs[name].append(run)
@@ -90,14 +96,30 @@ def measure_ttfb(bench: Bench) -> None:
     proxy's own request path and each cache lookup add before the request goes upstream.
     """
     port = harness.free_port()
-    upstream = bench.start("fake-upstream", [sys.executable, str(HERE / "fake_upstream.py"), "--port", str(port),
-                                             "--first-event-delay-ms", "20", "--rest-delay-ms", "10"],
-                           str(LOAD_CORE), cwd=HERE)
+    upstream = bench.start(
+        "fake-upstream",
+        [
+            sys.executable,
+            str(HERE / "fake_upstream.py"),
+            "--port",
+            str(port),
+            "--first-event-delay-ms",
+            "20",
+            "--rest-delay-ms",
+            "10",
+        ],
+        str(LOAD_CORE),
+        cwd=HERE,
+    )
     harness.wait_ready(upstream, port, harness.http_probe("/"), b"HTTP/1.1 404")
     backends = ("redis",) if bench.args.calibrate else TTFB_BACKENDS
     relay_port = harness.free_port()
-    relay = bench.start("relay-floor", [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(relay_port),
-                                        "--relay-to", str(port)], str(SERVER_CORE), cwd=HERE)
+    relay = bench.start(
+        "relay-floor",
+        [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(relay_port), "--relay-to", str(port)],
+        str(SERVER_CORE),
+        cwd=HERE,
+    )
     harness.wait_ready(relay, relay_port, harness.http_probe("/"), b"HTTP/1.1 404")
     proxies, ports = [relay], {"direct": port, "relay": relay_port}
     for backend in backends:
@@ -109,14 +131,18 @@ def measure_ttfb(bench: Bench) -> None:
     samples, warm = (10 if bench.args.quick else 60), 3
 
     def bodies(kind: str, sides: list[str]) -> list[dict[str, bytes]]:
-        return [{side: openai_shapes.miss_body(f"ttfb-{kind}-{side}-{bench.run_id}", i, "chat_stream")
-                 for side in sides} for i in range(warm + samples)]
+        return [
+            {side: openai_shapes.miss_body(f"ttfb-{kind}-{side}-{bench.run_id}", i, "chat_stream") for side in sides}
+            for i in range(warm + samples)
+        ]
 
-    new = probes.stream_ttfb({"direct": port, "proxy": ports["redis"]}, bodies("new", ["direct", "proxy"]),
-                             kept_alive=False, warm=warm)
+    new = probes.stream_ttfb(
+        {"direct": port, "proxy": ports["redis"]}, bodies("new", ["direct", "proxy"]), kept_alive=False, warm=warm
+    )
     kept = probes.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=warm)
     bench.results["stream_ttfb"] = {
-        "samples": samples, "new_connection": new,
+        "samples": samples,
+        "new_connection": new,
         "kept_alive": {"direct": kept["direct"], "proxy": kept["redis"]},
         "kept_alive_backends": kept,
     }
@@ -132,7 +158,9 @@ def measure_working_set(bench: Bench) -> None:
     started = time.perf_counter()
     passes = probes.fill_working_set(bench.ports["proxy"], bodies)
     bench.results["working_set"] = {
-        "entries": size, "passes": passes, "seconds": time.perf_counter() - started,
+        "entries": size,
+        "passes": passes,
+        "seconds": time.perf_counter() - started,
         "memory_kib": harness.memory_kib(bench.pids["proxy"]),
         "nginx_memory_kib": harness.memory_kib(bench.pids["nginx"]),
     }
@@ -163,15 +191,23 @@ def measure_scaling(bench: Bench) -> None:
         return
     root = bench.tmp / f"nginx-w{workers}"
     nginx_port = harness.free_port()
-    nginx = start_nginx(bench, f"nginx-w{workers}", nginx_conf.reference_conf(root, nginx_port,
-                                                                             bench.ports["upstream"], workers),
-                        root, cores, workers)
+    nginx = start_nginx(
+        bench,
+        f"nginx-w{workers}",
+        nginx_conf.reference_conf(root, nginx_port, bench.ports["upstream"], workers),
+        root,
+        cores,
+        workers,
+    )
     harness.wait_ready(nginx, nginx_port, harness.http_probe("/healthz"), b"HTTP/1.1 200")
     body = openai_shapes.request_body(body_name)
     # entry name: (role, port, pid); the one-worker servers are the ones measured in every other phase.
-    targets = {"proxy": ("proxy", proxy_port, proxy.pid), "nginx": ("nginx", nginx_port, nginx.pid),
-               "proxy_one_worker": ("proxy", bench.ports["proxy"], bench.pids["proxy"]),
-               "nginx_one_worker": ("nginx", bench.ports["nginx"], bench.pids["nginx"])}
+    targets = {
+        "proxy": ("proxy", proxy_port, proxy.pid),
+        "nginx": ("nginx", nginx_port, nginx.pid),
+        "proxy_one_worker": ("proxy", bench.ports["proxy"], bench.pids["proxy"]),
+        "nginx_one_worker": ("nginx", bench.ports["nginx"], bench.pids["nginx"]),
+    }
     for _, port, _ in targets.values():
         probes.warm_until_hit(port, path, body, expected)
     runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
@@ -208,5 +244,12 @@ def measure_profile(bench: Bench) -> None:
     bench.results["profile"] = profile
 
 
-ALL = (measure_hits, measure_misses, measure_ttfb, measure_working_set, measure_startup, measure_scaling,
-       measure_profile)
+ALL = (
+    measure_hits,
+    measure_misses,
+    measure_ttfb,
+    measure_working_set,
+    measure_startup,
+    measure_scaling,
+    measure_profile,
+)

@@ -53,8 +53,11 @@ def differing_headers(proxy: dict[str, str], other: dict[str, str]) -> list[str]
     ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``harness.request`` returns them.
     """
     varying = {"date", "age", "x-cache-key"}
-    return sorted(name for name in proxy.keys() | other.keys()
-                  if name not in proxy or name not in other or (name not in varying and proxy[name] != other[name]))
+    return sorted(
+        name
+        for name in proxy.keys() | other.keys()
+        if name not in proxy or name not in other or (name not in varying and proxy[name] != other[name])
+    )
 
 
 def expect_miss(port: int, path: str, body: bytes) -> None:
@@ -65,9 +68,12 @@ def expect_miss(port: int, path: str, body: bytes) -> None:
 
 
 def _post_head(port: int, path: str, length: int, keep_alive: bool) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer sk-bench\r\nAccept: text/event-stream\r\nContent-Length: {length}\r\n"
-            + ("" if keep_alive else "Connection: close\r\n") + "\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer sk-bench\r\nAccept: text/event-stream\r\nContent-Length: {length}\r\n"
+        + ("" if keep_alive else "Connection: close\r\n")
+        + "\r\n"
+    ).encode()
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -84,7 +90,7 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
         end = eol + 2 + size
         if len(data) < end + 2:
             break
-        parts.append(data[eol + 2:end])
+        parts.append(data[eol + 2 : end])
         pos = end + 2
     return b"".join(parts), False
 
@@ -112,9 +118,10 @@ def _exchange(sock: socket.socket, port: int, path: str, body: bytes, keep_alive
             length = int(framing["content-length"]) if "content-length" in framing and not chunked else None
         if first_event is None and buf.find(b"data: ", header_end) >= 0:
             first_event = now
-        payload = buf[header_end + 4:]
+        payload = buf[header_end + 4 :]
         if (length is not None and len(payload) >= length) or (
-                chunked and payload.endswith(b"\r\n\r\n") and dechunk(payload)[1]):
+            chunked and payload.endswith(b"\r\n\r\n") and dechunk(payload)[1]
+        ):
             break
     head_bytes, _, payload = buf.partition(b"\r\n\r\n")
     lines = head_bytes.decode("latin-1").split("\r\n")
@@ -123,8 +130,9 @@ def _exchange(sock: socket.socket, port: int, path: str, body: bytes, keep_alive
     headers = _headers(head_bytes)
     if keep_alive and headers.get("connection", "").lower() == "close":
         raise BenchmarkError(f"port {port} closed a connection the client meant to keep alive")
-    return Reply(int(lines[0].split()[1]), headers, dechunk(payload)[0] if chunked else payload, first_byte,
-                 first_event)
+    return Reply(
+        int(lines[0].split()[1]), headers, dechunk(payload)[0] if chunked else payload, first_byte, first_event
+    )
 
 
 def _headers(head: bytes) -> dict[str, str]:
@@ -154,8 +162,9 @@ class KeptAlive:
         self._sock.close()
 
 
-def stream_ttfb(ports: dict[str, int], bodies: list[dict[str, bytes]], kept_alive: bool,
-                warm: int = 3) -> dict[str, dict[str, float]]:
+def stream_ttfb(
+    ports: dict[str, int], bodies: list[dict[str, bytes]], kept_alive: bool, warm: int = 3
+) -> dict[str, dict[str, float]]:
     """Median first-byte and first-event times of streamed misses per side, in milliseconds; for every side but
     the first (upstream itself), also the median of its per-round differences to the first (``*_added_ms``).
 
@@ -172,13 +181,17 @@ def stream_ttfb(ports: dict[str, int], bodies: list[dict[str, bytes]], kept_aliv
     try:
         for round_index, round_bodies in enumerate(bodies):
             for side in rounds.order(sides, round_index):
-                reply = (conns[side].post(CHAT, round_bodies[side]) if kept_alive
-                         else post_timed(ports[side], CHAT, round_bodies[side]))
+                reply = (
+                    conns[side].post(CHAT, round_bodies[side])
+                    if kept_alive
+                    else post_timed(ports[side], CHAT, round_bodies[side])
+                )
                 if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
                     raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
                 if side != sides[0] and reply.headers.get("x-cache") != "MISS":
-                    raise BenchmarkError(f"streamed request via {side} was not a miss "
-                                         f"(X-Cache: {reply.headers.get('x-cache')})")
+                    raise BenchmarkError(
+                        f"streamed request via {side} was not a miss (X-Cache: {reply.headers.get('x-cache')})"
+                    )
                 if round_index >= warm:
                     byte_s[side].append(reply.first_byte_s)
                     event_s[side].append(reply.first_event_s)
@@ -188,12 +201,15 @@ def stream_ttfb(ports: dict[str, int], bodies: list[dict[str, bytes]], kept_aliv
     ms = 1000.0
     out: dict[str, dict[str, float]] = {}
     for side in sides:
-        out[side] = {"first_event_ms": statistics.median(event_s[side]) * ms,
-                     "first_byte_ms": statistics.median(byte_s[side]) * ms}
+        out[side] = {
+            "first_event_ms": statistics.median(event_s[side]) * ms,
+            "first_byte_ms": statistics.median(byte_s[side]) * ms,
+        }
         if side != sides[0]:
             for key, times in (("first_event", event_s), ("first_byte", byte_s)):
-                out[side][f"{key}_added_ms"] = statistics.median(
-                    p - d for p, d in zip(times[side], times[sides[0]], strict=True)) * ms
+                out[side][f"{key}_added_ms"] = (
+                    statistics.median(p - d for p, d in zip(times[side], times[sides[0]], strict=True)) * ms
+                )
     return out
 
 
@@ -206,8 +222,7 @@ async def _fill_pass(port: int, bodies: list[bytes], concurrency: int) -> Counte
 
     async def client(session: aiohttp.ClientSession) -> None:
         for body in todo:
-            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                    headers=headers) as resp:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers=headers) as resp:
                 await resp.read()
                 outcomes["non-200" if resp.status != 200 else resp.headers.get("X-Cache", "none")] += 1
 

@@ -22,10 +22,30 @@ def executable() -> str | None:
 
 def record(py_spy: str, pid: int, seconds: int, out: Path, core: int) -> subprocess.Popen[bytes]:
     """Start sampling *pid* (and its children) for *seconds* into *out* in py-spy's collapsed-stack format."""
-    return subprocess.Popen(["taskset", "-c", str(core), py_spy, "record", "--pid", str(pid), "--rate", "250",
-                             "--duration", str(seconds), "--format", "raw", "--nonblocking", "--subprocesses",
-                             "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            str(core),
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--duration",
+            str(seconds),
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--subprocesses",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _frame(raw: str) -> str:
@@ -54,7 +74,22 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, list[tuple[str, float]
         return {"self": [], "total": []}
     return {
         "self": [(frame, n / samples) for frame, n in own.most_common(top)],
-        "total": [(frame, n / samples) for frame, n in inclusive.most_common(top + 10)
-                  if not frame.startswith(("<module>", "_run_", "run_app", "main ", "_serve", "run_until",
-                                           "run_forever", "BaseEventLoop", "_run_once", "Handle._run"))][:top],
+        "total": [
+            (frame, n / samples)
+            for frame, n in inclusive.most_common(top + 10)
+            if not frame.startswith(
+                (
+                    "<module>",
+                    "_run_",
+                    "run_app",
+                    "main ",
+                    "_serve",
+                    "run_until",
+                    "run_forever",
+                    "BaseEventLoop",
+                    "_run_once",
+                    "Handle._run",
+                )
+            )
+        ][:top],
     }

@@ -8,8 +8,16 @@ from typing import Any
 
 # wrk numbers a summary carries as the median over rounds; counts are summed and the maximum latency is the max.
 MEDIAN_KEYS = ("requests_per_s", "latency_avg_ms", "p50_ms", "p75_ms", "p90_ms", "p99_ms")
-SUM_KEYS = ("requests", "duration_s", "bytes_read", "non_2xx", "connect_errors", "read_errors", "write_errors",
-            "timeouts")
+SUM_KEYS = (
+    "requests",
+    "duration_s",
+    "bytes_read",
+    "non_2xx",
+    "connect_errors",
+    "read_errors",
+    "write_errors",
+    "timeouts",
+)
 SPREAD_KEYS = ("requests_per_s", "p50_ms", "p99_ms")
 
 
@@ -19,7 +27,7 @@ def order(names: Sequence[str], round_index: int) -> list[str]:
     ``order(["proxy", "nginx", "floor"], 1) == ["floor", "proxy", "nginx"]``.
     """
     shift = round_index % len(names)
-    return [*names[len(names) - shift:], *names[:len(names) - shift]]
+    return [*names[len(names) - shift :], *names[: len(names) - shift]]
 
 
 def runs_of(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -37,8 +45,7 @@ def wrk_spread(entry: Mapping[str, Any], key: str) -> dict[str, float]:
     return spread([float(run["wrk"][key]) for run in runs_of(entry)])
 
 
-def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any],
-          key: str = "requests_per_s") -> dict[str, Any]:
+def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], key: str = "requests_per_s") -> dict[str, Any]:
     """A wrk number of *numerator* over *denominator*, computed round by round, then its median and spread.
 
     Round *i* of one is paired with round *i* of the other, which ran next to it in time, so drift of the
@@ -47,8 +54,10 @@ def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any],
     tops, bottoms = runs_of(numerator), runs_of(denominator)
     if len(tops) != len(bottoms):
         raise ValueError(f"{len(tops)} rounds against {len(bottoms)}")
-    per_round = [float(t["wrk"][key]) / float(b["wrk"][key]) if b["wrk"][key] else 0.0
-                 for t, b in zip(tops, bottoms, strict=True)]
+    per_round = [
+        float(t["wrk"][key]) / float(b["wrk"][key]) if b["wrk"][key] else 0.0
+        for t, b in zip(tops, bottoms, strict=True)
+    ]
     return {**spread(per_round), "rounds": per_round}
 
 
@@ -66,14 +75,17 @@ def summarize(runs: Sequence[Mapping[str, Any]], **extra: object) -> dict[str, A
     roles = list(runs[0]["cpu_us_per_request"])
     entry: dict[str, Any] = {
         "wrk": wrk,
-        "cpu_us_per_request": {role: statistics.median(run["cpu_us_per_request"][role] for run in runs)
-                               for role in roles},
+        "cpu_us_per_request": {
+            role: statistics.median(run["cpu_us_per_request"][role] for run in runs) for role in roles
+        },
         "core_busy": {role: statistics.median(run["core_busy"][role] for run in runs) for role in roles},
         "server_core_other": max(run.get("server_core_other", 0.0) for run in runs),
     }
     for key in ("upstream_requests", "redis_keys_added"):
         if all(key in run for run in runs):
             entry[key] = sum(run[key] for run in runs)
-    entry["spread"] = {key: {"min": min(run["wrk"][key] for run in runs), "max": max(run["wrk"][key] for run in runs)}
-                       for key in SPREAD_KEYS}
+    entry["spread"] = {
+        key: {"min": min(run["wrk"][key] for run in runs), "max": max(run["wrk"][key] for run in runs)}
+        for key in SPREAD_KEYS
+    }
     return {**entry, **extra, "rounds": list(runs)}

@@ -34,20 +34,38 @@ INSTALL_HINT = "apt-get install -y wrk nginx-light redis-server util-linux"
 
 def environment(args: argparse.Namespace) -> dict[str, object]:
     """Commit, machine, tool versions and options: what a reader needs to compare two result files."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "proxy"],
-                                capture_output=True, text=True).stdout.strip())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "proxy"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     redis = " ".join(harness.tool_version(["redis-server", "--version"]).split()[:3])
     return {
-        "commit": commit + ("+dirty" if dirty else ""), "cpu": cpu, "cores": os.cpu_count(),
-        "python": sys.version.split()[0], "wrk": harness.tool_version(["wrk", "--version"]).split(" Copyright")[0],
-        "nginx": harness.tool_version(["nginx", "-v"]), "redis": redis,
-        "duration_s": args.duration, "rounds": args.rounds, "quick": args.quick, "calibrate": args.calibrate,
+        "commit": commit + ("+dirty" if dirty else ""),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "wrk": harness.tool_version(["wrk", "--version"]).split(" Copyright")[0],
+        "nginx": harness.tool_version(["nginx", "-v"]),
+        "redis": redis,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "calibrate": args.calibrate,
         "log_level": args.log_level,
-        "server_core": SERVER_CORE, "load_core": LOAD_CORE,
+        "server_core": SERVER_CORE,
+        "load_core": LOAD_CORE,
     }
 
 
@@ -55,14 +73,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark the proxy against nginx proxy_cache.")
     parser.add_argument("--quick", action="store_true", help="1 s per run and smaller samples (a smoke run)")
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 4, or 1 with --quick)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of the hit, miss and scaling runs (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of the hit, miss and scaling runs (default 3)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="proxy workers for the scaling run; 1 skips it")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the measured runs, sample the proxy with py-spy under the hit and miss loads")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured runs, sample the proxy with py-spy under the hit and miss loads",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (configs and process logs)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="put a second nginx where the proxy goes: every ratio should come out near 1.0")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="put a second nginx where the proxy goes: every ratio should come out near 1.0",
+    )
     parser.add_argument("--log-level", default="WARNING", help="LOG_LEVEL given to the proxy (default WARNING)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.quick else 4)
@@ -100,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_busy = harness.core_busy(before, harness.core_times())
     bench.results["environment"]["cores_busy_before_start"] = idle_busy
     if max(idle_busy.values()) > 0.1:
-        print(f"warning: the machine is busy before the run starts ({idle_busy}); numbers will be noisy",
-              flush=True)
+        print(f"warning: the machine is busy before the run starts ({idle_busy}); numbers will be noisy", flush=True)
     print(f"scratch dir {bench.tmp}; {args.rounds} rounds of {args.duration} s wrk runs", flush=True)
     try:
         setup(bench)

@@ -98,11 +98,11 @@ def test_parser_refuses_output_when_wrk_did_not_finish() -> None:
 
 
 def test_chunked_body_is_complete_when_the_last_chunk_and_empty_line_arrived() -> None:
-    payload = b"6\r\ndata: \r\n11\r\n{\"a\":1}\n\ndata: [D\r\n0\r\n\r\n"
+    payload = b'6\r\ndata: \r\n11\r\n{"a":1}\n\ndata: [D\r\n0\r\n\r\n'
     assert dechunk(payload) == (b'data: {"a":1}\n\ndata: [D', True)
 
 
 def test_chunked_body_is_incomplete_when_cut_inside_a_chunk_or_before_the_end() -> None:
-    payload = b"6\r\ndata: \r\n11\r\n{\"a\":1}\n\ndata: [D\r\n0\r\n\r\n"
+    payload = b'6\r\ndata: \r\n11\r\n{"a":1}\n\ndata: [D\r\n0\r\n\r\n'
     assert dechunk(payload[:14]) == (b"data: ", False)
     assert dechunk(payload[:-2]) == (b'data: {"a":1}\n\ndata: [D', False)

@@ -10,40 +10,80 @@ from figures import HIT_WORKLOADS, gap_split, ratios, targets
 from probes import differing_headers
 from report import ResultsFormatError, markdown
 
-ENVIRONMENT = {"commit": "abc1234", "cpu": "Test CPU", "cores": 2, "python": "3.11.7", "nginx": "nginx/1.22.1",
-               "wrk": "wrk 4.1.0", "redis": "Redis 7.0.15", "duration_s": 10, "server_core": 0, "load_core": 1,
-               "calibrate": False}
+ENVIRONMENT = {
+    "commit": "abc1234",
+    "cpu": "Test CPU",
+    "cores": 2,
+    "python": "3.11.7",
+    "nginx": "nginx/1.22.1",
+    "wrk": "wrk 4.1.0",
+    "redis": "Redis 7.0.15",
+    "duration_s": 10,
+    "server_core": 0,
+    "load_core": 1,
+    "calibrate": False,
+}
 # name -> (req/s, p50 ms, p99 ms, CPU µs per request)
-SERVERS = {"proxy": (10_000.0, 6.0, 9.0, 100.0), "nginx": (30_000.0, 2.0, 3.0, 30.0),
-           "floor": (10_500.0, 5.5, 8.0, 94.0)}
+SERVERS = {
+    "proxy": (10_000.0, 6.0, 9.0, 100.0),
+    "nginx": (30_000.0, 2.0, 3.0, 30.0),
+    "floor": (10_500.0, 5.5, 8.0, 94.0),
+}
 
 
 def _run(name: str) -> dict[str, Any]:
     rps, p50, p99, cpu_us = SERVERS[name]
-    return {"wrk": {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99}, "cpu_us_per_request": {name: cpu_us},
-            "core_busy": {name: 1.0}, "server_core_other": 0.0, "upstream_requests": 0,
-            "body_identical_to_upstream": True}
+    return {
+        "wrk": {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99},
+        "cpu_us_per_request": {name: cpu_us},
+        "core_busy": {name: 1.0},
+        "server_core_other": 0.0,
+        "upstream_requests": 0,
+        "body_identical_to_upstream": True,
+    }
 
 
 def _results(servers: tuple[str, ...] = ("proxy", "nginx", "floor")) -> dict[str, Any]:
-    hits = {f"{workload}/{conns}/{name}": _run(name)
-            for workload in HIT_WORKLOADS for conns in (64, 1) for name in servers}
+    hits = {
+        f"{workload}/{conns}/{name}": _run(name) for workload in HIT_WORKLOADS for conns in (64, 1) for name in servers
+    }
     return {"environment": ENVIRONMENT, "hits": hits}
 
 
 def _wrk_run(role: str, rps: float, p50: float, p99: float, cpu_us: float = 100.0) -> dict[str, Any]:
-    wrk = {"requests_per_s": rps, "latency_avg_ms": p50, "p50_ms": p50, "p75_ms": p50, "p90_ms": p99,
-           "p99_ms": p99, "latency_max_ms": p99 * 2, "requests": int(rps * 4), "duration_s": 4.0,
-           "bytes_read": 1000, "non_2xx": 0, "connect_errors": 0, "read_errors": 0, "write_errors": 0,
-           "timeouts": 0}
-    return {"wrk": wrk, "cpu_us_per_request": {role: cpu_us}, "core_busy": {role: 1.0}, "server_core_other": 0.0,
-            "upstream_requests": 0}
+    wrk = {
+        "requests_per_s": rps,
+        "latency_avg_ms": p50,
+        "p50_ms": p50,
+        "p75_ms": p50,
+        "p90_ms": p99,
+        "p99_ms": p99,
+        "latency_max_ms": p99 * 2,
+        "requests": int(rps * 4),
+        "duration_s": 4.0,
+        "bytes_read": 1000,
+        "non_2xx": 0,
+        "connect_errors": 0,
+        "read_errors": 0,
+        "write_errors": 0,
+        "timeouts": 0,
+    }
+    return {
+        "wrk": wrk,
+        "cpu_us_per_request": {role: cpu_us},
+        "core_busy": {role: 1.0},
+        "server_core_other": 0.0,
+        "upstream_requests": 0,
+    }
 
 
 def _rounds_results() -> dict[str, Any]:
     """Three rounds in which the machine drifts: the per-round ratio stays 0.5 while each server's req/s moves."""
-    speeds = {"proxy": (5000.0, 8000.0, 6000.0), "nginx": (10000.0, 16000.0, 12000.0),
-              "floor": (6000.0, 9000.0, 7000.0)}
+    speeds = {
+        "proxy": (5000.0, 8000.0, 6000.0),
+        "nginx": (10000.0, 16000.0, 12000.0),
+        "floor": (6000.0, 9000.0, 7000.0),
+    }
     hits = {}
     for workload in HIT_WORKLOADS:
         for conns in (64, 1):
@@ -69,7 +109,8 @@ def test_gap_to_nginx_is_split_at_the_floor_when_all_three_ran() -> None:
     assert split["hit"]["proxy_us"] == pytest.approx(6.0)
     assert split["hit"]["aiohttp_share"] == pytest.approx(64.0 / 70.0)
     assert "- hit: 70.0 µs, of which aiohttp's floor 64.0 µs (91%) and the proxy's own work 6.0 µs" in markdown(
-        _results())
+        _results()
+    )
 
 
 def test_hit_tables_render_without_floor_when_the_results_predate_it() -> None:
@@ -87,8 +128,14 @@ def test_floor_header_mismatch_is_noted_when_a_header_differs() -> None:
 
 
 def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
-    proxy = {"content-type": "application/json", "x-cache": "HIT", "x-cache-key": "0123456789abcdef", "age": "3",
-             "date": "Thu, 26 Nov 2026 08:00:00 GMT", "openai-version": "2020-10-01"}
+    proxy = {
+        "content-type": "application/json",
+        "x-cache": "HIT",
+        "x-cache-key": "0123456789abcdef",
+        "age": "3",
+        "date": "Thu, 26 Nov 2026 08:00:00 GMT",
+        "openai-version": "2020-10-01",
+    }
     floor = {**proxy, "x-cache-key": "0000000000000000", "age": "0", "date": "Thu, 26 Nov 2026 08:00:09 GMT"}
     assert differing_headers(proxy, floor) == []
     del floor["age"]
@@ -100,13 +147,18 @@ def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
 def test_servers_take_turns_first_when_rounds_rotate() -> None:
     names = ["proxy", "nginx", "floor"]
     assert [rounds.order(names, i) for i in range(4)] == [
-        ["proxy", "nginx", "floor"], ["floor", "proxy", "nginx"], ["nginx", "floor", "proxy"],
-        ["proxy", "nginx", "floor"]]
+        ["proxy", "nginx", "floor"],
+        ["floor", "proxy", "nginx"],
+        ["nginx", "floor", "proxy"],
+        ["proxy", "nginx", "floor"],
+    ]
 
 
 def test_summary_keeps_medians_sums_and_rounds_when_runs_are_summarized() -> None:
-    runs = [_wrk_run("proxy", rps, p50, p99, cpu) for rps, p50, p99, cpu in
-            ((5000.0, 1.0, 3.0, 90.0), (8000.0, 2.0, 9.0, 120.0), (6000.0, 1.5, 4.0, 100.0))]
+    runs = [
+        _wrk_run("proxy", rps, p50, p99, cpu)
+        for rps, p50, p99, cpu in ((5000.0, 1.0, 3.0, 90.0), (8000.0, 2.0, 9.0, 120.0), (6000.0, 1.5, 4.0, 100.0))
+    ]
     runs[1]["server_core_other"] = 0.2
     entry = rounds.summarize(runs, body_identical_to_upstream=True)
     assert entry["wrk"]["requests_per_s"] == 6000.0
@@ -154,9 +206,15 @@ def test_report_says_it_cannot_render_when_a_part_is_missing() -> None:
         markdown(results)
 
 
-OLD_TTFB = {"samples": 60, "first_event_direct_ms": 20.84, "first_event_proxy_ms": 22.79,
-            "first_event_added_ms": 1.907, "first_byte_direct_ms": 0.40, "first_byte_proxy_ms": 2.28,
-            "first_byte_added_ms": 1.852}
+OLD_TTFB = {
+    "samples": 60,
+    "first_event_direct_ms": 20.84,
+    "first_event_proxy_ms": 22.79,
+    "first_event_added_ms": 1.907,
+    "first_byte_direct_ms": 0.40,
+    "first_byte_proxy_ms": 2.28,
+    "first_byte_added_ms": 1.852,
+}
 
 
 def _side(event_ms: float, added_ms: float | None = None) -> dict[str, float]:
@@ -168,27 +226,41 @@ def _side(event_ms: float, added_ms: float | None = None) -> dict[str, float]:
 
 def test_ttfb_renders_as_new_connection_when_the_file_predates_kept_alive() -> None:
     text = markdown({"environment": ENVIRONMENT, "stream_ttfb": OLD_TTFB})
-    assert ("| streamed miss, first SSE event, new connection per request (median of 60) "
-            "| 20.84 ms direct, 22.79 ms via proxy | 1.907 ms added |") in text
+    assert (
+        "| streamed miss, first SSE event, new connection per request (median of 60) "
+        "| 20.84 ms direct, 22.79 ms via proxy | 1.907 ms added |"
+    ) in text
     assert "kept-alive" not in text
     assert [c["target"] for c in targets({"stream_ttfb": OLD_TTFB})] == [
-        "stream miss: first event added, new connection"]
+        "stream miss: first event added, new connection"
+    ]
 
 
 def test_ttfb_breakdown_shows_each_backend_step_when_all_backends_ran() -> None:
-    backends = {"direct": _side(20.5), "relay": _side(20.8, 0.3), "redis": _side(21.4, 0.9),
-                "memory": _side(21.1, 0.6), "off": _side(21.0, 0.5)}
-    ttfb = {"samples": 60, "new_connection": {"direct": _side(20.8), "proxy": _side(22.7, 1.9)},
-            "kept_alive": {"direct": backends["direct"], "proxy": backends["redis"]},
-            "kept_alive_backends": backends}
+    backends = {
+        "direct": _side(20.5),
+        "relay": _side(20.8, 0.3),
+        "redis": _side(21.4, 0.9),
+        "memory": _side(21.1, 0.6),
+        "off": _side(21.0, 0.5),
+    }
+    ttfb = {
+        "samples": 60,
+        "new_connection": {"direct": _side(20.8), "proxy": _side(22.7, 1.9)},
+        "kept_alive": {"direct": backends["direct"], "proxy": backends["redis"]},
+        "kept_alive_backends": backends,
+    }
     text = markdown({"environment": ENVIRONMENT, "stream_ttfb": ttfb})
     assert "| streamed miss, first SSE event, one kept-alive connection per side (median of 60) " in text
-    assert ("| bare aiohttp relay | 20.800 | 0.300 | 0.300 | aiohttp server and client, stream copy "
-            "| +0.300 |") in text
+    assert ("| bare aiohttp relay | 20.800 | 0.300 | 0.300 | aiohttp server and client, stream copy | +0.300 |") in text
     assert "| proxy, CACHE_BACKEND=off | 21.000 | 0.500 | 0.500 | + the proxy's own miss path" in text
     assert "| proxy, CACHE_BACKEND=memory | 21.100 | 0.600 | 0.600 | + in-process lookup | +0.100 |" in text
-    assert ("| proxy, CACHE_BACKEND=redis | 21.400 | 0.900 | 0.900 | + Redis lookup (in-process tier, then a Redis "
-            "GET) | +0.300 |") in text
+    assert (
+        "| proxy, CACHE_BACKEND=redis | 21.400 | 0.900 | 0.900 | + Redis lookup (in-process tier, then a Redis "
+        "GET) | +0.300 |"
+    ) in text
     met = {c["target"]: c["met"] for c in targets({"stream_ttfb": ttfb})}
-    assert met == {"stream miss: first event added, new connection": False,
-                   "stream miss: first event added, kept-alive": True}
+    assert met == {
+        "stream miss: first event added, new connection": False,
+        "stream miss: first event added, kept-alive": True,
+    }

@@ -54,11 +54,7 @@ def render_chart(values: Mapping[str, Any], chart_dir: Path = CHART_DIR) -> Rend
     with helm.Chart.load(str(chart_dir)) as chart:
         files = chart.render(dict(values), name=RELEASE, namespace=NAMESPACE)
     hooks = [
-        doc
-        for name, text in files.items()
-        if "/templates/tests/" in name
-        for doc in yaml.safe_load_all(text)
-        if doc
+        doc for name, text in files.items() if "/templates/tests/" in name for doc in yaml.safe_load_all(text) if doc
     ]
     docs = [doc for doc in yaml.safe_load_all(release["manifest"]) if doc]
     return Render(values, release["manifest"], docs, release["notes"], hooks)

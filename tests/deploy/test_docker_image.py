@@ -29,7 +29,10 @@ def hadolint_binary() -> str:
 def test_hadolint_reports_nothing_when_threshold_is_warning() -> None:
     result = subprocess.run(
         [hadolint_binary(), "--format", "json", "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     findings = json.loads(result.stdout)
     assert [f for f in findings if f["level"] in ("error", "warning")] == []
@@ -74,10 +77,21 @@ def test_healthcheck_calls_healthz_on_proxy_port_when_image_has_no_curl(dockerfi
 def test_secrets_and_development_files_stay_out_when_building() -> None:
     patterns = read_dockerignore()
     excluded = [
-        ".env", ".env.local", ".git/HEAD", "tests/unit/test_config.py", "tests/conftest.py", "helm/Chart.yaml",
-        "docs/deploy.md", "proxy/__pycache__/app.cpython-311.pyc", ".venv/bin/python", "venv/bin/python",
-        ".mypy_cache/3.11/x.json", ".pytest_cache/README.md", "build/lib/proxy/app.py",
-        "llm_cache_proxy.egg-info/PKG-INFO", "dist/x.whl",
+        ".env",
+        ".env.local",
+        ".git/HEAD",
+        "tests/unit/test_config.py",
+        "tests/conftest.py",
+        "helm/Chart.yaml",
+        "docs/deploy.md",
+        "proxy/__pycache__/app.cpython-311.pyc",
+        ".venv/bin/python",
+        "venv/bin/python",
+        ".mypy_cache/3.11/x.json",
+        ".pytest_cache/README.md",
+        "build/lib/proxy/app.py",
+        "llm_cache_proxy.egg-info/PKG-INFO",
+        "dist/x.whl",
     ]
     kept = ["proxy/__init__.py", "proxy/__main__.py", "setup.cfg", "pyproject.toml", "README.md"]
     assert [p for p in excluded if not dockerignore_excludes(patterns, p)] == []

@@ -45,12 +45,20 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     context = work / "context"
     copy_build_context(context)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--wheel-dir", str(work / "dist"), str(context)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--wheel-dir", str(work / "dist"), str(context)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (work / "dist").glob("llm_cache_proxy-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work / "venv")], check=True, timeout=120)
-    subprocess.run([*pip, "--python", str(work / "venv" / "bin" / "python"), "install", str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [*pip, "--python", str(work / "venv" / "bin" / "python"), "install", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return work / "venv"
 
 
@@ -125,6 +133,7 @@ def test_healthcheck_passes_and_sigterm_stops_cleanly_when_running_the_image_com
 
 
 def test_console_script_is_installed_when_installing_the_wheel(venv: Path) -> None:
-    result = subprocess.run([str(venv / "bin" / "llm-cache-proxy"), "--version"],
-                            capture_output=True, text=True, timeout=30, check=True)
+    result = subprocess.run(
+        [str(venv / "bin" / "llm-cache-proxy"), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
     assert result.stdout.startswith("llm-cache-proxy ")

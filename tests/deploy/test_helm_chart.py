@@ -48,8 +48,15 @@ EXPECTED_KINDS = {
     "external-redis": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
     "bundled-redis": ["ServiceAccount", "Secret", "ConfigMap", "Service", "Service", "Deployment", "Deployment"],
     "standalone-full": [
-        "PodDisruptionBudget", "ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment",
-        "HorizontalPodAutoscaler", "Ingress", "ServiceMonitor",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "Secret",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+        "ServiceMonitor",
     ],
 }
 CI_IDS = [p.name for p in CI_VALUES]
@@ -195,9 +202,7 @@ def test_plain_sidecar_is_an_extra_container_when_native_is_off(rendered: dict[s
 
 
 @pytest.mark.parametrize(("name", "port"), [("sidecar-native", 8080), ("sidecar-legacy", 18080)])
-def test_app_reaches_proxy_on_loopback_when_mode_is_sidecar(
-    rendered: dict[str, Render], name: str, port: int
-) -> None:
+def test_app_reaches_proxy_on_loopback_when_mode_is_sidecar(rendered: dict[str, Render], name: str, port: int) -> None:
     deployment = rendered[name].one("Deployment")
     app = pod_spec(deployment)["containers"][0]
     proxy = proxy_container(deployment)
@@ -427,10 +432,18 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
         ({"redis": {"url": "redis://cache:6379/0", "bundled": {"enabled": True}}}, "not both"),
         ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "must not carry a password"),
         ({"redis": {"url": "redis://default:hunter2@cache:6379/0"}}, "must not carry a password"),
-        ({"mode": "sidecar", "app": {"image": {"repository": "app"}},
-          "metrics": {"serviceMonitor": {"enabled": True}}}, "needs mode=standalone"),
-        ({"mode": "sidecar", "app": {"image": {"repository": "app"}}, "ingress": {"enabled": True}},
-         "needs mode=standalone"),
+        (
+            {
+                "mode": "sidecar",
+                "app": {"image": {"repository": "app"}},
+                "metrics": {"serviceMonitor": {"enabled": True}},
+            },
+            "needs mode=standalone",
+        ),
+        (
+            {"mode": "sidecar", "app": {"image": {"repository": "app"}}, "ingress": {"enabled": True}},
+            "needs mode=standalone",
+        ),
         ({"mode": "sidecar"}, "app.image.repository is required"),
     ],
 )

@@ -27,8 +27,13 @@ def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("fake-upstream") / "upstream.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
-                                   cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # Any path answers; /v1/ping falls through to the fake's echo route.
         wait_until_serving(f"http://127.0.0.1:{port}/v1/ping", process, log)
@@ -45,8 +50,9 @@ def module_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def proxy(upstream_url: str, module_redis: RedisServer,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def proxy(
+    upstream_url: str, module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     """The proxy with default settings, shared by one test module (tests use prompts of their own)."""
     process = start_proxy(tmp_path_factory.mktemp("proxy"), upstream_url, module_redis.url)
     yield process

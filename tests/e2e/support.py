@@ -76,8 +76,12 @@ class ProxyProcess:
         """Sum of the samples called *name* whose labels include *labels*."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
             text = response.read().decode()
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and labels.items() <= sample.labels.items())
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def upstream_responses(self, status: str = "2xx") -> int:
         """Upstream answers of status class *status* (``2xx``, ``4xx``, ``5xx``, ``error``) so far."""
@@ -87,21 +91,32 @@ class ProxyProcess:
         stop_process(self.process)
 
 
-def start_proxy(workdir: Path, upstream_url: str, redis_url: str, *, config: str = "",
-                **env: str) -> ProxyProcess:
+def start_proxy(workdir: Path, upstream_url: str, redis_url: str, *, config: str = "", **env: str) -> ProxyProcess:
     """Start a proxy in front of *upstream_url*; *config* is the YAML it reads instead of the repo's."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "proxy.yaml"
     config_file.write_text(config)
     log = workdir / "proxy.log"
     port = free_port()
-    settings = {"PROXY_HOST": "127.0.0.1", "PROXY_PORT": str(port), "UPSTREAM_BASE_URL": upstream_url,
-                "OPENAI_API_KEY": UPSTREAM_KEY, "REDIS_URL": redis_url, "CACHE_NAMESPACE": NAMESPACE,
-                "PROXY_CONFIG": str(config_file), **env}
+    settings = {
+        "PROXY_HOST": "127.0.0.1",
+        "PROXY_PORT": str(port),
+        "UPSTREAM_BASE_URL": upstream_url,
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "REDIS_URL": redis_url,
+        "CACHE_NAMESPACE": NAMESPACE,
+        "PROXY_CONFIG": str(config_file),
+        **env,
+    }
     with log.open("wb") as out:
         # The working directory is empty, so no stray .env is loaded.
-        process = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=workdir, env=clean_env(**settings),
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy"],
+            cwd=workdir,
+            env=clean_env(**settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_until_serving(f"{url}/healthz", process, log)
     return ProxyProcess(url, process, log)

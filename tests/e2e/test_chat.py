@@ -35,8 +35,9 @@ def _text(chunks: list[dict[str, Any]]) -> str:
     return "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])
 
 
-def _assert_same_stream(miss: list[dict[str, Any]], hit: list[dict[str, Any]], content: str,
-                        include_usage: bool) -> None:
+def _assert_same_stream(
+    miss: list[dict[str, Any]], hit: list[dict[str, Any]], content: str, include_usage: bool
+) -> None:
     assert hit == miss
     assert _text(hit) == f"echo: {content}"
     assert len({c["id"] for c in hit}) == 1
@@ -48,8 +49,7 @@ def _assert_same_stream(miss: list[dict[str, Any]], hit: list[dict[str, Any]], c
         assert usage == []
 
 
-def test_repeat_is_a_hit_with_the_same_completion_when_sync_client(proxy: ProxyProcess,
-                                                                   client: openai.OpenAI) -> None:
+def test_repeat_is_a_hit_with_the_same_completion_when_sync_client(proxy: ProxyProcess, client: openai.OpenAI) -> None:
     before = proxy.upstream_responses()
     kwargs = chat_kwargs("sync plain question")
     first = client.chat.completions.with_raw_response.create(**kwargs)
@@ -63,8 +63,9 @@ def test_repeat_is_a_hit_with_the_same_completion_when_sync_client(proxy: ProxyP
     assert proxy.upstream_responses() - before == 1
 
 
-async def test_repeat_is_a_hit_with_the_same_completion_when_async_client(proxy: ProxyProcess,
-                                                                          aclient: openai.AsyncOpenAI) -> None:
+async def test_repeat_is_a_hit_with_the_same_completion_when_async_client(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     before = proxy.upstream_responses()
     kwargs = chat_kwargs("async plain question")
     first = await aclient.chat.completions.with_raw_response.create(**kwargs)
@@ -78,8 +79,9 @@ async def test_repeat_is_a_hit_with_the_same_completion_when_async_client(proxy:
 
 
 @pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "usage"])
-def test_stream_hit_yields_the_same_chunks_when_sync_client(proxy: ProxyProcess, client: openai.OpenAI,
-                                                            include_usage: bool) -> None:
+def test_stream_hit_yields_the_same_chunks_when_sync_client(
+    proxy: ProxyProcess, client: openai.OpenAI, include_usage: bool
+) -> None:
     before = proxy.upstream_responses()
     content = f"sync stream question usage={include_usage}"
     first = client.chat.completions.with_raw_response.create(**_stream_kwargs(content, include_usage))
@@ -93,8 +95,9 @@ def test_stream_hit_yields_the_same_chunks_when_sync_client(proxy: ProxyProcess,
 
 
 @pytest.mark.parametrize("include_usage", [False, True], ids=["no-usage", "usage"])
-async def test_stream_hit_yields_the_same_chunks_when_async_client(proxy: ProxyProcess, aclient: openai.AsyncOpenAI,
-                                                                   include_usage: bool) -> None:
+async def test_stream_hit_yields_the_same_chunks_when_async_client(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI, include_usage: bool
+) -> None:
     before = proxy.upstream_responses()
     content = f"async stream question usage={include_usage}"
     first = await aclient.chat.completions.with_raw_response.create(**_stream_kwargs(content, include_usage))
@@ -106,8 +109,9 @@ async def test_stream_hit_yields_the_same_chunks_when_async_client(proxy: ProxyP
     assert proxy.upstream_responses() - before == 1
 
 
-def test_stream_and_non_stream_are_separate_entries_when_same_messages(proxy: ProxyProcess,
-                                                                       client: openai.OpenAI) -> None:
+def test_stream_and_non_stream_are_separate_entries_when_same_messages(
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     kwargs = chat_kwargs("stream or not")
     plain = client.chat.completions.with_raw_response.create(**kwargs)
     streamed = client.chat.completions.with_raw_response.create(**kwargs, stream=True)
@@ -117,12 +121,15 @@ def test_stream_and_non_stream_are_separate_entries_when_same_messages(proxy: Pr
 
 
 async def test_raw_json_in_another_key_order_and_spacing_hits_when_sdk_stored_it(
-        proxy: ProxyProcess, aclient: openai.AsyncOpenAI) -> None:
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     content = "key order question"
     sdk = await aclient.chat.completions.with_raw_response.create(**chat_kwargs(content, temperature=0))
     assert sdk.headers["X-Cache"] == "MISS"
-    raw = (f'{{\n  "temperature" : 0,\n  "messages": [ {{ "content": "{content}",  "role": "user" }} ],\n'
-           f'  "model":"{MODEL}"\n}}').encode()
+    raw = (
+        f'{{\n  "temperature" : 0,\n  "messages": [ {{ "content": "{content}",  "role": "user" }} ],\n'
+        f'  "model":"{MODEL}"\n}}'
+    ).encode()
     headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{proxy.base_url}/chat/completions", data=raw, headers=headers) as response:
@@ -132,14 +139,21 @@ async def test_raw_json_in_another_key_order_and_spacing_hits_when_sdk_stored_it
     assert body["id"] == sdk.parse().id
 
 
-async def test_stream_in_node_key_order_hits_when_python_sdk_stored_it(proxy: ProxyProcess,
-                                                                     aclient: openai.AsyncOpenAI) -> None:
+async def test_stream_in_node_key_order_hits_when_python_sdk_stored_it(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     content = "node order stream"
     first = await aclient.chat.completions.with_raw_response.create(**_stream_kwargs(content, True))
     miss = await _achunks(first)
     # The Node SDK sends "messages" before "stream"; the Python SDK sends "stream" first.
-    raw = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}], "stream": True,
-                        "stream_options": {"include_usage": True}})
+    raw = orjson.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": content}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{proxy.base_url}/chat/completions", data=raw, headers=headers) as response:
@@ -149,14 +163,19 @@ async def test_stream_in_node_key_order_hits_when_python_sdk_stored_it(proxy: Pr
     assert f'"id":"{miss[0]["id"]}"'.encode() in body
 
 
-@pytest.mark.parametrize("headers", [
-    {"x-stainless-retry-count": "3"},
-    {"User-Agent": "OpenAI/JS 6.49.0", "x-stainless-lang": "js", "x-stainless-runtime": "node"},
-    {"Idempotency-Key": "idem-0001"},
-    {"x-stainless-read-timeout": "5", "Accept-Encoding": "identity"},
-], ids=["retry-count", "user-agent", "idempotency-key", "timeout"])
-def test_repeat_is_a_hit_when_only_per_call_headers_differ(proxy: ProxyProcess, client: openai.OpenAI,
-                                                           headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-stainless-retry-count": "3"},
+        {"User-Agent": "OpenAI/JS 6.49.0", "x-stainless-lang": "js", "x-stainless-runtime": "node"},
+        {"Idempotency-Key": "idem-0001"},
+        {"x-stainless-read-timeout": "5", "Accept-Encoding": "identity"},
+    ],
+    ids=["retry-count", "user-agent", "idempotency-key", "timeout"],
+)
+def test_repeat_is_a_hit_when_only_per_call_headers_differ(
+    proxy: ProxyProcess, client: openai.OpenAI, headers: dict[str, str]
+) -> None:
     kwargs = chat_kwargs(f"per-call headers {sorted(headers)}")
     first = client.chat.completions.with_raw_response.create(**kwargs)
     second = client.chat.completions.with_raw_response.create(**kwargs, extra_headers=headers)
@@ -164,8 +183,9 @@ def test_repeat_is_a_hit_when_only_per_call_headers_differ(proxy: ProxyProcess, 
     assert second.parse().id == first.parse().id
 
 
-async def test_async_client_hits_when_sync_client_stored_the_entry(proxy: ProxyProcess, client: openai.OpenAI,
-                                                                   aclient: openai.AsyncOpenAI) -> None:
+async def test_async_client_hits_when_sync_client_stored_the_entry(
+    proxy: ProxyProcess, client: openai.OpenAI, aclient: openai.AsyncOpenAI
+) -> None:
     kwargs = chat_kwargs("sync then async")
     first = client.chat.completions.with_raw_response.create(**kwargs)
     second = await aclient.chat.completions.with_raw_response.create(**kwargs)
@@ -174,9 +194,9 @@ async def test_async_client_hits_when_sync_client_stored_the_entry(proxy: ProxyP
 
 
 @pytest.mark.parametrize("argument", ["organization", "project"])
-def test_new_account_scope_is_a_miss_when_organization_or_project_differs(proxy: ProxyProcess,
-                                                                          client: openai.OpenAI,
-                                                                          argument: str) -> None:
+def test_new_account_scope_is_a_miss_when_organization_or_project_differs(
+    proxy: ProxyProcess, client: openai.OpenAI, argument: str
+) -> None:
     kwargs = chat_kwargs(f"scoped by {argument}")
     unscoped = client.chat.completions.with_raw_response.create(**kwargs)
     ids: dict[str, set[str]] = {}
@@ -193,8 +213,9 @@ def test_new_account_scope_is_a_miss_when_organization_or_project_differs(proxy:
     assert len({unscoped.parse().id, *ids["a"], *ids["b"]}) == 3
 
 
-def test_no_cache_fetches_anew_and_replaces_the_entry_when_one_is_stored(proxy: ProxyProcess,
-                                                                         client: openai.OpenAI) -> None:
+def test_no_cache_fetches_anew_and_replaces_the_entry_when_one_is_stored(
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     kwargs = chat_kwargs("revalidate me")
     stored = client.chat.completions.with_raw_response.create(**kwargs)
     fresh = client.chat.completions.with_raw_response.create(**kwargs, extra_headers={"Cache-Control": "no-cache"})
@@ -217,7 +238,8 @@ def test_no_store_leaves_no_entry_when_nothing_is_stored(proxy: ProxyProcess, cl
 
 
 def test_rate_limit_reaches_the_client_with_retry_after_and_is_not_cached_when_upstream_says_429(
-        proxy: ProxyProcess, client: openai.OpenAI) -> None:
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     before = proxy.upstream_responses("4xx")
     kwargs = chat_kwargs("fail:429 please")
     errors = []
@@ -234,7 +256,8 @@ def test_rate_limit_reaches_the_client_with_retry_after_and_is_not_cached_when_u
 
 
 async def test_server_error_reaches_the_client_and_is_not_cached_when_upstream_says_500(
-        proxy: ProxyProcess, aclient: openai.AsyncOpenAI) -> None:
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     before = proxy.upstream_responses("5xx")
     kwargs = chat_kwargs("fail:500 please")
     for _ in range(2):
@@ -246,8 +269,7 @@ async def test_server_error_reaches_the_client_and_is_not_cached_when_upstream_s
     assert proxy.upstream_responses("5xx") - before == 2
 
 
-def test_broken_stream_is_not_stored_when_upstream_drops_mid_stream(proxy: ProxyProcess,
-                                                                    client: openai.OpenAI) -> None:
+def test_broken_stream_is_not_stored_when_upstream_drops_mid_stream(proxy: ProxyProcess, client: openai.OpenAI) -> None:
     before = proxy.upstream_responses()
     kwargs = chat_kwargs("drop this stream halfway please", stream=True)
     for _ in range(2):
@@ -263,8 +285,9 @@ def test_broken_stream_is_not_stored_when_upstream_drops_mid_stream(proxy: Proxy
     assert proxy.upstream_responses() - before == 2
 
 
-async def test_broken_stream_is_not_stored_when_async_client_sees_the_drop(proxy: ProxyProcess,
-                                                                           aclient: openai.AsyncOpenAI) -> None:
+async def test_broken_stream_is_not_stored_when_async_client_sees_the_drop(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     kwargs = chat_kwargs("async drop this stream", stream=True)
     outcomes = []
     for _ in range(2):
@@ -275,8 +298,9 @@ async def test_broken_stream_is_not_stored_when_async_client_sees_the_drop(proxy
     assert outcomes == ["MISS", "MISS"]
 
 
-def test_complete_stream_follows_when_an_earlier_client_left_mid_stream(proxy: ProxyProcess,
-                                                                      client: openai.OpenAI) -> None:
+def test_complete_stream_follows_when_an_earlier_client_left_mid_stream(
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     # "slow" paces the fake's words, so the stream is still running when the client goes away.
     content = "slow " + " ".join(f"word{n}" for n in range(40))
     with client.chat.completions.create(**chat_kwargs(content, stream=True)) as stream:
@@ -291,7 +315,8 @@ def test_complete_stream_follows_when_an_earlier_client_left_mid_stream(proxy: P
 
 
 async def test_identical_concurrent_requests_share_one_upstream_call_when_in_flight(
-        proxy: ProxyProcess, aclient: openai.AsyncOpenAI) -> None:
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     before = proxy.upstream_responses()
     kwargs = chat_kwargs("slow concurrent question")
     raws = await asyncio.gather(*(aclient.chat.completions.with_raw_response.create(**kwargs) for _ in range(10)))
@@ -303,7 +328,8 @@ async def test_identical_concurrent_requests_share_one_upstream_call_when_in_fli
 
 
 async def test_identical_concurrent_streams_share_one_upstream_call_when_in_flight(
-        proxy: ProxyProcess, aclient: openai.AsyncOpenAI) -> None:
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     before = proxy.upstream_responses()
     content = "slow concurrent stream"
 

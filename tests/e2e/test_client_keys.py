@@ -16,10 +16,12 @@ KEYS = ("client-key-one", "client-key-two")
 
 
 @pytest.fixture(scope="module")
-def proxy(upstream_url: str, module_redis: RedisServer,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    process = start_proxy(tmp_path_factory.mktemp("keyed-proxy"), upstream_url, module_redis.url,
-                          PROXY_API_KEYS=",".join(KEYS))
+def proxy(
+    upstream_url: str, module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("keyed-proxy"), upstream_url, module_redis.url, PROXY_API_KEYS=",".join(KEYS)
+    )
     yield process
     process.stop()
 
@@ -29,8 +31,7 @@ def _sdk(proxy: ProxyProcess, key: str) -> openai.OpenAI:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_wrong_key_gets_openai_shaped_401_when_proxy_requires_client_keys(proxy: ProxyProcess,
-                                                                          stream: bool) -> None:
+def test_wrong_key_gets_openai_shaped_401_when_proxy_requires_client_keys(proxy: ProxyProcess, stream: bool) -> None:
     before = proxy.upstream_responses()
     with _sdk(proxy, "sk-not-a-proxy-key") as sdk:
         with pytest.raises(openai.AuthenticationError) as caught:

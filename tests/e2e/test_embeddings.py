@@ -23,8 +23,9 @@ def _sent_format(raw: LegacyAPIResponse[Any]) -> Any:
 
 
 @pytest.mark.parametrize("extra", FORMATS, ids=FORMAT_IDS)
-def test_repeat_is_a_hit_with_equal_vectors_when_sync_client(proxy: ProxyProcess, client: openai.OpenAI,
-                                                             extra: dict[str, Any]) -> None:
+def test_repeat_is_a_hit_with_equal_vectors_when_sync_client(
+    proxy: ProxyProcess, client: openai.OpenAI, extra: dict[str, Any]
+) -> None:
     before = proxy.upstream_responses()
     text = f"sync embedding {extra}"
     first = client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input=text, **extra)
@@ -38,9 +39,9 @@ def test_repeat_is_a_hit_with_equal_vectors_when_sync_client(proxy: ProxyProcess
 
 
 @pytest.mark.parametrize("extra", FORMATS, ids=FORMAT_IDS)
-async def test_repeat_is_a_hit_with_equal_vectors_when_async_client(proxy: ProxyProcess,
-                                                                    aclient: openai.AsyncOpenAI,
-                                                                    extra: dict[str, Any]) -> None:
+async def test_repeat_is_a_hit_with_equal_vectors_when_async_client(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI, extra: dict[str, Any]
+) -> None:
     before = proxy.upstream_responses()
     texts = [f"async embedding {extra}", "second input"]
     first = await aclient.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input=texts, **extra)
@@ -57,8 +58,7 @@ def test_base64_and_float_are_separate_entries_when_same_input(proxy: ProxyProce
     before = proxy.upstream_responses()
     text = "one input two formats"
     calls = FORMATS * 2
-    raws = [client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input=text, **extra)
-            for extra in calls]
+    raws = [client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input=text, **extra) for extra in calls]
     assert [raw.headers["X-Cache"] for raw in raws] == ["MISS", "MISS", "HIT", "HIT"]
     wire = [orjson.loads(raw.content)["data"][0]["embedding"] for raw in raws]
     # Each caller gets the encoding it asked for, from the cache too.

@@ -39,7 +39,8 @@ def _readyz(proxy: ProxyProcess) -> tuple[int, dict[str, str]]:
 
 
 def test_requests_succeed_and_cache_returns_when_redis_dies_and_restarts(
-        upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
+    upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]
+) -> None:
     proxy = start_proxy(tmp_path, upstream_url, own_redis.url, config=CONFIG)
     started.append(proxy)
     with openai.OpenAI(base_url=proxy.base_url, api_key=CLIENT_KEY, max_retries=0) as sdk:
@@ -73,7 +74,8 @@ def test_requests_succeed_and_cache_returns_when_redis_dies_and_restarts(
 
 
 def test_entries_written_by_one_proxy_are_hits_in_another_when_they_share_redis(
-        upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]) -> None:
+    upstream_url: str, own_redis: RedisServer, tmp_path: Path, started: list[ProxyProcess]
+) -> None:
     first = start_proxy(tmp_path / "first", upstream_url, own_redis.url, config=CONFIG)
     started.append(first)
     second = start_proxy(tmp_path / "second", upstream_url, own_redis.url, config=CONFIG)
@@ -87,8 +89,9 @@ def test_entries_written_by_one_proxy_are_hits_in_another_when_they_share_redis(
     assert second.upstream_responses() == 0
 
 
-def test_requests_succeed_when_redis_is_down_at_proxy_start(upstream_url: str, tmp_path: Path,
-                                                            started: list[ProxyProcess]) -> None:
+def test_requests_succeed_when_redis_is_down_at_proxy_start(
+    upstream_url: str, tmp_path: Path, started: list[ProxyProcess]
+) -> None:
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     proxy = start_proxy(tmp_path, upstream_url, nowhere, config=CONFIG)
     started.append(proxy)

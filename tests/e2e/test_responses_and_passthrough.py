@@ -51,8 +51,9 @@ async def test_response_repeat_is_a_hit_when_async_client(proxy: ProxyProcess, a
     assert proxy.upstream_responses() - before == 1
 
 
-def test_response_stream_hit_yields_the_same_events_when_sync_client(proxy: ProxyProcess,
-                                                                     client: openai.OpenAI) -> None:
+def test_response_stream_hit_yields_the_same_events_when_sync_client(
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     before = proxy.upstream_responses()
     first = client.responses.with_raw_response.create(model=MODEL, input="sync responses stream", stream=True)
     miss = _events(first)
@@ -61,13 +62,15 @@ def test_response_stream_hit_yields_the_same_events_when_sync_client(proxy: Prox
     assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "HIT"]
     assert hit == miss
     assert [event["type"] for event in hit][-1] == "response.completed"
-    assert "".join(e["delta"] for e in hit if e["type"] == "response.output_text.delta") == \
-        "echo: sync responses stream"
+    assert (
+        "".join(e["delta"] for e in hit if e["type"] == "response.output_text.delta") == "echo: sync responses stream"
+    )
     assert proxy.upstream_responses() - before == 1
 
 
-async def test_response_stream_hit_yields_the_same_events_when_async_client(proxy: ProxyProcess,
-                                                                            aclient: openai.AsyncOpenAI) -> None:
+async def test_response_stream_hit_yields_the_same_events_when_async_client(
+    proxy: ProxyProcess, aclient: openai.AsyncOpenAI
+) -> None:
     before = proxy.upstream_responses()
     kwargs: dict[str, Any] = {"model": MODEL, "input": "async responses stream", "stream": True}
     first = await aclient.responses.with_raw_response.create(**kwargs)
@@ -80,8 +83,9 @@ async def test_response_stream_hit_yields_the_same_events_when_async_client(prox
     assert proxy.upstream_responses() - before == 1
 
 
-def test_response_stream_is_not_stored_when_upstream_drops_before_completion(proxy: ProxyProcess,
-                                                                             client: openai.OpenAI) -> None:
+def test_response_stream_is_not_stored_when_upstream_drops_before_completion(
+    proxy: ProxyProcess, client: openai.OpenAI
+) -> None:
     kwargs: dict[str, Any] = {"model": MODEL, "input": "responses stream drop", "stream": True}
     outcomes = []
     for _ in range(2):

@@ -52,20 +52,36 @@ def _text_of(body: Any) -> str:
 
 def _usage(prompt: str, completion: int = 5) -> dict[str, Any]:
     prompt_tokens = max(1, len(prompt.split()))
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
 
 
 def _error(status: int, message: str) -> web.Response:
-    kinds = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
-             429: ("requests", "rate_limit_exceeded"), 500: ("server_error", None), 503: ("server_error", None)}
+    kinds = {
+        400: ("invalid_request_error", None),
+        401: ("invalid_request_error", "invalid_api_key"),
+        429: ("requests", "rate_limit_exceeded"),
+        500: ("server_error", None),
+        503: ("server_error", None),
+    }
     type_, code = kinds.get(status, ("server_error", None))
     headers = {"Retry-After": "7", "x-request-id": "req_error"} if status == 429 else {"x-request-id": "req_error"}
-    return web.json_response({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                             status=status, headers=headers, dumps=lambda o: orjson.dumps(o).decode())
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        status=status,
+        headers=headers,
+        dumps=lambda o: orjson.dumps(o).decode(),
+    )
 
 
 class FakeOpenAI:
@@ -101,9 +117,14 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         return body, text
 
     def headers(model: str) -> dict[str, str]:
-        return {"openai-version": "2020-10-01", "openai-processing-ms": "12", "openai-organization": "org-fake",
-                "x-request-id": f"req_{state.calls}", "x-ratelimit-remaining-requests": "99",
-                "openai-model": model}
+        return {
+            "openai-version": "2020-10-01",
+            "openai-processing-ms": "12",
+            "openai-organization": "org-fake",
+            "x-request-id": f"req_{state.calls}",
+            "x-ratelimit-remaining-requests": "99",
+            "openai-model": model,
+        }
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body, text = await record(request)
@@ -116,24 +137,53 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         answer = f"echo: {text}"
         if body.get("stream") is True:
             return await _stream_chat(request, cid, created, model, answer, text, body, headers(model))
-        return web.Response(body=orjson.dumps({
-            "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer, "refusal": None,
-                                                 "annotations": []},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(text), "service_tier": "default", "system_fingerprint": "fp_fake"}),
-            content_type="application/json", headers=headers(model))
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": answer, "refusal": None, "annotations": []},
+                            "logprobs": None,
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": _usage(text),
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_fake",
+                }
+            ),
+            content_type="application/json",
+            headers=headers(model),
+        )
 
-    async def _stream_chat(request: web.Request, cid: str, created: int, model: str, answer: str, text: str,
-                           body: dict[str, Any], extra: dict[str, str]) -> web.StreamResponse:
+    async def _stream_chat(
+        request: web.Request,
+        cid: str,
+        created: int,
+        model: str,
+        answer: str,
+        text: str,
+        body: dict[str, Any],
+        extra: dict[str, str],
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", **extra})
         await response.prepare(request)
 
         def chunk(delta: dict[str, Any], finish: str | None, usage: Any = None, choices: bool = True) -> bytes:
-            event = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "service_tier": "default", "system_fingerprint": "fp_fake",
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                     if choices else []}
+            event = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "service_tier": "default",
+                "system_fingerprint": "fp_fake",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+            }
             if (body.get("stream_options") or {}).get("include_usage"):
                 event["usage"] = usage
             return b"data: " + orjson.dumps(event) + b"\n\n"
@@ -164,10 +214,20 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         if not isinstance(body, dict):
             return _error(400, "We could not parse the JSON body of your request.")
         model = str(body.get("model", "gpt-3.5-turbo-instruct"))
-        return web.Response(body=orjson.dumps({
-            "id": state.next_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"text": f" echo: {text}", "index": 0, "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(text)}), content_type="application/json", headers=headers(model))
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "id": state.next_id("cmpl"),
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"text": f" echo: {text}", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                    "usage": _usage(text),
+                }
+            ),
+            content_type="application/json",
+            headers=headers(model),
+        )
 
     async def embeddings(request: web.Request) -> web.StreamResponse:
         body, text = await record(request)
@@ -185,39 +245,82 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
                 encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         model = str(body.get("model", "text-embedding-3-small"))
-        return web.Response(body=orjson.dumps({
-            "object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}),
-            content_type="application/json", headers={**headers(model), "x-embedding-serial": serial})
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+                }
+            ),
+            content_type="application/json",
+            headers={**headers(model), "x-embedding-serial": serial},
+        )
 
     async def moderations(request: web.Request) -> web.StreamResponse:
         await record(request)
-        return web.Response(body=orjson.dumps({
-            "id": state.next_id("modr"), "model": "omni-moderation-latest",
-            "results": [{"flagged": False, "categories": {"violence": False},
-                         "category_scores": {"violence": 0.0001}}]}), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "id": state.next_id("modr"),
+                    "model": "omni-moderation-latest",
+                    "results": [
+                        {"flagged": False, "categories": {"violence": False}, "category_scores": {"violence": 0.0001}}
+                    ],
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def responses(request: web.Request) -> web.StreamResponse:
         body, text = await record(request)
         if not isinstance(body, dict):
             return _error(400, "We could not parse the JSON body of your request.")
         rid, model = state.next_id("resp"), str(body.get("model", "gpt-4o-mini"))
-        result = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
-                  "model": model, "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed",
-                                              "role": "assistant",
-                                              "content": [{"type": "output_text", "text": f"echo: {text}",
-                                                           "annotations": []}]}],
-                  "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}
+        result = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{rid}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": f"echo: {text}", "annotations": []}],
+                }
+            ],
+            "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        }
         if body.get("stream") is not True:
             return web.Response(body=orjson.dumps(result), content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
-        events = [("response.created", {"type": "response.created", "sequence_number": 0,
-                                        "response": {**result, "status": "in_progress", "output": []}}),
-                  ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1,
-                                                  "item_id": f"msg_{rid}", "output_index": 0, "content_index": 0,
-                                                  "delta": f"echo: {text}"}),
-                  ("response.completed", {"type": "response.completed", "sequence_number": 2, "response": result})]
+        events = [
+            (
+                "response.created",
+                {
+                    "type": "response.created",
+                    "sequence_number": 0,
+                    "response": {**result, "status": "in_progress", "output": []},
+                },
+            ),
+            (
+                "response.output_text.delta",
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": 1,
+                    "item_id": f"msg_{rid}",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": f"echo: {text}",
+                },
+            ),
+            ("response.completed", {"type": "response.completed", "sequence_number": 2, "response": result}),
+        ]
         for name, event in events:
             if "drop" in text and name == "response.completed":
                 assert request.transport is not None
@@ -229,16 +332,30 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
 
     async def models(request: web.Request) -> web.StreamResponse:
         await record(request)
-        return web.Response(body=orjson.dumps({"object": "list", "data": [
-            {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]}),
-            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "object": "list",
+                    "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}],
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def echo(request: web.Request) -> web.StreamResponse:
         await record(request)
         received = app[RECEIVED][-1]
-        return web.Response(body=orjson.dumps({"method": request.method, "path": request.path,
-                                               "query": request.query_string, "bytes": len(received.body)}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "query": request.query_string,
+                    "bytes": len(received.body),
+                }
+            ),
+            content_type="application/json",
+        )
 
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)

@@ -30,8 +30,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def start(cwd: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "proxy", *args], cwd=cwd, env=clean_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def get_json(port: int, path: str, timeout_s: float = 10) -> object:
@@ -90,8 +95,13 @@ def test_config_flag_selects_the_file_when_given(tmp_path: Path) -> None:
 
 
 def test_bad_setting_stops_startup_naming_the_key_when_invalid(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "proxy"], cwd=tmp_path, capture_output=True, timeout=30,
-                            env=clean_env(CACHE_TTL="soon", REDIS_URL="redis://:hunter2@h:6379/0"))
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        env=clean_env(CACHE_TTL="soon", REDIS_URL="redis://:hunter2@h:6379/0"),
+    )
     err = result.stderr.decode()
     assert result.returncode == 2
     assert "CACHE_TTL" in err and "Traceback" not in err and "hunter2" not in err
@@ -109,17 +119,23 @@ def test_workers_share_the_port_and_stop_together_when_signalled(tmp_path: Path)
 
 def test_stream_in_flight_finishes_when_proxy_is_told_to_stop(tmp_path: Path) -> None:
     upstream_port, port = free_port(), free_port()
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstream", "--port", str(upstream_port)],
-                                cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process = start(tmp_path, PROXY_PORT=str(port), CACHE_BACKEND="memory",
-                    UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1")
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.upstream", "--port", str(upstream_port)],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    process = start(
+        tmp_path, PROXY_PORT=str(port), CACHE_BACKEND="memory", UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1"
+    )
     try:
         get_json(port, "/healthz")
         get_json(upstream_port, "/v1/models")
-        body = orjson.dumps({"model": "m", "stream": True,
-                             "messages": [{"role": "user", "content": "slow " * 25}]})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "slow " * 25}]})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             first = response.read1()
             process.send_signal(signal.SIGTERM)  # a rolling update, mid-stream

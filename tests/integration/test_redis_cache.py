@@ -35,8 +35,9 @@ async def keys_in(url: str) -> list[bytes]:
         return sorted(await conn.keys("*"))
 
 
-async def test_replicas_share_answers_when_they_share_redis(aiohttp_client: Any, fake_upstream: Any,
-                                                            settings_for: Any, redis_url: str) -> None:
+async def test_replicas_share_answers_when_they_share_redis(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
     settings = settings_for(fake_upstream, url=redis_url)
     one, two = await start_proxy(aiohttp_client, settings), await start_proxy(aiohttp_client, settings)
     first = await one.post("/v1/chat/completions", json=chat_body("shared"))
@@ -47,11 +48,13 @@ async def test_replicas_share_answers_when_they_share_redis(aiohttp_client: Any,
     assert len(received(fake_upstream)) == 1
 
 
-async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(aiohttp_client: Any, fake_upstream: Any,
-                                                                          settings_for: Any, redis_url: str) -> None:
+async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url, ttl_s=120))
-    response = await client.post("/v1/chat/completions", json=chat_body("ttl"),
-                                 headers={"Authorization": "Bearer sk-client"})
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("ttl"), headers={"Authorization": "Bearer sk-client"}
+    )
     await tiered(client).remote.drain()
     keys = await keys_in(redis_url)
     assert len(keys) == 1 and keys[0].startswith(b"test:v1:chat/completions:")
@@ -68,8 +71,9 @@ async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(aiohtt
     assert "x-ratelimit-remaining-requests" not in {k.lower() for k, _ in entry.headers}
 
 
-async def test_per_request_ttl_header_sets_expiry_when_given(aiohttp_client: Any, fake_upstream: Any,
-                                                             settings_for: Any, redis_url: str) -> None:
+async def test_per_request_ttl_header_sets_expiry_when_given(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url, ttl_s=3600))
     await client.post("/v1/chat/completions", json=chat_body("short ttl"), headers={"X-Cache-TTL": "30"})
     await tiered(client).remote.drain()
@@ -79,8 +83,9 @@ async def test_per_request_ttl_header_sets_expiry_when_given(aiohttp_client: Any
     assert "X-Cache-TTL" not in received(fake_upstream)[0].headers
 
 
-async def test_hit_is_served_from_redis_when_memory_tier_is_cold(aiohttp_client: Any, fake_upstream: Any,
-                                                                 settings_for: Any, redis_url: str) -> None:
+async def test_hit_is_served_from_redis_when_memory_tier_is_cold(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url))
     body = chat_body("cold tier", stream=True)
     first = await (await client.post("/v1/chat/completions", json=body)).read()
@@ -92,9 +97,9 @@ async def test_hit_is_served_from_redis_when_memory_tier_is_cold(aiohttp_client:
     assert len(store.memory) == 1  # promoted back into memory
 
 
-async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(aiohttp_client: Any,
-                                                                             fake_upstream: Any, settings_for: Any,
-                                                                             redis_url: str) -> None:
+async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url))
     await client.post("/v1/chat/completions", json=chat_body("old format"))
     store = tiered(client)
@@ -110,9 +115,9 @@ async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(ai
         assert CacheEntry.from_bytes(await conn.get(key)).status == 200
 
 
-async def test_requests_succeed_and_cache_locally_when_redis_is_down_at_start(aiohttp_client: Any,
-                                                                             fake_upstream: Any,
-                                                                             settings_for: Any) -> None:
+async def test_requests_succeed_and_cache_locally_when_redis_is_down_at_start(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any
+) -> None:
     settings = settings_for(fake_upstream, url=f"redis://127.0.0.1:{free_port()}/0")
     client = await start_proxy(aiohttp_client, settings)
     first = await client.post("/v1/chat/completions", json=chat_body("no redis"))
@@ -123,8 +128,9 @@ async def test_requests_succeed_and_cache_locally_when_redis_is_down_at_start(ai
     assert ready == {"status": "ready", "cache": "degraded"}
 
 
-async def test_caching_resumes_when_redis_comes_back(aiohttp_client: Any, fake_upstream: Any, settings_for: Any,
-                                                     own_redis: RedisServer) -> None:
+async def test_caching_resumes_when_redis_comes_back(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, own_redis: RedisServer
+) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=own_redis.url, retry_after_s=0.3))
     await client.post("/v1/chat/completions", json=chat_body("before"))
     await tiered(client).remote.drain()
@@ -142,8 +148,9 @@ async def test_caching_resumes_when_redis_comes_back(aiohttp_client: Any, fake_u
     assert tiered(client).remote.available
 
 
-async def test_requests_succeed_when_redis_refuses_auth(aiohttp_client: Any, fake_upstream: Any,
-                                                        settings_for: Any) -> None:
+async def test_requests_succeed_when_redis_refuses_auth(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any
+) -> None:
     server = RedisServer(password="right-password")
     server.start()
     try:
@@ -173,10 +180,12 @@ async def test_redis_password_setting_wins_over_url_when_both_given(fake_upstrea
         server.close()
 
 
-async def test_slow_redis_costs_one_timeout_when_it_stalls(aiohttp_client: Any, fake_upstream: Any,
-                                                           settings_for: Any, own_redis: RedisServer) -> None:
-    client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=own_redis.url, op_timeout_s=0.1,
-                                                            retry_after_s=30))
+async def test_slow_redis_costs_one_timeout_when_it_stalls(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, own_redis: RedisServer
+) -> None:
+    client = await start_proxy(
+        aiohttp_client, settings_for(fake_upstream, url=own_redis.url, op_timeout_s=0.1, retry_after_s=30)
+    )
     await client.post("/v1/chat/completions", json=chat_body("warm"))
     await tiered(client).remote.drain()
     async with redis.Redis.from_url(own_redis.url) as admin:
@@ -189,9 +198,9 @@ async def test_slow_redis_costs_one_timeout_when_it_stalls(aiohttp_client: Any, 
     assert store.errors == 1 and not store.available
 
 
-async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(aiohttp_client: Any, fake_upstream: Any,
-                                                                    settings_for: Any,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
     from dataclasses import replace
 
@@ -202,22 +211,39 @@ async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(aiohttp_clie
     server.start()
     try:
         settings = settings_for(fake_upstream, url=f"redis://:wrong-redis-pass-5678@127.0.0.1:{server.port}/0")
-        dead = Upstream(name="dead", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="sk-dead-upstream-9999",
-                        models=("dead-*",))
-        settings = replace(settings, upstreams=(*settings.upstreams, dead),
-                           proxy_api_keys=frozenset({"client-key-4321"}))
+        dead = Upstream(
+            name="dead",
+            base_url=f"http://127.0.0.1:{free_port()}/v1",
+            api_key="sk-dead-upstream-9999",
+            models=("dead-*",),
+        )
+        settings = replace(
+            settings, upstreams=(*settings.upstreams, dead), proxy_api_keys=frozenset({"client-key-4321"})
+        )
         client = await start_proxy(aiohttp_client, settings)
         auth = {"Authorization": "Bearer client-key-4321"}
-        texts = [await (await client.post("/v1/chat/completions", json=chat_body("logs"), headers=auth)).text(),
-                 await (await client.post("/v1/chat/completions", json={**chat_body(), "model": "dead-1"},
-                                          headers=auth)).text(),
-                 await (await client.post("/v1/chat/completions", json=chat_body(),
-                                          headers={"Authorization": "Bearer wrong-client-key"})).text(),
-                 await (await client.get("/metrics")).text()]
+        texts = [
+            await (await client.post("/v1/chat/completions", json=chat_body("logs"), headers=auth)).text(),
+            await (
+                await client.post("/v1/chat/completions", json={**chat_body(), "model": "dead-1"}, headers=auth)
+            ).text(),
+            await (
+                await client.post(
+                    "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong-client-key"}
+                )
+            ).text(),
+            await (await client.get("/metrics")).text(),
+        ]
     finally:
         server.close()
     everything = caplog.text + "".join(texts)
     assert "redis failed" in caplog.text or "redis ping failed" in caplog.text
-    for secret in ("wrong-redis-pass-5678", "redis-pass-1234", UPSTREAM_KEY, "sk-dead-upstream-9999",
-                   "client-key-4321", "wrong-client-key"):
+    for secret in (
+        "wrong-redis-pass-5678",
+        "redis-pass-1234",
+        UPSTREAM_KEY,
+        "sk-dead-upstream-9999",
+        "client-key-4321",
+        "wrong-client-key",
+    ):
         assert secret not in everything

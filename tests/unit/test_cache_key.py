@@ -6,11 +6,22 @@ from proxy.cache_key import build_key, build_scope, short_key
 
 
 def scope(**overrides: str | None) -> str:
-    values: dict[str, str | None] = {"upstream": "default", "query": "", "authorization": None,
-                                     "organization": None, "project": None}
+    values: dict[str, str | None] = {
+        "upstream": "default",
+        "query": "",
+        "authorization": None,
+        "organization": None,
+        "project": None,
+    }
     values.update(overrides)
-    return build_scope("ns", values["upstream"] or "", values["query"] or "", values["authorization"],
-                       values["organization"], values["project"])
+    return build_scope(
+        "ns",
+        values["upstream"] or "",
+        values["query"] or "",
+        values["authorization"],
+        values["organization"],
+        values["project"],
+    )
 
 
 def test_key_has_namespace_version_and_route_when_built() -> None:

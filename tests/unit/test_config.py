@@ -19,8 +19,12 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_defaults_apply_when_nothing_is_configured(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, ""), env={})
-    assert (settings.host, settings.port, settings.cache.backend, settings.cache.ttl_s) == \
-        ("127.0.0.1", 8080, "redis", 3600)
+    assert (settings.host, settings.port, settings.cache.backend, settings.cache.ttl_s) == (
+        "127.0.0.1",
+        8080,
+        "redis",
+        3600,
+    )
     assert settings.default_upstream.base_url == "https://api.openai.com/v1"
     assert settings.default_upstream.api_key is None
     assert settings.proxy_api_keys == frozenset()
@@ -36,23 +40,39 @@ def test_repository_files_load_when_used_as_shipped() -> None:
 
 
 def test_environment_overrides_file_when_both_set(tmp_path: Path) -> None:
-    path = write(tmp_path, "server: {port: 9000}\ncache: {ttl_s: 10, backend: memory}\n"
-                           "upstreams:\n  - name: main\n    base_url: http://file.example/v1\n")
-    env = {"PROXY_PORT": "9100", "CACHE_TTL": "20", "CACHE_BACKEND": "off", "UPSTREAM_BASE_URL": "http://env/v1/",
-           "OPENAI_API_KEY": "sk-env", "UPSTREAM_TIMEOUT": "30", "PROXY_API_KEYS": " a, b ,,",
-           "REDIS_URL": "rediss://:pw@redis.example:6380/2", "REDIS_PASSWORD": "other"}
+    path = write(
+        tmp_path,
+        "server: {port: 9000}\ncache: {ttl_s: 10, backend: memory}\n"
+        "upstreams:\n  - name: main\n    base_url: http://file.example/v1\n",
+    )
+    env = {
+        "PROXY_PORT": "9100",
+        "CACHE_TTL": "20",
+        "CACHE_BACKEND": "off",
+        "UPSTREAM_BASE_URL": "http://env/v1/",
+        "OPENAI_API_KEY": "sk-env",
+        "UPSTREAM_TIMEOUT": "30",
+        "PROXY_API_KEYS": " a, b ,,",
+        "REDIS_URL": "rediss://:pw@redis.example:6380/2",
+        "REDIS_PASSWORD": "other",
+    }
     settings = load_settings(path, env=env)
     upstream = settings.default_upstream
     assert (settings.port, settings.cache.ttl_s, settings.cache.backend) == (9100, 20, "off")
-    assert (upstream.name, upstream.base_url, upstream.api_key, upstream.timeout_s) == \
-        ("main", "http://env/v1", "sk-env", 30.0)
+    assert (upstream.name, upstream.base_url, upstream.api_key, upstream.timeout_s) == (
+        "main",
+        "http://env/v1",
+        "sk-env",
+        30.0,
+    )
     assert settings.proxy_api_keys == frozenset({"a", "b"})
     assert settings.redis.password == "other"
 
 
 def test_variables_expand_when_referenced_in_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "# a comment mentioning ${UNSET_IN_COMMENT}\n"
-                           "cache: {namespace: '${NS}', ttl_s: ${TTL:77}}\n")
+    path = write(
+        tmp_path, "# a comment mentioning ${UNSET_IN_COMMENT}\ncache: {namespace: '${NS}', ttl_s: ${TTL:77}}\n"
+    )
     settings = load_settings(path, env={"NS": "team-a"})
     assert (settings.cache.namespace, settings.cache.ttl_s) == ("team-a", 77)
 
@@ -63,9 +83,12 @@ def test_unset_variable_fails_when_it_has_no_default(tmp_path: Path) -> None:
 
 
 def test_upstream_keys_come_from_named_variables_when_listed(tmp_path: Path) -> None:
-    path = write(tmp_path, "upstreams:\n  - name: a\n    base_url: http://a/v1\n"
-                           "  - name: b\n    base_url: http://b/v1\n    api_key_env: B_KEY\n    models: ['llama*']\n"
-                           "  - name: c\n    base_url: http://c/v1\n    models: qwen*\n")
+    path = write(
+        tmp_path,
+        "upstreams:\n  - name: a\n    base_url: http://a/v1\n"
+        "  - name: b\n    base_url: http://b/v1\n    api_key_env: B_KEY\n    models: ['llama*']\n"
+        "  - name: c\n    base_url: http://c/v1\n    models: qwen*\n",
+    )
     settings = load_settings(path, env={"OPENAI_API_KEY": "ka", "B_KEY": "kb"})
     assert [u.api_key for u in settings.upstreams] == ["ka", "kb", None]
     assert settings.upstream_for("llama-3").name == "b"
@@ -74,32 +97,42 @@ def test_upstream_keys_come_from_named_variables_when_listed(tmp_path: Path) -> 
     assert settings.upstream_for(None).name == "a"
 
 
-@pytest.mark.parametrize(("text", "env", "message"), [
-    ("server: {port: 70000}\n", {}, "PROXY_PORT"),
-    ("", {"PROXY_PORT": "http"}, "PROXY_PORT"),
-    ("", {"CACHE_TTL": "-1"}, "CACHE_TTL"),
-    ("", {"CACHE_BACKEND": "disk"}, "CACHE_BACKEND"),
-    ("", {"REDIS_URL": "http://:secret@host"}, "REDIS_URL"),
-    ("", {"UPSTREAM_BASE_URL": "api.openai.com"}, "UPSTREAM_BASE_URL"),
-    ("cache: {ttl: 5}\n", {}, "cache.ttl"),
-    ("surprise: 1\n", {}, "surprise"),
-    ("upstreams: {name: x}\n", {}, "upstreams"),
-    ("upstreams:\n  - {name: x, base_url: 'http://a/v1'}\n  - {name: x, base_url: 'http://b/v1'}\n", {}, "unique"),
-    ("- just a list\n", {}, "mapping"),
-    ("cache: [\n", {}, "not valid YAML"),
-    ("", {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
-])
-def test_bad_values_fail_naming_the_key_when_loaded(tmp_path: Path, text: str, env: dict[str, str],
-                                                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("server: {port: 70000}\n", {}, "PROXY_PORT"),
+        ("", {"PROXY_PORT": "http"}, "PROXY_PORT"),
+        ("", {"CACHE_TTL": "-1"}, "CACHE_TTL"),
+        ("", {"CACHE_BACKEND": "disk"}, "CACHE_BACKEND"),
+        ("", {"REDIS_URL": "http://:secret@host"}, "REDIS_URL"),
+        ("", {"UPSTREAM_BASE_URL": "api.openai.com"}, "UPSTREAM_BASE_URL"),
+        ("cache: {ttl: 5}\n", {}, "cache.ttl"),
+        ("surprise: 1\n", {}, "surprise"),
+        ("upstreams: {name: x}\n", {}, "upstreams"),
+        ("upstreams:\n  - {name: x, base_url: 'http://a/v1'}\n  - {name: x, base_url: 'http://b/v1'}\n", {}, "unique"),
+        ("- just a list\n", {}, "mapping"),
+        ("cache: [\n", {}, "not valid YAML"),
+        ("", {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_values_fail_naming_the_key_when_loaded(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(write(tmp_path, text), env=env)
     assert "secret" not in str(caught.value)
 
 
 def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, ""), env={"OPENAI_API_KEY": "sk-hidden", "PROXY_API_KEYS": "ck-hidden",
-                                                       "REDIS_URL": "redis://:pw-hidden@h:6379/0",
-                                                       "REDIS_PASSWORD": "pw2-hidden"})
+    settings = load_settings(
+        write(tmp_path, ""),
+        env={
+            "OPENAI_API_KEY": "sk-hidden",
+            "PROXY_API_KEYS": "ck-hidden",
+            "REDIS_URL": "redis://:pw-hidden@h:6379/0",
+            "REDIS_PASSWORD": "pw2-hidden",
+        },
+    )
     assert "hidden" not in repr(settings)
 
 

@@ -34,8 +34,9 @@ async def test_second_identical_request_is_a_hit_when_cache_is_warm(fake_upstrea
     assert len(received(fake_upstream)) == 1
 
 
-async def test_key_order_and_whitespace_share_an_entry_when_bodies_are_equal_json(fake_upstream: Any,
-                                                                                 proxy_for: Any) -> None:
+async def test_key_order_and_whitespace_share_an_entry_when_bodies_are_equal_json(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
     client = await proxy_for(fake_upstream)
     compact = b'{"model":"m","messages":[{"role":"user","content":"order"}],"temperature":0}'
     spaced = b'{ "temperature": 0,\n  "messages": [ {"content": "order", "role": "user"} ], "model": "m" }'
@@ -46,8 +47,9 @@ async def test_key_order_and_whitespace_share_an_entry_when_bodies_are_equal_jso
     assert received(fake_upstream)[0].body == compact
 
 
-async def test_different_bodies_get_different_entries_when_any_field_differs(fake_upstream: Any,
-                                                                            proxy_for: Any) -> None:
+async def test_different_bodies_get_different_entries_when_any_field_differs(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
     client = await proxy_for(fake_upstream)
     for body in (chat_body("a"), chat_body("a", temperature=1), chat_body("a", stream=False), chat_body("b")):
         response = await client.post("/v1/chat/completions", json=body)
@@ -57,20 +59,38 @@ async def test_different_bodies_get_different_entries_when_any_field_differs(fak
 
 async def test_per_call_sdk_headers_do_not_split_the_cache_when_retrying(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
-    await client.post("/v1/chat/completions", json=chat_body("retry"),
-                      headers={"x-stainless-retry-count": "0", "User-Agent": "OpenAI/Python 3.57.0",
-                               "x-stainless-read-timeout": "600"})
-    again = await client.post("/v1/chat/completions", json=chat_body("retry"),
-                              headers={"x-stainless-retry-count": "1", "User-Agent": "AsyncOpenAI/Python 3.57.0",
-                                       "Idempotency-Key": "abc", "x-stainless-read-timeout": "20"})
+    await client.post(
+        "/v1/chat/completions",
+        json=chat_body("retry"),
+        headers={
+            "x-stainless-retry-count": "0",
+            "User-Agent": "OpenAI/Python 3.57.0",
+            "x-stainless-read-timeout": "600",
+        },
+    )
+    again = await client.post(
+        "/v1/chat/completions",
+        json=chat_body("retry"),
+        headers={
+            "x-stainless-retry-count": "1",
+            "User-Agent": "AsyncOpenAI/Python 3.57.0",
+            "Idempotency-Key": "abc",
+            "x-stainless-read-timeout": "20",
+        },
+    )
     assert again.headers["X-Cache"] == "HIT"
 
 
 async def test_organization_and_project_split_the_cache_when_they_differ(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     outcomes = []
-    for headers in ({}, {"OpenAI-Organization": "org-a"}, {"OpenAI-Organization": "org-b"},
-                    {"OpenAI-Project": "proj-a"}, {"OpenAI-Organization": "org-a"}):
+    for headers in (
+        {},
+        {"OpenAI-Organization": "org-a"},
+        {"OpenAI-Organization": "org-b"},
+        {"OpenAI-Project": "proj-a"},
+        {"OpenAI-Organization": "org-a"},
+    ):
         response = await client.post("/v1/chat/completions", json=chat_body("org"), headers=headers)
         outcomes.append(response.headers["X-Cache"])
     assert outcomes == ["MISS", "MISS", "MISS", "MISS", "HIT"]
@@ -79,8 +99,9 @@ async def test_organization_and_project_split_the_cache_when_they_differ(fake_up
 async def test_upstream_key_replaces_client_key_when_configured(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     await client.post("/v1/chat/completions", json=chat_body("key"), headers={"Authorization": "Bearer sk-client"})
-    second = await client.post("/v1/chat/completions", json=chat_body("key"),
-                               headers={"Authorization": "Bearer sk-other-client"})
+    second = await client.post(
+        "/v1/chat/completions", json=chat_body("key"), headers={"Authorization": "Bearer sk-other-client"}
+    )
     assert received(fake_upstream)[0].headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     # One upstream account: every client shares its answers.
     assert second.headers["X-Cache"] == "HIT"
@@ -90,19 +111,21 @@ async def test_client_keys_partition_the_cache_when_no_upstream_key(fake_upstrea
     client = await proxy_for(fake_upstream, api_key=None)
     outcomes = []
     for key in ("sk-a", "sk-b", "sk-a"):
-        response = await client.post("/v1/chat/completions", json=chat_body("own key"),
-                                     headers={"Authorization": f"Bearer {key}"})
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body("own key"), headers={"Authorization": f"Bearer {key}"}
+        )
         outcomes.append(response.headers["X-Cache"])
     assert outcomes == ["MISS", "MISS", "HIT"]
     assert [r.headers["Authorization"] for r in received(fake_upstream)] == ["Bearer sk-a", "Bearer sk-b"]
 
 
-async def test_hop_by_hop_headers_are_not_forwarded_when_client_sends_them(fake_upstream: Any,
-                                                                          proxy_for: Any) -> None:
+async def test_hop_by_hop_headers_are_not_forwarded_when_client_sends_them(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
-    await client.post("/v1/chat/completions", json=chat_body("hop"),
-                      headers={"Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "5",
-                               "X-Custom": "kept"})
+    await client.post(
+        "/v1/chat/completions",
+        json=chat_body("hop"),
+        headers={"Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "5", "X-Custom": "kept"},
+    )
     sent = received(fake_upstream)[0].headers
     assert "X-Private" not in sent and "Keep-Alive" not in sent
     assert sent["X-Custom"] == "kept"
@@ -122,8 +145,7 @@ async def test_no_cache_skips_lookup_and_replaces_entry_when_requested(fake_upst
 
 async def test_no_store_keeps_nothing_when_requested(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
-    first = await client.post("/v1/chat/completions", json=chat_body("private"),
-                              headers={"Cache-Control": "no-store"})
+    first = await client.post("/v1/chat/completions", json=chat_body("private"), headers={"Cache-Control": "no-store"})
     second = await client.post("/v1/chat/completions", json=chat_body("private"))
     assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["BYPASS", "MISS"]
     assert len(received(fake_upstream)) == 2
@@ -133,10 +155,10 @@ async def test_max_age_refuses_older_entries_when_requested(fake_upstream: Any, 
     client = await proxy_for(fake_upstream)
     await client.post("/v1/chat/completions", json=chat_body("aged"))
     await asyncio.sleep(1.1)
-    fresh_enough = await client.post("/v1/chat/completions", json=chat_body("aged"),
-                                     headers={"Cache-Control": "max-age=60"})
-    too_old = await client.post("/v1/chat/completions", json=chat_body("aged"),
-                                headers={"Cache-Control": "max-age=0"})
+    fresh_enough = await client.post(
+        "/v1/chat/completions", json=chat_body("aged"), headers={"Cache-Control": "max-age=60"}
+    )
+    too_old = await client.post("/v1/chat/completions", json=chat_body("aged"), headers={"Cache-Control": "max-age=0"})
     assert [fresh_enough.headers["X-Cache"], too_old.headers["X-Cache"]] == ["HIT", "MISS"]
 
 
@@ -153,12 +175,12 @@ async def test_upstream_errors_pass_through_uncached_when_upstream_fails(fake_up
     assert len(received(fake_upstream)) == 3
 
 
-async def test_invalid_json_passes_through_untouched_when_body_is_not_json(fake_upstream: Any,
-                                                                          proxy_for: Any) -> None:
+async def test_invalid_json_passes_through_untouched_when_body_is_not_json(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     for _ in range(2):
-        response = await client.post("/v1/chat/completions", data=b"{not json",
-                                     headers={"Content-Type": "application/json"})
+        response = await client.post(
+            "/v1/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+        )
         assert response.status == 400
         assert response.headers["X-Cache"] == "BYPASS"
         assert "error" in await response.json()
@@ -179,8 +201,7 @@ async def test_stream_is_replayed_identically_when_hit(fake_upstream: Any, proxy
     assert len(received(fake_upstream)) == 1
 
 
-async def test_stream_reaches_client_before_it_ends_when_upstream_is_slow(fake_upstream: Any,
-                                                                         proxy_for: Any) -> None:
+async def test_stream_reaches_client_before_it_ends_when_upstream_is_slow(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     response = await client.post("/v1/chat/completions", json=chat_body("slow " * 20, stream=True))
     first_chunk = await response.content.readany()
@@ -204,11 +225,13 @@ async def test_broken_stream_is_not_stored_when_upstream_drops(fake_upstream: An
     assert len(received(fake_upstream)) == 2
 
 
-async def test_identical_concurrent_requests_share_one_upstream_call_when_in_flight(fake_upstream: Any,
-                                                                                   proxy_for: Any) -> None:
+async def test_identical_concurrent_requests_share_one_upstream_call_when_in_flight(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
     client = await proxy_for(fake_upstream)
-    responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat_body("slow coalesce"))
-                                       for _ in range(8)))
+    responses = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=chat_body("slow coalesce")) for _ in range(8))
+    )
     bodies = [await r.json() for r in responses]
     assert len({b["id"] for b in bodies}) == 1
     assert sorted(r.headers["X-Cache"] for r in responses) == ["HIT"] * 7 + ["MISS"]
@@ -243,8 +266,9 @@ async def test_embeddings_keep_encoding_format_apart_when_it_differs(fake_upstre
     client = await proxy_for(fake_upstream)
     outcomes = []
     for fmt in ("base64", "float", "base64"):
-        response = await client.post("/v1/embeddings",
-                                     json={"model": "text-embedding-3-small", "input": "x", "encoding_format": fmt})
+        response = await client.post(
+            "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x", "encoding_format": fmt}
+        )
         outcomes.append(response.headers["X-Cache"])
     assert outcomes == ["MISS", "MISS", "HIT"]
 
@@ -264,8 +288,9 @@ async def test_proxy_keys_reject_unknown_clients_when_configured(fake_upstream: 
     client = await proxy_for(fake_upstream, proxy_api_keys=frozenset({"client-key-1"}))
     denied = await client.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer nope"})
     missing = await client.get("/v1/models")
-    allowed = await client.post("/v1/chat/completions", json=chat_body(),
-                                headers={"Authorization": "Bearer client-key-1"})
+    allowed = await client.post(
+        "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer client-key-1"}
+    )
     assert [denied.status, missing.status, allowed.status] == [401, 401, 200]
     error = (await denied.json())["error"]
     assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
@@ -288,16 +313,18 @@ async def test_unknown_path_gets_openai_error_when_outside_v1(fake_upstream: Any
     assert set((await response.json())["error"]) == {"message", "type", "param", "code"}
 
 
-async def test_unreachable_upstream_gets_502_when_nothing_listens(aiohttp_client: Any, settings_for: Any,
-                                                                  fake_upstream: Any) -> None:
+async def test_unreachable_upstream_gets_502_when_nothing_listens(
+    aiohttp_client: Any, settings_for: Any, fake_upstream: Any
+) -> None:
     from proxy.app import create_app
     from proxy.config import Upstream
     from tests.redis_server import free_port
 
     settings = settings_for(fake_upstream)
     dead = Upstream(name="default", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key=UPSTREAM_KEY)
-    client = await aiohttp_client(create_app(settings.__class__(upstreams=(dead,), cache=settings.cache),
-                                             redis_client=FakeAsyncRedis()))
+    client = await aiohttp_client(
+        create_app(settings.__class__(upstreams=(dead,), cache=settings.cache), redis_client=FakeAsyncRedis())
+    )
     response = await client.post("/v1/chat/completions", json=chat_body())
     body = await response.json()
     assert response.status == 502
@@ -305,8 +332,9 @@ async def test_unreachable_upstream_gets_502_when_nothing_listens(aiohttp_client
     assert UPSTREAM_KEY not in orjson.dumps(body).decode()
 
 
-async def test_silent_upstream_gets_504_when_timeout_passes(fake_upstream: Any, aiohttp_client: Any,
-                                                            settings_for: Any) -> None:
+async def test_silent_upstream_gets_504_when_timeout_passes(
+    fake_upstream: Any, aiohttp_client: Any, settings_for: Any
+) -> None:
     from dataclasses import replace
 
     from proxy.app import create_app
@@ -319,9 +347,9 @@ async def test_silent_upstream_gets_504_when_timeout_passes(fake_upstream: Any, 
     assert (await response.json())["error"]["code"] == "upstream_timeout"
 
 
-async def test_models_route_to_matching_upstream_when_several_are_configured(aiohttp_server: Any,
-                                                                            aiohttp_client: Any,
-                                                                            settings_for: Any) -> None:
+async def test_models_route_to_matching_upstream_when_several_are_configured(
+    aiohttp_server: Any, aiohttp_client: Any, settings_for: Any
+) -> None:
     from dataclasses import replace
 
     from proxy.app import create_app
@@ -330,10 +358,13 @@ async def test_models_route_to_matching_upstream_when_several_are_configured(aio
 
     main, local = await aiohttp_server(create_fake_upstream()), await aiohttp_server(create_fake_upstream())
     settings = settings_for(main)
-    settings = replace(settings, upstreams=(
-        settings.upstreams[0],
-        Upstream(name="local", base_url=str(local.make_url("/v1")), models=("llama-*", "qwen*")),
-    ))
+    settings = replace(
+        settings,
+        upstreams=(
+            settings.upstreams[0],
+            Upstream(name="local", base_url=str(local.make_url("/v1")), models=("llama-*", "qwen*")),
+        ),
+    )
     client = await aiohttp_client(create_app(settings, redis_client=FakeAsyncRedis()))
     await client.post("/v1/chat/completions", json={**chat_body(), "model": "llama-3-8b"})
     await client.post("/v1/chat/completions", json=chat_body())
@@ -363,9 +394,9 @@ async def test_health_endpoints_answer_when_running(fake_upstream: Any, proxy_fo
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
 
 
-async def test_compressed_upstream_answer_is_relayed_decoded_when_upstream_gzips(aiohttp_server: Any,
-                                                                                aiohttp_client: Any,
-                                                                                settings_for: Any) -> None:
+async def test_compressed_upstream_answer_is_relayed_decoded_when_upstream_gzips(
+    aiohttp_server: Any, aiohttp_client: Any, settings_for: Any
+) -> None:
     from aiohttp import web
 
     from proxy.app import create_app
@@ -380,39 +411,41 @@ async def test_compressed_upstream_answer_is_relayed_decoded_when_upstream_gzips
     upstream = await aiohttp_server(upstream_app)
     client = await aiohttp_client(create_app(settings_for(upstream), redis_client=FakeAsyncRedis()))
     for outcome in ("MISS", "HIT"):
-        response = await client.post("/v1/chat/completions", json=chat_body("gzip"),
-                                     headers={"Accept-Encoding": "identity"})
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body("gzip"), headers={"Accept-Encoding": "identity"}
+        )
         assert response.headers["X-Cache"] == outcome
         assert "Content-Encoding" not in response.headers
         assert (await response.json())["id"] == "chatcmpl-gz"
 
 
-async def test_memory_backend_caches_without_redis_when_configured(fake_upstream: Any, aiohttp_client: Any,
-                                                                   settings_for: Any) -> None:
+async def test_memory_backend_caches_without_redis_when_configured(
+    fake_upstream: Any, aiohttp_client: Any, settings_for: Any
+) -> None:
     from proxy.app import create_app
     from proxy.store import MemoryStore
 
     client = await aiohttp_client(create_app(settings_for(fake_upstream, backend="memory")))
-    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("mem"))).headers["X-Cache"]
-                for _ in range(2)]
+    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("mem"))).headers["X-Cache"] for _ in range(2)]
     assert outcomes == ["MISS", "HIT"]
     assert isinstance(client.app[STORE], MemoryStore)
     assert (await (await client.get("/readyz")).json())["cache"] == "ok"
 
 
-async def test_off_backend_always_calls_upstream_when_configured(fake_upstream: Any, aiohttp_client: Any,
-                                                                 settings_for: Any) -> None:
+async def test_off_backend_always_calls_upstream_when_configured(
+    fake_upstream: Any, aiohttp_client: Any, settings_for: Any
+) -> None:
     from proxy.app import create_app
 
     client = await aiohttp_client(create_app(settings_for(fake_upstream, backend="off")))
-    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("off"))).headers["X-Cache"]
-                for _ in range(2)]
+    outcomes = [(await client.post("/v1/chat/completions", json=chat_body("off"))).headers["X-Cache"] for _ in range(2)]
     assert outcomes == ["MISS", "MISS"]
     assert len(received(fake_upstream)) == 2
 
 
-async def test_escaped_path_reaches_upstream_unchanged_when_client_encodes_it(fake_upstream: Any,
-                                                                             proxy_for: Any) -> None:
+async def test_escaped_path_reaches_upstream_unchanged_when_client_encodes_it(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
     client = await proxy_for(fake_upstream)
     response = await client.get("/v1/files/file%3Fabc?purpose=x%26y")
     assert response.status == 200

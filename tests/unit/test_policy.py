@@ -15,19 +15,31 @@ def test_openai_generation_routes_are_cacheable_when_posted(route: str) -> None:
     assert (plan.lookup, plan.store, plan.ttl_s) == (True, True, 60)
 
 
-@pytest.mark.parametrize(("method", "route", "body"), [
-    ("GET", "models", None), ("POST", "files", BODY), ("POST", "audio/speech", BODY),
-    ("POST", "chat/completions", None), ("POST", "chat/completions", [1, 2]),
-    ("POST", "responses", {"model": "m", "background": True}),
-])
+@pytest.mark.parametrize(
+    ("method", "route", "body"),
+    [
+        ("GET", "models", None),
+        ("POST", "files", BODY),
+        ("POST", "audio/speech", BODY),
+        ("POST", "chat/completions", None),
+        ("POST", "chat/completions", [1, 2]),
+        ("POST", "responses", {"model": "m", "background": True}),
+    ],
+)
 def test_request_bypasses_cache_when_not_cacheable(method: str, route: str, body: object) -> None:
     assert not decide(method, route, body, None, 60).cacheable
 
 
-@pytest.mark.parametrize(("header", "lookup", "store"), [
-    ("no-cache", False, True), ("no-store", True, False), ("No-Cache, No-Store", False, False),
-    ("max-age=0", True, True), ("private", True, True),
-])
+@pytest.mark.parametrize(
+    ("header", "lookup", "store"),
+    [
+        ("no-cache", False, True),
+        ("no-store", True, False),
+        ("No-Cache, No-Store", False, False),
+        ("max-age=0", True, True),
+        ("private", True, True),
+    ],
+)
 def test_cache_control_changes_plan_when_sent(header: str, lookup: bool, store: bool) -> None:
     plan = decide("POST", "chat/completions", BODY, header, 60)
     assert (plan.lookup, plan.store) == (lookup, store)

@@ -9,8 +9,9 @@ from proxy.keys import FLIGHTS, STORE
 from tests.conftest import chat_body, received
 
 
-async def test_upstream_call_is_cancelled_and_nothing_stored_when_client_leaves(fake_upstream: Any,
-                                                                               proxy_for: Any) -> None:
+async def test_upstream_call_is_cancelled_and_nothing_stored_when_client_leaves(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
     client = await proxy_for(fake_upstream)
     body = chat_body("slow " * 40 + "abandoned", stream=True)
     response = await client.post("/v1/chat/completions", json=body)

@@ -11,8 +11,14 @@ from proxy.sse import SseRecorder
 def chat_stream(with_usage: bool = True, crlf: bool = False) -> bytes:
     events = [{"id": "c", "object": "chat.completion.chunk", "choices": [{"delta": {"content": w}}]} for w in "ab"]
     if with_usage:
-        events.append({"id": "c", "object": "chat.completion.chunk", "choices": [],
-                       "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}})
+        events.append(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+            }
+        )
     text = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     return text.replace(b"\n", b"\r\n") if crlf else text
 
@@ -20,7 +26,7 @@ def chat_stream(with_usage: bool = True, crlf: bool = False) -> bytes:
 def feed_in(data: bytes, size: int) -> SseRecorder:
     recorder = SseRecorder()
     for i in range(0, len(data), size):
-        recorder.feed(data[i:i + size])
+        recorder.feed(data[i : i + size])
     return recorder
 
 
@@ -45,9 +51,11 @@ def test_stream_is_incomplete_when_an_error_event_arrives() -> None:
 
 
 def test_responses_stream_completes_when_response_completed_arrives() -> None:
-    data = (b'event: response.created\ndata: {"type":"response.created","response":{}}\n\n'
-            b'event: response.completed\ndata: {"type":"response.completed","response":'
-            b'{"usage":{"input_tokens":3,"output_tokens":2}}}\n\n')
+    data = (
+        b'event: response.created\ndata: {"type":"response.created","response":{}}\n\n'
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"usage":{"input_tokens":3,"output_tokens":2}}}\n\n'
+    )
     recorder = feed_in(data, 9)
     assert recorder.complete and recorder.usage == {"input_tokens": 3, "output_tokens": 2}
 

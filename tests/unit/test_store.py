@@ -16,8 +16,14 @@ from tests.redis_server import free_port
 
 def entry(body: bytes = b'{"ok":true}', ttl_s: float = 60) -> CacheEntry:
     now = time.time()
-    return CacheEntry(status=200, headers=(("Content-Type", "application/json"),), body=body, is_stream=False,
-                      stored_at=now, expires_at=now + ttl_s)
+    return CacheEntry(
+        status=200,
+        headers=(("Content-Type", "application/json"),),
+        body=body,
+        is_stream=False,
+        stored_at=now,
+        expires_at=now + ttl_s,
+    )
 
 
 def dead_redis() -> redis.Redis:

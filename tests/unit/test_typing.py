@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_package_type_checks_when_mypy_runs_strict() -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary", "proxy"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-error-summary", "proxy"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
