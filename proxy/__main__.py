@@ -1,4 +1,4 @@
-"""``python -m proxy``: load ``.env`` and settings, configure logging, serve (optionally in N workers)."""
+"""``python -m proxy`` and the ``llm-cache-proxy`` command: ``serve`` (the default) and ``check-config``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import os
 import signal
 import sys
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from dotenv import load_dotenv
 
 from . import __version__
 from .app import create_app
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, config_path, redact_url, resolve
 
 log = logging.getLogger("proxy")
 
@@ -24,47 +23,82 @@ ACCESS_LOG_FORMAT = 'remote=%a request="%r" status=%s bytes=%b duration_s=%Tf ca
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point; exits 2 with a one-line message on a configuration error."""
-    parser = argparse.ArgumentParser(prog="llm-cache-proxy", description="Caching proxy for OpenAI-compatible APIs.")
-    parser.add_argument("--config", help="YAML settings file (default: $PROXY_CONFIG, else ./proxy.yaml if present)")
-    parser.add_argument("--host", help="listen address (overrides PROXY_HOST)")
-    parser.add_argument("--port", type=int, help="listen port (overrides PROXY_PORT)")
-    parser.add_argument("--workers", type=int, help="processes sharing the port via SO_REUSEPORT")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    args = parser.parse_args(argv)
-
+    """Console entry point. Exits 2 with one line per problem on a configuration error."""
+    args = _parser().parse_args(argv)
     # Local convenience only: real environment variables always win over .env.
     load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+    if args.command == "check-config":
+        raise SystemExit(check_config(args.config))
     try:
-        settings = load_settings(args.config)
+        settings = resolve(args.config)[0]
         if args.workers is not None and args.workers < 1:
             raise ConfigError("--workers must be at least 1")
     except ConfigError as exc:
-        print(f"llm-cache-proxy: configuration error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
-    settings = replace(
-        settings,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
+    server = settings.server
+    server = replace(
+        server, host=args.host or server.host, port=args.port or server.port, workers=args.workers or server.workers
     )
-
+    settings = replace(settings, server=server)
     logging.basicConfig(
         level=settings.log_level,
         stream=sys.stderr,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     _describe(settings)
-    if settings.workers > 1:
+    if server.workers > 1:
         _supervise(settings)
     else:
         _serve(settings, reuse_port=False)
 
 
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML settings file (default: $PROXY_CONFIG, else ./proxy.yaml if present)")
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--host", help="listen address (overrides PROXY_HOST)")
+    serving.add_argument("--port", type=int, help="listen port (overrides PROXY_PORT)")
+    serving.add_argument("--workers", type=int, help="processes sharing the port via SO_REUSEPORT")
+    parser = argparse.ArgumentParser(
+        prog="llm-cache-proxy",
+        description="Caching proxy for OpenAI-compatible APIs. Without a command, serves.",
+        parents=[common, serving],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands.add_parser("serve", parents=[common, serving], help="serve (the default)")
+    commands.add_parser(
+        "check-config", parents=[common], help="validate the settings and print them with secrets redacted"
+    )
+    return parser
+
+
+def check_config(config_file: str | None) -> int:
+    """Print every resolved setting with its source, secrets redacted; 0 when valid, else 2 and each problem."""
+    path = config_path(config_file, os.environ)
+    try:
+        settings, resolved = resolve(config_file)
+    except ConfigError as exc:
+        for problem in str(exc).splitlines():
+            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
+        return 2
+    print(f"# settings file: {path or 'none'}")
+    width = max(len(r.setting.key) for r in resolved)
+    for item in resolved:
+        via = f" ({item.setting.env})" if item.source == "environment" else ""
+        print(f"{item.setting.key:<{width}} = {item.shown()}  # {item.source}{via}")
+    for index, upstream in enumerate(settings.upstreams):
+        key = "configured" if upstream.api_key else "from the client"
+        print(
+            f"upstreams[{index}] = {upstream.name} {upstream.base_url} models={','.join(upstream.models)} "
+            f"key={key} auth_header={upstream.auth_header} connect_timeout_s={upstream.connect_timeout_s:g}"
+        )
+    return 0
+
+
 def _describe(settings: Settings) -> None:
-    redis_url = urlsplit(settings.redis.url)
-    # Host, port and db only: the URL may carry a password.
-    redis_at = f"{redis_url.scheme}://{redis_url.hostname}:{redis_url.port or 6379}{redis_url.path}"
     for upstream in settings.upstreams:
         log.info(
             "upstream name=%s base_url=%s models=%s key=%s",
@@ -73,16 +107,17 @@ def _describe(settings: Settings) -> None:
             ",".join(upstream.models),
             "configured" if upstream.api_key else "from-client",
         )
+    server, cache = settings.server, settings.cache
     log.info(
         "listening host=%s port=%d workers=%d cache=%s namespace=%s ttl_s=%d redis=%s client_keys=%d",
-        settings.host,
-        settings.port,
-        settings.workers,
-        settings.cache.backend,
-        settings.cache.namespace,
-        settings.cache.ttl_s,
-        redis_at if settings.cache.backend == "redis" else "-",
-        len(settings.proxy_api_keys),
+        server.host,
+        server.port,
+        server.workers,
+        cache.backend,
+        cache.namespace,
+        cache.ttl_s,
+        redact_url(settings.redis.url) if cache.backend == "redis" else "-",
+        len(settings.auth.proxy_api_keys),
     )
 
 
@@ -98,8 +133,8 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
     access_log = logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None
     web.run_app(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        host=settings.server.host,
+        port=settings.server.port,
         reuse_port=reuse_port or None,
         access_log=access_log,
         access_log_format=ACCESS_LOG_FORMAT,
@@ -111,9 +146,9 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
 
 
 def _supervise(settings: Settings) -> None:
-    """Fork ``settings.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal."""
+    """Fork ``server.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal."""
     children: list[int] = []
-    for _ in range(settings.workers):
+    for _ in range(settings.server.workers):
         pid = os.fork()
         if pid == 0:
             _serve(settings, reuse_port=True)

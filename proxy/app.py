@@ -1,4 +1,4 @@
-"""create_app: routes, application state and the lifetime of the upstream session and the cache store."""
+"""create_app: routes, application state and the lifetime of the upstream sessions and the cache store."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .cache_key import Memo
-from .config import DEFAULT_REDIS_URL, Settings
-from .handlers import healthz, metrics, openai_endpoint, readyz
-from .keys import FLIGHTS, INJECTED_REDIS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
+from .config import RedisSettings, Settings
+from .flight import Flights
+from .guards import authorized, get_only, guarded, not_found
+from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
+from .keying import Keyer
+from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
-from .middlewares import get_only, guarded, not_found
-from .relay import Flights
-from .store import CacheStore, MemoryStore, NullStore, RedisStore, TieredStore
-from .upstream import create_session
+from .policy import CACHEABLE_ROUTES
+from .state import FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, STORE, UPSTREAMS
+from .store import CacheStore, RedisStore
+from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -29,98 +32,109 @@ KEY_MEMO_MAX_BYTES = 512 * 1024
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
     """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[FLIGHTS] = Flights()
-    app[KEY_MEMO] = Memo(KEY_MEMO_MAX_BYTES)
+    app[KEYER] = Keyer(settings, enabled=settings.cache.backend != "off", memo_max_bytes=KEY_MEMO_MAX_BYTES)
     app[READY] = asyncio.Event()
     if redis_client is not None:
         app[INJECTED_REDIS] = redis_client
-    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_stop_ready)
-    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
-        app.router.add_route("*", path, guarded(get_only(handler)))
-    app.router.add_route("*", "/v1/{rest:.+}", guarded(openai_endpoint))
-    app.router.add_route("*", "/{tail:.*}", guarded(not_found))
+    _add_routes(app.router, settings.auth.proxy_api_keys)
     return app
 
 
-def redis_client_for(settings: Settings) -> redis.Redis:
-    """A pooled client for ``settings.redis``.
+def _add_routes(router: web.UrlDispatcher, client_keys: frozenset[str]) -> None:
+    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
+        router.add_route("*", path, guarded(get_only(handler)))
+    cached: Handler = openai_endpoint
+    relayed: Handler = passthrough
+    if client_keys:
+        cached, relayed = authorized(cached, client_keys), authorized(relayed, client_keys)
+    # Only POSTs to these routes consult the cache; every other /v1 request, these paths with another method
+    # included, falls through to passthrough.
+    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", guarded(cached))
+    router.add_route("*", "/v1/{rest:.+}", guarded(relayed))
+    router.add_route("*", "/{tail:.*}", guarded(not_found))
+
+
+def redis_client_for(settings: RedisSettings) -> redis.Redis:
+    """A pooled client for *settings*.
 
     Only connecting has a socket deadline here; each whole operation gets its deadline from
-    :class:`RedisStore`. redis-py implements a socket timeout with ``asyncio.wait_for`` around every write,
-    a task per command, which made up a tenth of a cache miss's CPU time. Retrying a stale connection is
-    :meth:`RedisStore._execute`'s job, so the client itself never retries: redis-py's default would retry
-    three times with backoff, inside the operation's deadline.
+    :class:`RedisStore`, since redis-py implements a socket timeout with ``asyncio.wait_for`` around every
+    write, a task per command. Retrying a stale connection is :meth:`RedisStore._execute`'s job, so the client
+    itself never retries: redis-py's default would retry three times with backoff, inside the deadline.
     """
-    cfg = settings.redis
     # RedisStore admits at most max_connections operations at once, so this pool never runs dry; the plain
-    # pool hands out connections several times cheaper than the blocking one.
+    # pool hands out connections more cheaply than the blocking one.
     pool = redis.ConnectionPool.from_url(
-        cfg.url,
-        max_connections=cfg.max_connections,
-        socket_connect_timeout=cfg.op_timeout_s,
+        settings.url,
+        max_connections=settings.max_connections,
+        socket_connect_timeout=settings.op_timeout_s,
         socket_timeout=None,
         retry=Retry(NoBackoff(), 0),
     )
-    if cfg.password:
+    if settings.password:
         # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.
-        pool.connection_kwargs["password"] = cfg.password
+        pool.connection_kwargs["password"] = settings.password
     return redis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
-async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SESSION] = create_session()
+async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[UPSTREAMS] = {upstream.name: UpstreamClient(upstream) for upstream in app[SETTINGS].upstreams}
     yield
-    await app[SESSION].close()
+    await asyncio.gather(*(client.close() for client in app[UPSTREAMS].values()))
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     cache = settings.cache
+    counters = app[METRICS]
     store: CacheStore
     client: redis.Redis | None = None
-    metrics = app[METRICS]
+    probe: asyncio.Task[None] | None = None
+    memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
     if cache.backend == "off":
         store = NullStore()
     elif cache.backend == "memory":
-        memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
-        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(memory))
         store = memory
     else:
-        client = app.get(INJECTED_REDIS) or redis_client_for(settings)
+        client = app.get(INJECTED_REDIS) or redis_client_for(settings.redis)
         remote = RedisStore(
             client,
             op_timeout_s=settings.redis.op_timeout_s,
             retry_after_s=settings.redis.retry_after_s,
             max_in_flight=settings.redis.max_connections,
         )
-        tiered = TieredStore(MemoryStore(cache.memory_max_entries, cache.memory_max_bytes), remote)
-        metrics.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(tiered.memory))
-        metrics.gauge("llm_cache_redis_errors", "Redis operations that failed (read as a miss).", lambda: remote.errors)
-        metrics.gauge(
+        store = TieredStore(memory, remote)
+        counters.gauge(
+            "llm_cache_redis_errors", "Redis operations that failed (read as a miss).", lambda: remote.errors
+        )
+        counters.gauge(
             "llm_cache_redis_available",
             "1 while Redis is in use, 0 while the proxy serves without it.",
             lambda: 1 if remote.available else 0,
         )
-        store = tiered
-        probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis.url))
+        probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis))
+    if cache.backend != "off":
+        counters.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(memory))
     app[STORE] = store
     app[READY].set()
     yield
-    if client is not None and not probe.done():
+    if probe is not None and not probe.done():
         probe.cancel()
     await store.aclose()
     if client is not None and INJECTED_REDIS not in app:
         await client.aclose()
 
 
-async def _probe_redis(remote: RedisStore, url: str) -> None:
+async def _probe_redis(remote: RedisStore, settings: RedisSettings) -> None:
     # Tells the operator early, and spares the first requests a wait on a Redis that is not there.
-    default = url == DEFAULT_REDIS_URL
+    default = settings.url == RedisSettings().url
     if await remote.ping(quiet=default):
         log.info("redis reachable; shared cache in use")
     elif default:

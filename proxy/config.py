@@ -1,37 +1,32 @@
-"""Load settings: ``proxy.yaml`` with ``${VAR}`` expansion, then environment overrides, validated once."""
+"""Settings: one table says every setting's file key, variable, type, bounds and secrecy; defaults live once, in
+the dataclasses below. The table drives loading, validation, ``.env.example``, the README and ``check-config``."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import re
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_FILE = "proxy.yaml"
-BACKENDS = ("redis", "memory", "off")
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-# The in-process tier: hot entries in front of Redis, or the whole cache. Sized so that a sidecar stays
-# under 60 MiB resident (the imported libraries alone take about 48 MiB); raise it for CACHE_BACKEND=memory
-# on a machine with room.
-DEFAULT_MEMORY_MAX_BYTES = 4 * 1024 * 1024
-_N = TypeVar("_N", int, float)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
 
 
 class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the key."""
+    """One or more settings are missing or malformed; each line of the message names a key and the reason."""
 
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One OpenAI-compatible API. *api_key* is a secret: it is excluded from ``repr``."""
 
-    name: str
-    base_url: str
+    name: str = "default"
+    base_url: str = "https://api.openai.com/v1"
     api_key: str | None = field(default=None, repr=False)
     models: tuple[str, ...] = ("*",)
     timeout_s: float = 600.0
@@ -45,14 +40,13 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
-class RedisSettings:
-    """Where the shared cache lives. *password* overrides one embedded in *url*."""
+class ServerSettings:
+    """Where and how the proxy listens."""
 
-    url: str = field(default=DEFAULT_REDIS_URL, repr=False)
-    password: str | None = field(default=None, repr=False)
-    op_timeout_s: float = 0.25
-    retry_after_s: float = 2.0
-    max_connections: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +57,39 @@ class CacheSettings:
     namespace: str = "llm-cache"
     ttl_s: int = 3600
     memory_max_entries: int = 10_000
-    memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
+    # Sized so that a sidecar stays small; raise it when CACHE_BACKEND=memory is the whole cache.
+    memory_max_bytes: int = 4 * 1024 * 1024
     max_entry_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the proxy reads at startup. Built by :func:`load_settings`, never mutated."""
+class RedisSettings:
+    """Where the shared cache lives. *password* overrides one embedded in *url*; both are secret."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_body_bytes: int = 32 * 1024 * 1024
-    upstreams: tuple[Upstream, ...] = (Upstream(name="default", base_url="https://api.openai.com/v1"),)
-    redis: RedisSettings = RedisSettings()
-    cache: CacheSettings = CacheSettings()
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    password: str | None = field(default=None, repr=False)
+    op_timeout_s: float = 0.25
+    retry_after_s: float = 2.0
+    max_connections: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client keys the proxy accepts; empty means no client check."""
+
     proxy_api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy reads at startup. Built by :func:`load_settings`, never mutated. Attribute paths are
+    the keys of ``proxy.yaml``."""
+
+    server: ServerSettings = ServerSettings()
+    upstreams: tuple[Upstream, ...] = (Upstream(),)
+    cache: CacheSettings = CacheSettings()
+    redis: RedisSettings = RedisSettings()
+    auth: AuthSettings = AuthSettings()
     log_level: str = "INFO"
 
     @property
@@ -92,6 +103,253 @@ class Settings:
                 if upstream.serves(model):
                     return upstream
         return self.upstreams[0]
+
+
+# Kinds: each parses a raw value (YAML or environment text) or raises ValueError with the reason.
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """An int or float in ``[low, high]``; with *low_open*, strictly above *low*."""
+
+    kind: type[int] | type[float]
+    low: float = 1
+    high: float | None = None
+    low_open: bool = False
+
+    def parse(self, value: Any) -> int | float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {self.describe()}, got {value!r}") from None
+        too_low = number <= self.low if self.low_open else number < self.low
+        if too_low or (self.high is not None and number > self.high):
+            raise ValueError(f"must be {self.describe()}, got {value!r}")
+        return number
+
+    def describe(self) -> str:
+        name = "an integer" if self.kind is int else "a number"
+        if self.high is not None:
+            return f"{name} from {self.low:g} to {self.high:g}"
+        return f"{name} {'>' if self.low_open else '≥'} {self.low:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    pattern: str = r".+"
+    meaning: str = "non-empty text"
+
+    def parse(self, value: Any) -> str:
+        text = "" if value is None else str(value)
+        if not re.fullmatch(self.pattern, text):
+            raise ValueError(f"must be {self.meaning}, got {text!r}")
+        return text
+
+    def describe(self) -> str:
+        return self.meaning
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    options: tuple[str, ...]
+
+    def parse(self, value: Any) -> str:
+        # YAML 1.1 reads an unquoted `off` as false.
+        text = "off" if value is False and "off" in self.options else str(value)
+        if text.lower() in self.options:
+            return text.lower()
+        if text.upper() in self.options:
+            return text.upper()
+        raise ValueError(f"must be one of {', '.join(self.options)}, got {text!r}")
+
+    def describe(self) -> str:
+        return " | ".join(self.options)
+
+
+@dataclass(frozen=True, slots=True)
+class Url:
+    schemes: tuple[str, ...]
+
+    def parse(self, value: Any) -> str:
+        text = str(value).strip()
+        parts = urlsplit(text)
+        if parts.scheme not in self.schemes or (parts.scheme != "unix" and not parts.hostname):
+            # Never echo the value: a URL may carry a password.
+            raise ValueError(f"must be {self.describe()}")
+        return text.rstrip("/") if parts.scheme in ("http", "https") else text
+
+    def describe(self) -> str:
+        return f"a URL starting with {' or '.join(f'{scheme}://' for scheme in self.schemes)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """A YAML list or a comma-separated string of non-empty items, in order and without repeats; a frozenset
+    when *unordered*."""
+
+    unordered: bool = False
+
+    def parse(self, value: Any) -> tuple[str, ...] | frozenset[str]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError("must be a list or a comma-separated string")
+        unique = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
+        return frozenset(unique) if self.unordered else unique
+
+    def describe(self) -> str:
+        return "a list (comma-separated in a variable)"
+
+
+Kind = Number | Text | Choice | Url | Items
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One row of the table. *key* is both the ``proxy.yaml`` key and the attribute path in :class:`Settings`
+    (``upstreams[0]`` is the default upstream); *env* the variable that overrides it."""
+
+    key: str
+    env: str | None
+    kind: Kind
+    help: str
+    secret: bool = False
+
+    @property
+    def default(self) -> Any:
+        return attribute(Settings(), self.key)
+
+    def names(self) -> str:
+        return f"{self.key} ({self.env})" if self.env else self.key
+
+
+_SECONDS = Number(float, 0, low_open=True)
+SETTINGS_TABLE: tuple[Setting, ...] = (
+    Setting("server.host", "PROXY_HOST", Text(), "listen address; 0.0.0.0 inside a container"),
+    Setting("server.port", "PROXY_PORT", Number(int, 1, 65535), "listen port"),
+    Setting(
+        "server.workers", "PROXY_WORKERS", Number(int), "processes sharing the port (SO_REUSEPORT); also --workers N"
+    ),
+    Setting("server.max_body_bytes", None, Number(int), "largest request body; a larger one gets 413"),
+    Setting(
+        "upstreams[0].base_url",
+        "UPSTREAM_BASE_URL",
+        Url(("http", "https")),
+        "the default upstream, including its /v1: /v1/<rest> goes to <base_url>/<rest>",
+    ),
+    Setting(
+        "upstreams[0].api_key",
+        "OPENAI_API_KEY",
+        Text(),
+        "upstream key, sent in place of the client's; unset, each client's own key goes upstream and entries are "
+        "partitioned by a keyed hash of it",
+        secret=True,
+    ),
+    Setting(
+        "upstreams[0].timeout_s",
+        "UPSTREAM_TIMEOUT",
+        _SECONDS,
+        "seconds of upstream silence before the client gets a 504 (between bytes, so long streams are fine)",
+    ),
+    Setting(
+        "cache.backend",
+        "CACHE_BACKEND",
+        Choice(("redis", "memory", "off")),
+        "redis (shared, with an in-process tier in front), memory (this process only) or off",
+    ),
+    Setting(
+        "cache.namespace",
+        "CACHE_NAMESPACE",
+        Text(r"\S+", "text without spaces"),
+        "prefix of every Redis key the proxy writes",
+    ),
+    Setting("cache.ttl_s", "CACHE_TTL", Number(int), "seconds a stored answer lives"),
+    Setting("cache.memory_max_entries", None, Number(int), "entries in the in-process tier at most"),
+    Setting(
+        "cache.memory_max_bytes",
+        None,
+        Number(int),
+        "bytes in the in-process tier at most (a hot set in front of Redis; raise it when the backend is memory)",
+    ),
+    Setting("cache.max_entry_bytes", None, Number(int), "larger answers are relayed but not stored"),
+    Setting(
+        "redis.url",
+        "REDIS_URL",
+        Url(("redis", "rediss", "unix")),
+        "redis://, rediss:// or unix:// URL, with user, password and db",
+        secret=True,
+    ),
+    Setting("redis.password", "REDIS_PASSWORD", Text(), "Redis password; wins over one in the URL", secret=True),
+    Setting("redis.op_timeout_s", None, _SECONDS, "deadline of one Redis round trip; past it, a miss"),
+    Setting("redis.retry_after_s", None, _SECONDS, "after a Redis failure, serve without Redis this long, then retry"),
+    Setting("redis.max_connections", None, Number(int), "Redis connections per process at most"),
+    Setting(
+        "auth.proxy_api_keys",
+        "PROXY_API_KEYS",
+        Items(unordered=True),
+        "client keys (Authorization: Bearer <key>); when set, any other caller gets 401 and nothing goes upstream",
+        secret=True,
+    ),
+    Setting(
+        "log_level",
+        "LOG_LEVEL",
+        Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+        "DEBUG adds an access-log line per request with its cache outcome",
+    ),
+)
+
+# Keys of one entry of `upstreams:` in proxy.yaml (only there), with what each must be.
+UPSTREAM_KEYS: dict[str, Kind] = {
+    "name": Text(),
+    "base_url": Url(("http", "https")),
+    "api_key_env": Text(r"[A-Za-z_][A-Za-z0-9_]*", "the name of an environment variable"),
+    "models": Items(),
+    "timeout_s": _SECONDS,
+    "connect_timeout_s": _SECONDS,
+    "auth_header": Text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name"),
+}
+_SECTIONS = {"server": ServerSettings, "cache": CacheSettings, "redis": RedisSettings, "auth": AuthSettings}
+
+
+def attribute(settings: Settings, key: str) -> Any:
+    """The value at *key* (``cache.ttl_s``, ``upstreams[0].base_url``) of *settings*."""
+    value: Any = settings
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        value = getattr(value, name)
+        if index:
+            value = value[int(index.rstrip("]"))]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A setting's final value and where it came from: ``default``, ``file`` or ``environment``."""
+
+    setting: Setting
+    value: Any
+    source: str
+
+    def shown(self) -> str:
+        """The value as ``check-config`` prints it: a secret only as set or unset, a URL without its password."""
+        if isinstance(self.setting.kind, Url):
+            return redact_url(str(self.value))
+        if self.setting.secret:
+            return "(set, hidden)" if self.value else "(unset)"
+        if isinstance(self.value, tuple | frozenset):
+            return ",".join(sorted(self.value)) if isinstance(self.value, frozenset) else ",".join(self.value)
+        return str(self.value)
+
+
+def redact_url(url: str) -> str:
+    """*url* with any password replaced by ``***``, for logs and printed settings."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def expand_vars(text: str, env: Mapping[str, str]) -> str:
@@ -111,180 +369,176 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
     )
 
 
-def load_settings(config_path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from the YAML file (if any) and *env* (default ``os.environ``).
-
-    The file is *config_path*, else ``$PROXY_CONFIG``, else ``./proxy.yaml`` when it exists.
-    Environment variables win over the file. Raises :class:`ConfigError` naming the bad key.
-    """
-    env = os.environ if env is None else env
-    path = config_path or env.get("PROXY_CONFIG")
-    data: Mapping[str, Any] = {}
+def config_path(config_file: str | None, env: Mapping[str, str]) -> str | None:
+    """The settings file: *config_file*, else ``$PROXY_CONFIG``, else ``./proxy.yaml`` when it exists."""
+    path = config_file or env.get("PROXY_CONFIG")
     if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
-        path = DEFAULT_CONFIG_FILE
-    if path is not None:
-        # Imported here: without a settings file, start-up does without it (about 15 ms).
-        import yaml
+        return DEFAULT_CONFIG_FILE
+    return path
 
+
+def read_file(path: str | None, env: Mapping[str, str]) -> Mapping[str, Any]:
+    """The parsed settings file, ``{}`` without one. Raises :class:`ConfigError` naming the file."""
+    if path is None:
+        return {}
+    # Imported here: without a settings file, start-up does without PyYAML.
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(expand_vars(text, env))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def load_settings(config_file: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from the settings file (see :func:`config_path`) and *env* (default
+    ``os.environ``); variables win over the file. Raises :class:`ConfigError` listing every problem."""
+    return resolve(config_file, env)[0]
+
+
+def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None) -> tuple[Settings, list[Resolved]]:
+    """:func:`load_settings`, plus each table setting's final value and its source (for ``check-config``)."""
+    env = os.environ if env is None else env
+    path = config_path(config_file, env)
+    data = read_file(path, env)
+    problems = [f"{path}: {problem}" for problem in _unknown_keys(data)]
+    sections: dict[str, dict[str, Any]] = {name: {} for name in [*_SECTIONS, "", "upstreams[0]"]}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS_TABLE:
+        raw, source = _lookup(setting, data, env)
+        if source == "default":
+            continue
+        section, _, name = setting.key.rpartition(".")
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(expand_vars(text, env))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
-        data = loaded or {}
-    return _build(data, env)
+            sections[section][name] = setting.kind.parse(raw)
+        except ValueError as exc:
+            reason = f"must be {setting.kind.describe()}" if setting.secret else str(exc)
+            place = "in the environment" if source == "environment" else f"in {path}"
+            problems.append(f"{setting.names()} {place} {reason}")
+            continue
+        sources[setting.key] = source
+    upstreams = _upstreams(data.get("upstreams"), env, sections.pop("upstreams[0]"), problems)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    top = sections.pop("")
+    settings = Settings(upstreams=upstreams, **{n: cls(**sections[n]) for n, cls in _SECTIONS.items()}, **top)
+    resolved = [
+        Resolved(s, attribute(settings, s.key), sources.get(s.key) or _implicit_source(s, data)) for s in SETTINGS_TABLE
+    ]
+    return settings, resolved
 
 
-def _build(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
-    _reject_unknown(data, "", {"server", "upstreams", "cache", "redis", "auth", "log_level"})
-    server = _section(data, "server", {"host", "port", "workers", "max_body_bytes"})
-    cache = _section(data, "cache", set(CacheSettings.__dataclass_fields__))
-    redis_data = _section(data, "redis", {"url", "password", "op_timeout_s", "retry_after_s", "max_connections"})
-    auth = _section(data, "auth", {"proxy_api_keys"})
+def _lookup(setting: Setting, data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str]:
+    # An empty variable counts as unset, so that blank lines of a copied .env.example change nothing.
+    if setting.env and env.get(setting.env):
+        return env[setting.env], "environment"
+    section, _, name = setting.key.rpartition(".")
+    holder = data.get(section) if section else data
+    if not section.startswith("upstreams[") and isinstance(holder, dict) and holder.get(name) is not None:
+        return holder[name], "file"
+    return None, "default"
 
-    upstreams = [_upstream(item, i, env) for i, item in enumerate(_list(data, "upstreams"))]
-    if not upstreams:
-        upstreams = [_upstream({"name": "default"}, 0, env)]
-    default = upstreams[0]
-    upstreams[0] = replace(
-        default,
-        base_url=_url(env.get("UPSTREAM_BASE_URL", default.base_url), "UPSTREAM_BASE_URL", ("http", "https")),
-        api_key=env.get("OPENAI_API_KEY") or default.api_key,
-        timeout_s=_positive(env.get("UPSTREAM_TIMEOUT", default.timeout_s), "UPSTREAM_TIMEOUT", float),
-    )
+
+def _implicit_source(setting: Setting, data: Mapping[str, Any]) -> str:
+    # The default upstream's own entries are read with the rest of `upstreams:`.
+    if setting.key.startswith("upstreams[0]") and isinstance(data.get("upstreams"), list):
+        return "file"
+    return "default"
+
+
+def _unknown_keys(data: Mapping[str, Any]) -> list[str]:
+    known: dict[str, set[str]] = {"upstreams": set()}
+    for setting in SETTINGS_TABLE:
+        section, _, name = setting.key.rpartition(".")
+        if not section.startswith("upstreams["):
+            known.setdefault(section or name, set()).update({name} if section else set())
+    problems = []
+    for key, value in data.items():
+        if key not in known:
+            problems.append(f"unknown setting {key} (known: {', '.join(sorted(known))})")
+        elif known[key] and value is not None and not isinstance(value, dict):
+            problems.append(f"{key} must be a mapping")
+        elif known[key] and value is not None:
+            problems += [
+                f"unknown setting {key}.{name} (known: {', '.join(sorted(known[key]))})"
+                for name in sorted(set(value) - known[key])
+            ]
+    return problems
+
+
+def _upstreams(
+    items: Any, env: Mapping[str, str], overrides: Mapping[str, Any], problems: list[str]
+) -> tuple[Upstream, ...]:
+    if items is None:
+        items = [{"name": "default"}]
+    if not isinstance(items, list) or not items:
+        problems.append("upstreams must be a non-empty list of mappings")
+        return (Upstream(),)
+    upstreams = [_upstream(item, i, env, problems) for i, item in enumerate(items)]
+    upstreams[0] = replace(upstreams[0], **overrides)
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
-        raise ConfigError(f"upstreams: names must be unique, got {names}")
-
-    keys_value = env.get("PROXY_API_KEYS", auth.get("proxy_api_keys", []))
-    if isinstance(keys_value, str):
-        keys_value = keys_value.split(",")
-    if not isinstance(keys_value, list):
-        raise ConfigError("auth.proxy_api_keys must be a list or a comma-separated string")
-    proxy_api_keys = frozenset(str(k).strip() for k in keys_value if str(k).strip())
-
-    backend_value = env.get("CACHE_BACKEND", cache.get("backend", "redis"))
-    # YAML 1.1 reads an unquoted `off` as false.
-    backend = "off" if backend_value is False else str(backend_value).lower()
-    if backend not in BACKENDS:
-        raise ConfigError(f"CACHE_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    namespace = str(env.get("CACHE_NAMESPACE", cache.get("namespace", "llm-cache")))
-    if not namespace or any(c.isspace() for c in namespace):
-        raise ConfigError(f"CACHE_NAMESPACE must be non-empty and contain no spaces, got {namespace!r}")
-
-    log_level = str(env.get("LOG_LEVEL", data.get("log_level", "INFO"))).upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
-
-    return Settings(
-        host=str(env.get("PROXY_HOST", server.get("host", "127.0.0.1"))),
-        port=_port(env.get("PROXY_PORT", server.get("port", 8080)), "PROXY_PORT"),
-        workers=_positive(env.get("PROXY_WORKERS", server.get("workers", 1)), "PROXY_WORKERS", int),
-        max_body_bytes=_positive(server.get("max_body_bytes", 32 * 1024 * 1024), "server.max_body_bytes", int),
-        upstreams=tuple(upstreams),
-        redis=RedisSettings(
-            url=_url(
-                env.get("REDIS_URL", redis_data.get("url", DEFAULT_REDIS_URL)), "REDIS_URL", ("redis", "rediss", "unix")
-            ),
-            password=env.get("REDIS_PASSWORD") or _opt_str(redis_data.get("password")),
-            op_timeout_s=_positive(redis_data.get("op_timeout_s", 0.25), "redis.op_timeout_s", float),
-            retry_after_s=_positive(redis_data.get("retry_after_s", 2.0), "redis.retry_after_s", float),
-            max_connections=_positive(redis_data.get("max_connections", 64), "redis.max_connections", int),
-        ),
-        cache=CacheSettings(
-            backend=backend,
-            namespace=namespace,
-            ttl_s=_positive(env.get("CACHE_TTL", cache.get("ttl_s", 3600)), "CACHE_TTL", int),
-            memory_max_entries=_positive(cache.get("memory_max_entries", 10_000), "cache.memory_max_entries", int),
-            memory_max_bytes=_positive(
-                cache.get("memory_max_bytes", DEFAULT_MEMORY_MAX_BYTES), "cache.memory_max_bytes", int
-            ),
-            max_entry_bytes=_positive(cache.get("max_entry_bytes", 8 * 1024 * 1024), "cache.max_entry_bytes", int),
-        ),
-        proxy_api_keys=proxy_api_keys,
-        log_level=log_level,
-    )
+        problems.append(f"upstreams: names must be unique, got {names}")
+    return tuple(upstreams)
 
 
-def _upstream(item: Any, index: int, env: Mapping[str, str]) -> Upstream:
+def _upstream(item: Any, index: int, env: Mapping[str, str], problems: list[str]) -> Upstream:
     where = f"upstreams[{index}]"
     if not isinstance(item, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    _reject_unknown(
-        item,
-        where + ".",
-        {"name", "base_url", "api_key_env", "models", "timeout_s", "connect_timeout_s", "auth_header"},
-    )
-    key_env = item.get("api_key_env", "OPENAI_API_KEY" if index == 0 else None)
-    if key_env is not None and not isinstance(key_env, str):
-        raise ConfigError(f"{where}.api_key_env must be the name of an environment variable")
-    models = item.get("models", ["*"])
-    if isinstance(models, str):
-        models = [models]
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ConfigError(f"{where}.models must be a list of glob patterns")
-    return Upstream(
-        name=str(item.get("name", f"upstream{index}")),
-        base_url=_url(item.get("base_url", "https://api.openai.com/v1"), f"{where}.base_url", ("http", "https")),
-        api_key=(env.get(key_env) or None) if key_env else None,
-        models=tuple(models),
-        timeout_s=_positive(item.get("timeout_s", 600), f"{where}.timeout_s", float),
-        connect_timeout_s=_positive(item.get("connect_timeout_s", 10), f"{where}.connect_timeout_s", float),
-        auth_header=str(item.get("auth_header", "Authorization")),
-    )
+        problems.append(f"{where} must be a mapping")
+        return Upstream()
+    values: dict[str, Any] = {"name": f"upstream{index}"}
+    for key, raw in item.items():
+        kind = UPSTREAM_KEYS.get(key)
+        if kind is None:
+            problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(UPSTREAM_KEYS))})")
+            continue
+        try:
+            values[key] = kind.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{where}.{key} {exc}")
+    key_env = values.pop("api_key_env", "OPENAI_API_KEY" if index == 0 else None)
+    values["api_key"] = (env.get(key_env) or None) if key_env else None
+    return Upstream(**values)
 
 
-def _section(data: Mapping[str, Any], name: str, allowed: set[str]) -> Mapping[str, Any]:
-    value = data.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a mapping")
-    _reject_unknown(value, name + ".", allowed)
-    return value
+def env_example() -> str:
+    """The text of ``.env.example``: every variable of the table, commented out, with its default."""
+    lines = [
+        "# Copy to .env for local runs: `python -m proxy` reads it from the working directory.",
+        "# Real environment variables win over .env, and .env wins over proxy.yaml; an empty value counts as unset.",
+        "# Uncomment what you change: a variable set here overrides the same key in proxy.yaml.",
+        "",
+        "# Settings file (default: ./proxy.yaml when present).",
+        "# PROXY_CONFIG=/etc/llm-cache-proxy/proxy.yaml",
+    ]
+    for setting in SETTINGS_TABLE:
+        if setting.env:
+            help_lines = textwrap.wrap(f"{setting.key}: {setting.help}.", 110)
+            lines += ["", *(f"# {line}" for line in help_lines), f"# {setting.env}={_doc_default(setting)}"]
+    return "\n".join(lines) + "\n"
 
 
-def _list(data: Mapping[str, Any], name: str) -> list[Any]:
-    value = data.get(name) or []
-    if not isinstance(value, list):
-        raise ConfigError(f"{name} must be a list")
-    return value
+def settings_table_markdown() -> str:
+    """The README's configuration table."""
+    rows = ["| `proxy.yaml` key | variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for setting in SETTINGS_TABLE:
+        env = f"`{setting.env}`" if setting.env else ""
+        default = _doc_default(setting)
+        meaning = setting.help.replace("<", "&lt;").replace(">", "&gt;")
+        rows.append(f"| `{setting.key}` | {env} | {f'`{default}`' if default else 'unset'} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
-def _reject_unknown(data: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(allowed))})")
-
-
-def _positive(value: Any, key: str, kind: type[_N]) -> _N:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a positive {kind.__name__}, got {value!r}") from None
-    if isinstance(value, bool) or number <= 0:
-        raise ConfigError(f"{key} must be a positive {kind.__name__}, got {value!r}")
-    return number
-
-
-def _port(value: Any, key: str) -> int:
-    port = _positive(value, key, int)
-    if port > 65535:
-        raise ConfigError(f"{key} must be a TCP port (1-65535), got {value!r}")
-    return port
-
-
-def _url(value: Any, key: str, schemes: tuple[str, ...]) -> str:
-    text = str(value).strip()
-    parts = urlsplit(text)
-    if parts.scheme not in schemes or (parts.scheme != "unix" and not parts.hostname):
-        # Never echo the value: a URL may carry a password.
-        raise ConfigError(f"{key} must be a {'/'.join(s + '://' for s in schemes)} URL")
-    return text.rstrip("/") if parts.scheme in ("http", "https") else text
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value in (None, "") else str(value)
+def _doc_default(setting: Setting) -> str:
+    default = setting.default
+    if default is None or default == frozenset():
+        return ""
+    return f"{default:g}" if isinstance(default, float) else str(default)

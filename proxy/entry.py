@@ -1,9 +1,9 @@
-"""CacheEntry: one stored upstream answer (JSON body or recorded SSE stream) and its versioned bytes."""
+"""CacheEntry, one stored upstream answer and its versioned bytes; :func:`entry_for` decides what is stored."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,8 @@ import orjson
 # A reader that meets another magic treats the entry as a miss; the fresh answer then replaces it.
 MAGIC = b"LCP\x01"
 _HEADER = struct.Struct(">4sI")
+# Response headers kept in an entry: metadata of the answer itself, never per-account rate limits or cookies.
+_KEPT_PREFIXES = ("openai-", "x-request-id", "azureml-model")
 
 
 class EntryFormatError(ValueError):
@@ -74,3 +76,48 @@ class CacheEntry:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise EntryFormatError(f"entry metadata unreadable: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Recording:
+    """What one finished upstream exchange produced, as relayed to its clients.
+
+    *finished* is true when the upstream's answer arrived whole: the body read to its end and, for a stream
+    (*is_stream*), a terminal event seen with no error event. *usage* is what a stream reported; a JSON
+    body's usage is read from the body itself.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    is_stream: bool
+    finished: bool
+    usage: Mapping[str, Any] | None = None
+
+
+def kept_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The response headers worth storing with an entry."""
+    return tuple((k, v) for k, v in headers if k.lower() == "content-type" or k.lower().startswith(_KEPT_PREFIXES))
+
+
+def entry_for(recording: Recording, *, ttl_s: int, max_entry_bytes: int, now: float) -> CacheEntry | None:
+    """The entry to store for *recording*, or ``None`` when it must not be replayed: not 2xx, not finished,
+    larger than *max_entry_bytes*, or a plain answer that is not JSON."""
+    if not 200 <= recording.status < 300 or not recording.finished or len(recording.body) > max_entry_bytes:
+        return None
+    usage = recording.usage
+    if not recording.is_stream:
+        try:
+            parsed = orjson.loads(recording.body)
+        except orjson.JSONDecodeError:
+            return None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    return CacheEntry(
+        status=recording.status,
+        headers=kept_headers(recording.headers),
+        body=recording.body,
+        is_stream=recording.is_stream,
+        stored_at=now,
+        expires_at=now + ttl_s,
+        usage=usage if isinstance(usage, dict) else None,
+    )

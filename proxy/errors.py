@@ -16,14 +16,13 @@ class ProxyError(Exception):
     type = "server_error"
     code: str | None = "proxy_error"
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.headers = headers or {}
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type, self.code, self.param, self.headers)
+        return error_response(self.status, self.message, self.type, self.code, self.param)
 
 
 class InvalidApiKey(ProxyError):
@@ -68,14 +67,7 @@ class UpstreamTimeout(ProxyError):
     code = "upstream_timeout"
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    code: str | None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
+def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> web.Response:
     """An OpenAI-shaped error: ``{"error": {"message", "type", "param", "code"}}``."""
     body = orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return web.Response(status=status, body=body, content_type="application/json")

@@ -1,12 +1,10 @@
-"""HTTP handlers: the OpenAI endpoint (cache, single-flight, relay), passthrough, health and metrics."""
+"""HTTP handlers: the cacheable OpenAI endpoint, passthrough for the rest of ``/v1``, health and metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
-from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -15,96 +13,100 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .cache_key import Keyed, build_key, build_scope, short_key
-from .config import Settings, Upstream
-from .entry import CacheEntry
-from .errors import InvalidApiKey, MethodNotAllowed, NotFound, ProxyError, UpstreamUnreachable
-from .keys import FLIGHTS, KEY_MEMO, METRICS, READY, SESSION, SETTINGS, STORE
-from .policy import CACHEABLE_ROUTES, CachePlan, decide
-from .relay import Flight
-from .upstream import kept_headers, relay_headers, send
+from .config import Upstream
+from .entry import CacheEntry, Recording, entry_for
+from .errors import MethodNotAllowed, NotFound, ProxyError, UpstreamUnreachable
+from .flight import Flight, cut_off
+from .keying import Keyed
+from .state import FLIGHTS, KEYER, METRICS, READY, SETTINGS, STORE, UPSTREAMS
+from .upstream import relay_headers
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+_PASSTHROUGH_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 async def openai_endpoint(request: web.Request) -> web.StreamResponse:
-    """``/v1/{rest}``: answer from the cache, or from a (shared) upstream call that may then be stored."""
+    """``POST /v1/<cacheable route>``: key the request, serve a hit, or serve from the upstream."""
     app = request.app
-    settings = app[SETTINGS]
-    if settings.proxy_api_keys:
-        _authorize(request, settings)
-    route = request.match_info["rest"]
-    if "." in route and any(part in (".", "..") for part in route.split("/")):
-        # The upstream base may sit below other paths of the same host; never let a client climb out of it.
-        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
-    if request.method != "POST" or route not in CACHEABLE_ROUTES:
-        return await passthrough(request, route)
+    raw = await read_body(request, app[SETTINGS].server.max_body_bytes)
+    keyed = app[KEYER].key(request.match_info["route"], raw, request.rel_url.raw_query_string, request.headers)
+    if keyed.plan.lookup:
+        hit = await serve_hit(request, keyed)
+        if hit is not None:
+            return hit
+    return await serve_from_upstream(request, keyed, raw)
 
-    raw = await _read_body(request, settings.max_body_bytes)
-    headers = request.headers
-    cache_control, ttl_header = headers.get("Cache-Control"), headers.get("X-Cache-TTL")
-    # Requests without cache controls have the default plan, so their keying can be remembered by raw bytes.
-    memo_key = None
-    if cache_control is None and ttl_header is None:
-        memo_key = (
-            route,
-            raw,
-            request.rel_url.raw_query_string,
-            headers.get("Authorization"),
-            headers.get("api-key"),
-            headers.get("OpenAI-Organization"),
-            headers.get("OpenAI-Project"),
-        )
-    keyed = app[KEY_MEMO].get(memo_key) if memo_key is not None else None
-    if keyed is None:
-        body: Any
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None  # the upstream's answer to it is the authority
-        model = body.get("model") if isinstance(body, dict) else None
-        upstream = settings.upstream_for(model if isinstance(model, str) else None)
-        plan = decide("POST", route, body, cache_control, settings.cache.ttl_s, ttl_header)
-        if not plan.cacheable:
-            app[METRICS].count(route, "BYPASS")
-            opener = partial(_open_upstream, request, upstream, "POST", route, raw)
-            return await Flight(None).started_by(opener).respond(request, (("X-Cache", "BYPASS"),))
-        key = build_key(settings.cache.namespace, route, body, _scope(request, settings, upstream))
-        keyed = Keyed(key, short_key(key), upstream, plan)
-        if memo_key is not None:
-            app[KEY_MEMO].put(memo_key, len(raw), keyed)
 
+async def serve_hit(request: web.Request, keyed: Keyed) -> web.Response | None:
+    """The stored answer for *keyed*, or ``None`` when there is none young enough for the request."""
+    assert keyed.key is not None
+    entry = await request.app[STORE].get(keyed.key)
+    if entry is None:
+        return None
+    now = time.time()
+    if keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s:
+        return None
+    counters = request.app[METRICS]
+    counters.count(keyed.route, "HIT")
+    if entry.usage:
+        counters.count_tokens(entry.usage)
+    return _replay(entry, keyed.tag, now)
+
+
+def _replay(entry: CacheEntry, tag: str, now: float) -> web.Response:
+    # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
+    headers = CIMultiDict(entry.headers)
+    headers["X-Cache"] = "HIT"
+    headers["X-Cache-Key"] = tag
+    headers["Age"] = str(max(0, int(now - entry.stored_at)))
+    return web.Response(status=entry.status, body=entry.body, headers=headers)
+
+
+async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) -> web.StreamResponse:
+    """Relay the upstream's answer: joined with an identical request in flight when the plan allows it, stored
+    afterwards when the plan says so and the answer is worth replaying."""
+    app = request.app
     plan = keyed.plan
-    metrics = app[METRICS]
-    if plan.lookup:
-        entry = await app[STORE].get(keyed.key)
-        if entry is not None:
-            now = time.time()
-            if plan.max_age_s is None or now - entry.stored_at <= plan.max_age_s:
-                metrics.count(route, "HIT")
-                if entry.usage:
-                    metrics.count_tokens(entry.usage)
-                return _replay(entry, keyed.tag, now)
-
-    opener = partial(_open_upstream, request, keyed.upstream, "POST", route, raw)
-    on_complete = partial(_store_flight, app, keyed.key, plan) if plan.store else None
-    if plan.lookup and on_complete is not None:
-        flight, leader = app[FLIGHTS].join(keyed.key, opener, on_complete)
+    opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
+    if keyed.key is None:
+        flight, outcome = Flight(None).started_by(opener), "BYPASS"
     else:
-        flight, leader = Flight(None, on_complete).started_by(opener), True
-    outcome = "MISS" if leader else "HIT"
-    if not plan.store and leader:
-        outcome = "BYPASS"
-    metrics.count(route, outcome)
-    if not leader:
-        metrics.coalesced += 1
-    log.debug("cache %s route=%s key=%s reason=%s", outcome, route, keyed.tag, plan.reason)
-    return await flight.respond(request, (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)))
+        on_finish = partial(_store, app, keyed) if plan.store else None
+        if plan.lookup and plan.store:
+            flight, leader = app[FLIGHTS].join(keyed.key, opener, on_finish)
+        else:
+            flight, leader = Flight(None, on_finish).started_by(opener), True
+        # A request that joined a call in flight made no upstream call of its own.
+        outcome = ("MISS" if plan.store else "BYPASS") if leader else "HIT"
+        if not leader:
+            app[METRICS].coalesced += 1
+        log.debug("cache %s route=%s key=%s reason=%s", outcome, keyed.route, keyed.tag, plan.reason)
+    app[METRICS].count(keyed.route, outcome)
+    headers = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
+    return await flight.respond(request, headers)
 
 
-async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+def _store(app: web.Application, keyed: Keyed, recording: Recording) -> None:
+    assert keyed.key is not None
+    max_entry_bytes = app[SETTINGS].cache.max_entry_bytes
+    entry = entry_for(recording, ttl_s=keyed.plan.ttl_s, max_entry_bytes=max_entry_bytes, now=time.time())
+    if entry is None:
+        log.debug(
+            "answer not stored key=%s status=%d stream=%s finished=%s bytes=%d",
+            keyed.tag,
+            recording.status,
+            recording.is_stream,
+            recording.finished,
+            len(recording.body),
+        )
+        return
+    app[STORE].put(keyed.key, entry)
+    app[METRICS].stores += 1
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
     """The whole request body. With a Content-Length it is one exact read (aiohttp's ``read()`` loops and
     copies); chunked and oversized bodies go through ``read()``, which enforces ``client_max_size`` (413)."""
     length = request.content_length
@@ -118,125 +120,32 @@ async def _read_body(request: web.Request, max_bytes: int) -> bytes:
         raise ConnectionResetError("client closed the connection mid-body") from None
 
 
-async def _open_upstream(
-    request: web.Request, upstream: Upstream, method: str, route: str, data: Any
-) -> aiohttp.ClientResponse:
-    metrics = request.app[METRICS]
+async def _open_upstream(request: web.Request, upstream: Upstream, route: str, data: Any) -> aiohttp.ClientResponse:
+    counters = request.app[METRICS]
     # The path as the client encoded it: decoding would turn an escaped "?" or "/" into syntax.
     raw_path = request.rel_url.raw_path
     target = raw_path[4:] if raw_path.startswith("/v1/") else route
+    client = request.app[UPSTREAMS][upstream.name]
     try:
-        response = await send(
-            request.app[SESSION], upstream, method, target, request.rel_url.raw_query_string, request.headers, data
-        )
+        response = await client.open(request.method, target, request.rel_url.raw_query_string, request.headers, data)
     except ProxyError:
-        metrics.count_upstream(upstream.name, "error")
+        counters.count_upstream(upstream.name, "error")
         raise
-    metrics.count_upstream(upstream.name, f"{response.status // 100}xx")
+    counters.count_upstream(upstream.name, f"{response.status // 100}xx")
     return response
 
 
-def _replay(entry: CacheEntry, tag: str, now: float) -> web.Response:
-    # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
-    headers = CIMultiDict(entry.headers)
-    headers["X-Cache"] = "HIT"
-    headers["X-Cache-Key"] = tag
-    headers["Age"] = str(max(0, int(now - entry.stored_at)))
-    return web.Response(status=entry.status, body=entry.body, headers=headers)
-
-
-def _store_flight(app: web.Application, key: str, plan: CachePlan, flight: Flight) -> None:
-    """Keep a finished flight's answer when it is a complete 2xx that can be replayed faithfully."""
-    if not 200 <= flight.status < 300:
-        return
-    body = flight.body()
-    if len(body) > app[SETTINGS].cache.max_entry_bytes:
-        return
-    usage: Mapping[str, Any] | None = None
-    if flight.is_stream:
-        recorder = flight.recorder
-        if recorder is None or not recorder.complete:
-            log.info("stream ended without a terminal event; not stored key=%s", short_key(key))
-            return
-        usage = recorder.usage
-    else:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            log.info("upstream 2xx body is not JSON; not stored key=%s", short_key(key))
-            return
-        if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
-            usage = parsed["usage"]
-    now = time.time()
-    entry = CacheEntry(
-        status=flight.status,
-        headers=kept_headers(flight.headers),
-        body=body,
-        is_stream=flight.is_stream,
-        stored_at=now,
-        expires_at=now + plan.ttl_s,
-        usage=usage,
-    )
-    app[STORE].put(key, entry)
-    app[METRICS].stores += 1
-
-
-def _scope(request: web.Request, settings: Settings, upstream: Upstream) -> str:
-    headers = request.headers
-    # With an upstream key every client is the same account upstream, so they share entries; without one,
-    # the client's own credential reaches the upstream and must partition the cache.
-    credential = None if upstream.api_key else (headers.get("Authorization") or headers.get("api-key"))
-    return build_scope(
-        settings.cache.namespace,
-        upstream.name,
-        _canonical_query(request),
-        credential,
-        headers.get("OpenAI-Organization"),
-        headers.get("OpenAI-Project"),
-    )
-
-
-def _canonical_query(request: web.Request) -> str:
-    query = request.rel_url.raw_query_string
-    if not query or "&" not in query:
-        return query
-    return "&".join(sorted(query.split("&")))
-
-
-def _authorize(request: web.Request, settings: Settings) -> None:
-    """Raise :class:`InvalidApiKey` unless the request carries one of ``settings.proxy_api_keys``."""
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
-    token_bytes = token.encode()
-    if not token or not any(hmac.compare_digest(token_bytes, k.encode()) for k in settings.proxy_api_keys):
-        raise InvalidApiKey(
-            "Incorrect API key provided for this proxy. Send one of its client keys as 'Authorization: Bearer <key>'."
-        )
-
-
-async def passthrough(request: web.Request, route: str) -> web.StreamResponse:
-    """Forward any other ``/v1`` call unchanged and uncached, streaming both bodies."""
-    settings = request.app[SETTINGS]
-    if request.method not in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other ``/v1`` call: forwarded unchanged and uncached, both bodies streamed."""
+    rest = request.match_info["rest"]
+    if "." in rest and any(part in (".", "..") for part in rest.split("/")):
+        # The upstream base may sit below other paths of the same host; never let a client climb out of it.
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    if request.method not in _PASSTHROUGH_METHODS:
         raise MethodNotAllowed(f"method {request.method} is not supported")
-    length = request.content_length
-    data: Any = None
-    model: str | None = None
-    if request.body_exists:
-        if length is not None and length <= settings.max_body_bytes:
-            data = await request.read()
-            if request.content_type == _JSON:
-                try:
-                    parsed = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
-                    model = parsed["model"]
-        else:
-            data = request.content.iter_chunked(64 * 1024)
-    upstream = settings.upstream_for(model)
-    request.app[METRICS].count(route, "BYPASS")
-    upstream_response = await _open_upstream(request, upstream, request.method, route, data)
+    data, model = await _passthrough_body(request, request.app[SETTINGS].server.max_body_bytes)
+    request.app[METRICS].count(rest, "BYPASS")
+    upstream_response = await _open_upstream(request, request.app[SETTINGS].upstream_for(model), rest, data)
     complete = False
     try:
         response = web.StreamResponse(status=upstream_response.status)
@@ -249,17 +158,34 @@ async def passthrough(request: web.Request, route: str) -> web.StreamResponse:
         await response.write_eof()
         complete = True
     except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("upstream broke off a passthrough response route=%s error=%r", route, exc)
+        log.warning("upstream broke off a passthrough response route=%s error=%r", rest, exc)
         if not response.prepared:
             raise UpstreamUnreachable("upstream response broke off") from None
-        if request.transport is not None:
-            request.transport.close()
+        cut_off(request)
     finally:
         if complete:
             upstream_response.release()
         else:
             upstream_response.close()
     return response
+
+
+async def _passthrough_body(request: web.Request, max_bytes: int) -> tuple[Any, str | None]:
+    """The body to forward (bytes when small enough to read, else a stream) and the model it names, if any."""
+    if not request.body_exists:
+        return None, None
+    length = request.content_length
+    if length is None or length > max_bytes:
+        return request.content.iter_chunked(64 * 1024), None
+    data = await request.read()
+    if request.content_type != _JSON:
+        return data, None
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data, None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return data, model if isinstance(model, str) else None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -269,12 +195,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: ready to serve. The cache's state is reported but never makes the proxy unready."""
-    store = request.app[STORE]
     ready = request.app[READY].is_set()
-    body = orjson.dumps({"status": "ready" if ready else "stopping", "cache": store.state})
+    body = orjson.dumps({"status": "ready" if ready else "stopping", "cache": request.app[STORE].state})
     return web.Response(status=200 if ready else 503, body=body, content_type=_JSON)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus text exposition of this process's counters."""
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": "text/plain; version=0.0.4"})

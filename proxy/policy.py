@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# POST routes whose answer is a pure function of the body (and scope). Everything else passes through.
+# POST routes whose answer is a pure function of the body (and scope); the app routes only these to the cache.
 CACHEABLE_ROUTES = frozenset({"chat/completions", "completions", "embeddings", "moderations", "responses"})
 
 
@@ -21,7 +21,6 @@ class CachePlan:
     lookup: bool
     store: bool
     ttl_s: int
-    is_stream: bool
     reason: str
     max_age_s: float | None = None
 
@@ -30,24 +29,19 @@ class CachePlan:
         return self.lookup or self.store
 
 
-def decide(
-    method: str, route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_override: str | None = None
-) -> CachePlan:
-    """Plan one request.
+def decide(route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_override: str | None = None) -> CachePlan:
+    """Plan one POST to a cacheable *route* (one of :data:`CACHEABLE_ROUTES`).
 
     *body* is the parsed JSON body, or ``None`` when it was absent or not JSON (the upstream then judges it).
     *cache_control* is the request's ``Cache-Control``: ``no-cache`` skips the lookup but stores the fresh
     answer, ``no-store`` stores nothing, ``max-age=N`` accepts only entries at most N seconds old.
     *ttl_override* is the optional ``X-Cache-TTL`` request header, in seconds.
     """
-    is_stream = isinstance(body, Mapping) and body.get("stream") is True
-    if method != "POST" or route not in CACHEABLE_ROUTES:
-        return CachePlan(False, False, 0, is_stream, "route")
     if not isinstance(body, Mapping):
-        return CachePlan(False, False, 0, is_stream, "body")
+        return CachePlan(False, False, 0, "body")
     if route == "responses" and body.get("background") is True:
         # A background response is a handle to poll, not an answer.
-        return CachePlan(False, False, 0, is_stream, "background")
+        return CachePlan(False, False, 0, "background")
     lookup, store, max_age_s = True, True, None
     if cache_control:
         for directive in cache_control.lower().split(","):
@@ -72,4 +66,4 @@ def decide(
     reason = "ok" if (lookup and store) else ("no-store" if not store else "no-cache")
     if not lookup and not store:
         reason = "no-cache,no-store"
-    return CachePlan(lookup, store, ttl_s, is_stream, reason, max_age_s)
+    return CachePlan(lookup, store, ttl_s, reason, max_age_s)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port
 
 from .support import ROOT, Dockerfile, dockerignore_excludes, read_dockerignore
 
@@ -60,13 +61,6 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return work / "venv"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def image_environment(dockerfile: Dockerfile, venv: Path, port: int) -> dict[str, str]:

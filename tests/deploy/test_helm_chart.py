@@ -269,9 +269,9 @@ def test_proxy_accepts_the_config_map_when_using_ci_values(
     env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
     text = result.one("ConfigMap")["data"]["proxy.yaml"]
     (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
-    settings = load_settings(config_path=str(tmp_path / "proxy.yaml"), env=env)
-    assert settings.host == env["PROXY_HOST"]
-    assert settings.port == int(env["PROXY_PORT"])
+    settings = load_settings(str(tmp_path / "proxy.yaml"), env=env)
+    assert settings.server.host == env["PROXY_HOST"]
+    assert settings.server.port == int(env["PROXY_PORT"])
     assert settings.cache.backend == yaml.safe_load(text)["cache"]["backend"]
     assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
     if settings.cache.backend == "redis":

@@ -9,16 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import openai
 import pytest
 
-from tests.e2e.support import (
-    CLIENT_KEY,
-    REPO_ROOT,
-    ProxyProcess,
-    clean_env,
-    start_proxy,
-    stop_process,
-    wait_until_serving,
-)
-from tests.redis_server import RedisServer, free_port
+from tests.e2e.support import CLIENT_KEY, ProxyProcess, start_proxy
+from tests.support import REPO, RedisServer, clean_env, free_port, stop_process, wait_until_serving
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +21,7 @@ def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
-            cwd=REPO_ROOT,
+            cwd=REPO,
             env=clean_env(),
             stdout=out,
             stderr=subprocess.STDOUT,

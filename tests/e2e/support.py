@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,48 +13,12 @@ from typing import Any
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.redis_server import free_port
+from tests.support import clean_env, free_port, stop_process, wait_until_serving
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_KEY = "sk-upstream-e2e-0123456789"
 CLIENT_KEY = "sk-test"
 NAMESPACE = "e2e"
 MODEL = "gpt-4o-mini"
-# Whatever the shell running the tests exports must not configure the proxy or the SDK behind their back.
-_FOREIGN_ENV = ("PROXY_", "UPSTREAM_", "CACHE_", "REDIS_", "OPENAI_", "LOG_LEVEL")
-_START_TIMEOUT_S = 20.0
-
-
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status < 500:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    stop_process(process)
-    raise RuntimeError(f"{process.args!r} did not answer {url}:\n{log.read_text()}")
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -126,16 +87,6 @@ def redis_key_count(url: str) -> int:
     """Number of cache keys the proxy wrote to the Redis at *url*."""
     with redis.Redis.from_url(url, socket_timeout=2) as client:
         return len(client.keys(f"{NAMESPACE}:*"))
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll *condition* until it holds or *timeout_s* passes; for effects the proxy applies in the background."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def chat_kwargs(content: str, **extra: Any) -> dict[str, Any]:

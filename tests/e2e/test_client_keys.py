@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.e2e.support import UPSTREAM_KEY, ProxyProcess, chat_kwargs, start_proxy
-from tests.redis_server import RedisServer
+from tests.support import RedisServer
 
 pytestmark = pytest.mark.e2e
 

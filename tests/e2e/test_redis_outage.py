@@ -10,8 +10,8 @@ import openai
 import orjson
 import pytest
 
-from tests.e2e.support import CLIENT_KEY, ProxyProcess, chat_kwargs, eventually, redis_key_count, start_proxy
-from tests.redis_server import RedisServer, free_port
+from tests.e2e.support import CLIENT_KEY, ProxyProcess, chat_kwargs, redis_key_count, start_proxy
+from tests.support import RedisServer, eventually, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,20 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.redis_server import free_port
+from tests.support import REPO, clean_env, free_port
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any proxy setting, plus *extra*."""
-    prefixes = ("PROXY_", "CACHE_", "REDIS_", "UPSTREAM_", "OPENAI_", "LOG_LEVEL")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
 
 
 def start(cwd: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
@@ -150,3 +138,34 @@ def test_stream_in_flight_finishes_when_proxy_is_told_to_stop(tmp_path: Path) ->
     assert b"[DONE]" not in first
     assert (first + rest).endswith(b"data: [DONE]\n\n")
     assert code == 0, err.decode()
+
+
+def test_check_config_prints_settings_without_secrets_when_valid(tmp_path: Path) -> None:
+    env = clean_env(OPENAI_API_KEY="sk-secret-value", REDIS_URL="redis://:hunter2@h:6379/0", CACHE_TTL="42")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"], cwd=tmp_path, env=env, capture_output=True, timeout=30
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "# settings file: none" in out
+    assert [line for line in out.splitlines() if line.startswith("cache.ttl_s") and "42  # environment" in line]
+    assert "redis://:***@h:6379/0" in out and "upstreams[0].api_key" in out
+    assert "sk-secret-value" not in out and "hunter2" not in out
+
+
+def test_check_config_names_every_problem_when_invalid(tmp_path: Path) -> None:
+    (tmp_path / "proxy.yaml").write_text("cache: {ttl_s: soon}\nbogus: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"],
+        cwd=tmp_path,
+        env=clean_env(PROXY_PORT="x"),
+        capture_output=True,
+        timeout=30,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b""
+    problems = err.splitlines()
+    assert len(problems) == 3
+    assert any("proxy.yaml" in p and "bogus" in p for p in problems)
+    assert any("proxy.yaml" in p and "cache.ttl_s" in p for p in problems)
+    assert any("PROXY_PORT" in p and "environment" in p for p in problems)

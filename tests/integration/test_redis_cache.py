@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -10,11 +12,11 @@ import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app, redis_client_for
+from proxy.config import AuthSettings, Upstream
 from proxy.entry import CacheEntry
-from proxy.keys import STORE
-from proxy.store import TieredStore
-from tests.conftest import UPSTREAM_KEY, chat_body, received
-from tests.redis_server import RedisServer, free_port
+from proxy.memory import TieredStore
+from proxy.state import STORE
+from tests.support import UPSTREAM_KEY, RedisServer, chat_body, free_port, received
 
 pytestmark = pytest.mark.integration
 
@@ -164,14 +166,11 @@ async def test_requests_succeed_when_redis_refuses_auth(
 
 
 async def test_redis_password_setting_wins_over_url_when_both_given(fake_upstream: Any, settings_for: Any) -> None:
-    from dataclasses import replace
-
     server = RedisServer(password="right-password")
     server.start()
     try:
         settings = settings_for(fake_upstream, url=f"redis://:wrong@127.0.0.1:{server.port}/0")
-        settings = replace(settings, redis=replace(settings.redis, password="right-password"))
-        client = redis_client_for(settings)
+        client = redis_client_for(replace(settings.redis, password="right-password"))
         try:
             assert await client.ping()
         finally:
@@ -201,11 +200,6 @@ async def test_slow_redis_costs_one_timeout_when_it_stalls(
 async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(
     aiohttp_client: Any, fake_upstream: Any, settings_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import logging
-    from dataclasses import replace
-
-    from proxy.config import Upstream
-
     caplog.set_level(logging.DEBUG)
     server = RedisServer(password="redis-pass-1234")
     server.start()
@@ -218,7 +212,7 @@ async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(
             models=("dead-*",),
         )
         settings = replace(
-            settings, upstreams=(*settings.upstreams, dead), proxy_api_keys=frozenset({"client-key-4321"})
+            settings, upstreams=(*settings.upstreams, dead), auth=AuthSettings(frozenset({"client-key-4321"}))
         )
         client = await start_proxy(aiohttp_client, settings)
         auth = {"Authorization": "Bearer client-key-4321"}

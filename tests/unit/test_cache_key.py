@@ -56,23 +56,3 @@ def test_key_changes_when_anything_that_matters_changes() -> None:
 def test_credential_is_not_recoverable_when_it_partitions_the_key() -> None:
     digest = scope(authorization="Bearer sk-very-secret")
     assert "sk-very-secret" not in digest and len(digest) == 64
-
-
-def test_memo_empties_itself_when_over_its_byte_bound() -> None:
-    from proxy.cache_key import Memo
-
-    memo: Memo[str, int] = Memo(max_bytes=1600)
-    for i in range(16):
-        memo.put(f"k{i}", 100, i)
-    assert len(memo) == 16 and memo.get("k3") == 3
-    memo.put("k16", 100, 16)
-    assert len(memo) == 1 and memo.get("k3") is None and memo.get("k16") == 16
-    memo.put("too-big", 101, 0)  # larger than a sixteenth of the bound: never remembered
-    assert memo.get("too-big") is None
-
-
-def test_scope_is_memoised_when_inputs_repeat() -> None:
-    build_scope.cache_clear()
-    scope(authorization="Bearer a")
-    scope(authorization="Bearer a")
-    assert build_scope.cache_info().hits == 1

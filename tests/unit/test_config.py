@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_settings
+from proxy.config import (
+    SETTINGS_TABLE,
+    ConfigError,
+    Settings,
+    attribute,
+    env_example,
+    load_settings,
+    settings_table_markdown,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +28,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_defaults_apply_when_nothing_is_configured(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, ""), env={})
-    assert (settings.host, settings.port, settings.cache.backend, settings.cache.ttl_s) == (
+    assert (settings.server.host, settings.server.port, settings.cache.backend, settings.cache.ttl_s) == (
         "127.0.0.1",
         8080,
         "redis",
@@ -27,7 +36,7 @@ def test_defaults_apply_when_nothing_is_configured(tmp_path: Path) -> None:
     )
     assert settings.default_upstream.base_url == "https://api.openai.com/v1"
     assert settings.default_upstream.api_key is None
-    assert settings.proxy_api_keys == frozenset()
+    assert settings.auth.proxy_api_keys == frozenset()
 
 
 def test_repository_files_load_when_used_as_shipped() -> None:
@@ -58,14 +67,14 @@ def test_environment_overrides_file_when_both_set(tmp_path: Path) -> None:
     }
     settings = load_settings(path, env=env)
     upstream = settings.default_upstream
-    assert (settings.port, settings.cache.ttl_s, settings.cache.backend) == (9100, 20, "off")
+    assert (settings.server.port, settings.cache.ttl_s, settings.cache.backend) == (9100, 20, "off")
     assert (upstream.name, upstream.base_url, upstream.api_key, upstream.timeout_s) == (
         "main",
         "http://env/v1",
         "sk-env",
         30.0,
     )
-    assert settings.proxy_api_keys == frozenset({"a", "b"})
+    assert settings.auth.proxy_api_keys == frozenset({"a", "b"})
     assert settings.redis.password == "other"
 
 
@@ -143,3 +152,46 @@ def test_missing_config_file_fails_when_named(tmp_path: Path) -> None:
 
 def test_unquoted_off_means_off_when_yaml_reads_it_as_false(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, "cache: {backend: off}\n"), env={}).cache.backend == "off"
+
+
+def test_every_problem_is_reported_when_several_values_are_bad(tmp_path: Path) -> None:
+    path = write(tmp_path, "cache: {ttl_s: 0, nope: 1}\nredis: {op_timeout_s: -1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={"PROXY_PORT": "0"})
+    problems = str(caught.value).splitlines()
+    assert len(problems) == 4
+    assert [p for p in problems if "cache.nope" in p and path in p]
+    assert [p for p in problems if "cache.ttl_s (CACHE_TTL)" in p and path in p]
+    assert [p for p in problems if "redis.op_timeout_s" in p]
+    assert [p for p in problems if "PROXY_PORT" in p and "environment" in p]
+
+
+def test_defaults_come_from_the_dataclasses_when_table_lists_them() -> None:
+    defaults = Settings()
+    assert {s.key: s.default for s in SETTINGS_TABLE}["cache.ttl_s"] == defaults.cache.ttl_s
+    assert {s.key: s.default for s in SETTINGS_TABLE}["upstreams[0].base_url"] == defaults.upstreams[0].base_url
+
+
+def test_secret_settings_have_no_repr_when_table_marks_them() -> None:
+    secrets = {s.key for s in SETTINGS_TABLE if s.secret}
+    assert secrets >= {"upstreams[0].api_key", "redis.url", "redis.password", "auth.proxy_api_keys"}
+    for key in secrets:
+        owner, _, name = key.rpartition(".")
+        holder = attribute(Settings(), owner)
+        assert {f.name: f.repr for f in fields(holder)}[name] is False, key
+
+
+def test_env_example_lists_every_variable_when_generated_from_the_table() -> None:
+    shipped = (REPO / ".env.example").read_text()
+    assert shipped == env_example(), "regenerate with: scripts/config-docs"
+    for setting in SETTINGS_TABLE:
+        assert setting.env is None or f"# {setting.env}=" in shipped
+
+
+def test_readme_table_matches_the_settings_table_when_rendered() -> None:
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- settings table: scripts/config-docs -->\n", "<!-- end of settings table -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == settings_table_markdown(), (
+        "regenerate with: scripts/config-docs"
+    )

@@ -1,10 +1,10 @@
-"""CacheEntry round trips and refuses what it cannot read."""
+"""CacheEntry round trips and refuses what it cannot read; entry_for decides what is worth storing."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.entry import CacheEntry, EntryFormatError
+from proxy.entry import CacheEntry, EntryFormatError, Recording, entry_for
 
 
 def entry(**overrides: object) -> CacheEntry:
@@ -43,3 +43,43 @@ def test_entry_round_trips_when_serialised() -> None:
 def test_unreadable_bytes_raise_format_error_when_parsed(raw: bytes) -> None:
     with pytest.raises(EntryFormatError):
         CacheEntry.from_bytes(raw)
+
+
+def recording(**overrides: object) -> Recording:
+    values: dict[str, object] = {
+        "status": 200,
+        "headers": (("Content-Type", "application/json"), ("Set-Cookie", "a=b"), ("x-request-id", "req_1")),
+        "body": b'{"id":"c","usage":{"total_tokens":7}}',
+        "is_stream": False,
+        "finished": True,
+    }
+    values.update(overrides)
+    return Recording(**values)  # type: ignore[arg-type]
+
+
+def test_finished_json_answer_becomes_an_entry_when_2xx() -> None:
+    stored = entry_for(recording(), ttl_s=30, max_entry_bytes=1000, now=100.0)
+    assert stored is not None
+    assert (stored.stored_at, stored.expires_at, stored.usage) == (100.0, 130.0, {"total_tokens": 7})
+    assert stored.headers == (("Content-Type", "application/json"), ("x-request-id", "req_1"))
+
+
+def test_stream_keeps_the_usage_it_reported_when_finished() -> None:
+    stream = recording(body=b"data: [DONE]\n\n", is_stream=True, usage={"total_tokens": 3})
+    stored = entry_for(stream, ttl_s=30, max_entry_bytes=1000, now=0.0)
+    assert stored is not None and stored.is_stream and stored.usage == {"total_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"status": 429},
+        {"status": 500},
+        {"finished": False},
+        {"body": b"x" * 1001},
+        {"body": b"<html>not json</html>"},
+        {"is_stream": True, "finished": False, "body": b"data: {}\n\n"},
+    ],
+)
+def test_nothing_is_stored_when_answer_is_not_replayable(overrides: dict[str, object]) -> None:
+    assert entry_for(recording(**overrides), ttl_s=30, max_entry_bytes=1000, now=0.0) is None

@@ -1,4 +1,4 @@
-"""decide(): cacheable routes, bodies and the request's cache controls."""
+"""decide(): cacheable bodies and the request's cache controls."""
 
 from __future__ import annotations
 
@@ -11,23 +11,20 @@ BODY = {"model": "m", "messages": []}
 
 @pytest.mark.parametrize("route", ["chat/completions", "completions", "embeddings", "moderations", "responses"])
 def test_openai_generation_routes_are_cacheable_when_posted(route: str) -> None:
-    plan = decide("POST", route, BODY, None, 60)
+    plan = decide(route, BODY, None, 60)
     assert (plan.lookup, plan.store, plan.ttl_s) == (True, True, 60)
 
 
 @pytest.mark.parametrize(
-    ("method", "route", "body"),
+    ("route", "body"),
     [
-        ("GET", "models", None),
-        ("POST", "files", BODY),
-        ("POST", "audio/speech", BODY),
-        ("POST", "chat/completions", None),
-        ("POST", "chat/completions", [1, 2]),
-        ("POST", "responses", {"model": "m", "background": True}),
+        ("chat/completions", None),
+        ("chat/completions", [1, 2]),
+        ("responses", {"model": "m", "background": True}),
     ],
 )
-def test_request_bypasses_cache_when_not_cacheable(method: str, route: str, body: object) -> None:
-    assert not decide(method, route, body, None, 60).cacheable
+def test_request_bypasses_cache_when_not_cacheable(route: str, body: object) -> None:
+    assert not decide(route, body, None, 60).cacheable
 
 
 @pytest.mark.parametrize(
@@ -41,21 +38,16 @@ def test_request_bypasses_cache_when_not_cacheable(method: str, route: str, body
     ],
 )
 def test_cache_control_changes_plan_when_sent(header: str, lookup: bool, store: bool) -> None:
-    plan = decide("POST", "chat/completions", BODY, header, 60)
+    plan = decide("chat/completions", BODY, header, 60)
     assert (plan.lookup, plan.store) == (lookup, store)
 
 
 def test_max_age_is_parsed_when_sent() -> None:
-    assert decide("POST", "embeddings", BODY, "max-age=30", 60).max_age_s == 30
-    assert decide("POST", "embeddings", BODY, "max-age=bogus", 60).max_age_s is None
-
-
-def test_stream_flag_is_read_from_body_when_true() -> None:
-    assert decide("POST", "chat/completions", {**BODY, "stream": True}, None, 60).is_stream
-    assert not decide("POST", "chat/completions", {**BODY, "stream": "yes"}, None, 60).is_stream
+    assert decide("embeddings", BODY, "max-age=30", 60).max_age_s == 30
+    assert decide("embeddings", BODY, "max-age=bogus", 60).max_age_s is None
 
 
 @pytest.mark.parametrize(("value", "ttl", "store"), [("30", 30, True), ("0", 60, False), ("junk", 60, True)])
 def test_ttl_header_overrides_default_when_valid(value: str, ttl: int, store: bool) -> None:
-    plan = decide("POST", "chat/completions", BODY, None, 60, value)
+    plan = decide("chat/completions", BODY, None, 60, value)
     assert (plan.ttl_s, plan.store) == (ttl, store)

@@ -1,4 +1,4 @@
-"""Flights: one upstream exchange relayed live to every client that asked the same question at once."""
+"""Single-flight: one upstream exchange, recorded as it arrives and relayed live to every identical request."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import aiohttp
 from aiohttp import web
 
+from .entry import Recording
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .sse import SseRecorder
 from .upstream import relay_headers
@@ -18,19 +19,27 @@ log = logging.getLogger(__name__)
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 
 
+def cut_off(request: web.Request) -> None:
+    """End a response whose upstream broke off: closing without the chunked terminator tells the client the
+    body is truncated, where a clean end would pass a partial answer off as whole."""
+    if request.transport is not None:
+        request.transport.close()
+
+
 class Flight:
     """One upstream call whose response is recorded chunk by chunk and shared by its consumers.
 
     A background task reads the upstream; each consumer (:meth:`respond`) writes what has arrived so far and
     then follows live, so a client that joins late still gets every byte, and a stream reaches every client
     as it arrives. The task is cancelled when the last consumer leaves before the upstream finished: nobody
-    is left to pay for. *on_complete* runs once the upstream finished cleanly.
+    is left to pay for. Once the upstream's answer has been read to its end, *on_finish* receives the
+    :class:`Recording`; *on_close* runs when the flight can no longer be joined.
     """
 
     def __init__(
         self,
         key: str | None,
-        on_complete: Callable[[Flight], None] | None = None,
+        on_finish: Callable[[Recording], None] | None = None,
         on_close: Callable[[Flight], None] | None = None,
     ) -> None:
         self.key = key
@@ -38,13 +47,14 @@ class Flight:
         self.headers: list[tuple[str, str]] = []
         self.is_stream = False
         self.chunks: list[bytes] = []
-        self.recorder: SseRecorder | None = None
+        self.body = b""
         self.started = False
         self.finished = False
         self.complete = False
         self.error: ProxyError | None = None
         self.consumers = 0
-        self._on_complete = on_complete
+        self._recorder: SseRecorder | None = None
+        self._on_finish = on_finish
         self._on_close = on_close
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -54,12 +64,17 @@ class Flight:
         self._task = asyncio.get_running_loop().create_task(self._drive(opener))
         return self
 
-    def body(self) -> bytes:
-        """The whole body received so far. A finished plain response is joined once, for every consumer and
-        the store; a stream keeps its chunks, which consumers still follow by index."""
-        if self.finished and not self.is_stream and len(self.chunks) > 1:
-            self.chunks = [b"".join(self.chunks)]
-        return b"".join(self.chunks)
+    def recording(self) -> Recording:
+        """What the upstream sent, as a :class:`Recording`."""
+        recorder = self._recorder
+        return Recording(
+            status=self.status,
+            headers=tuple(self.headers),
+            body=b"".join(self.chunks) if self.is_stream else self.body,
+            is_stream=self.is_stream,
+            finished=self.complete and (recorder is None or recorder.complete),
+            usage=recorder.usage if recorder is not None else None,
+        )
 
     async def _drive(self, opener: Opener) -> None:
         try:
@@ -69,27 +84,7 @@ class Flight:
                 self.error = exc
                 return
             try:
-                self.status = response.status
-                self.headers = relay_headers(response.headers)
-                self.is_stream = response.content_type == "text/event-stream"
-                if self.is_stream:
-                    self.recorder = SseRecorder()
-                self.started = True
-                self._notify()
-                async for chunk in response.content.iter_any():
-                    if self.recorder is not None:
-                        self.recorder.feed(chunk)
-                    self.chunks.append(chunk)
-                    self._notify()
-                self.complete = True
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Consumers see a truncated response; nothing is stored.
-                log.warning("upstream broke off mid-response status=%s error=%r", self.status, exc)
-                self.error = (
-                    UpstreamTimeout("upstream went silent mid-response")
-                    if isinstance(exc, TimeoutError)
-                    else UpstreamUnreachable("upstream response broke off")
-                )
+                await self._read(response)
             finally:
                 if self.complete:
                     response.release()
@@ -100,33 +95,56 @@ class Flight:
             self._notify()
             if self._on_close is not None:
                 self._on_close(self)
-        if self.complete and self._on_complete is not None:
-            self._on_complete(self)
+        if self.complete and self._on_finish is not None:
+            self._on_finish(self.recording())
+
+    async def _read(self, response: aiohttp.ClientResponse) -> None:
+        self.status = response.status
+        self.headers = relay_headers(response.headers)
+        self.is_stream = response.content_type == "text/event-stream"
+        recorder = self._recorder = SseRecorder() if self.is_stream else None
+        self.started = True
+        self._notify()
+        try:
+            async for chunk in response.content.iter_any():
+                if recorder is not None:
+                    recorder.feed(chunk)
+                self.chunks.append(chunk)
+                self._notify()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Consumers see a truncated response; nothing is stored.
+            log.warning("upstream broke off mid-response status=%s error=%r", self.status, exc)
+            if isinstance(exc, TimeoutError):
+                self.error = UpstreamTimeout("upstream went silent mid-response")
+            else:
+                self.error = UpstreamUnreachable("upstream response broke off")
+            return
+        if not self.is_stream:
+            # A plain answer is served whole: joined once here for every consumer and the store.
+            self.body = b"".join(self.chunks)
+        self.complete = True
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-
-    async def _wait(self) -> None:
-        await self._changed.wait()
 
     async def respond(self, request: web.Request, extra_headers: Iterable[tuple[str, str]]) -> web.StreamResponse:
         """Answer one client from this flight; raise the flight's :class:`ProxyError` if it never started."""
         self.consumers += 1
         try:
             while not self.started and not self.finished:
-                await self._wait()
+                await self._changed.wait()
             if not self.started:
                 raise self.error or UpstreamUnreachable("upstream call was abandoned")
-            if not self.is_stream:
-                while not self.finished:
-                    await self._wait()
-                if not self.complete:
-                    raise self.error or UpstreamUnreachable("upstream response broke off")
-                response = web.Response(status=self.status, body=self.body())
-                _set_headers(response, self.headers, extra_headers)
-                return response
-            return await self._stream(request, extra_headers)
+            if self.is_stream:
+                return await self._stream(request, extra_headers)
+            while not self.finished:
+                await self._changed.wait()
+            if not self.complete:
+                raise self.error or UpstreamUnreachable("upstream response broke off")
+            response = web.Response(status=self.status, body=self.body)
+            _set_headers(response, self.headers, extra_headers)
+            return response
         finally:
             self.consumers -= 1
             if self.consumers == 0 and not self.finished and self._task is not None:
@@ -149,13 +167,11 @@ class Flight:
                 continue
             if self.finished:
                 break
-            await self._wait()
-        if not self.complete:
-            # Closing without the chunked terminator tells the client the stream is truncated.
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
+            await self._changed.wait()
+        if self.complete:
+            await response.write_eof()
+        else:
+            cut_off(request)
         return response
 
 
@@ -178,13 +194,13 @@ class Flights:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def join(self, key: str, opener: Opener, on_complete: Callable[[Flight], None]) -> tuple[Flight, bool]:
+    def join(self, key: str, opener: Opener, on_finish: Callable[[Recording], None] | None) -> tuple[Flight, bool]:
         """The flight for *key*, started with *opener* when none is in progress; the bool is ``True``
         for the client that started it."""
         flight = self._by_key.get(key)
         if flight is not None and not flight.finished:
             return flight, False
-        flight = Flight(key, on_complete, self._forget)
+        flight = Flight(key, on_finish, self._forget)
         self._by_key[key] = flight
         return flight.started_by(opener), True
 
