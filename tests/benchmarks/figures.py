@@ -1,49 +1,153 @@
-"""The numbers a run's report is built on: per-round ratios, the floor split, the stream TTFB, the target check."""
+"""Numbers over interleaved rounds: each round's order, one summary per server, per-round ratios, the targets."""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-import rounds
+T = TypeVar("T")
 
 HIT_WORKLOADS = ("hit", "stream", "embeddings")
+CONNECTIONS = (64, 1)
 MIB_KIB = 1024
+# The peer the targets are measured against: a results file without its runs cannot be reported on.
+REFERENCE = "nginx"
+# The servers each workload ran against, subject first, in results files written before they were recorded.
+DEFAULT_SERVERS = {"hits": ["proxy", "nginx", "floor"], "misses": ["proxy", "nginx"]}
+# wrk numbers a summary carries as the median over rounds; counts are summed and the maximum latency is the max.
+MEDIAN_KEYS = ("requests_per_s", "latency_avg_ms", "p50_ms", "p75_ms", "p90_ms", "p99_ms")
+SUM_KEYS = (
+    "requests",
+    "duration_s",
+    "bytes_read",
+    "non_2xx",
+    "connect_errors",
+    "read_errors",
+    "write_errors",
+    "timeouts",
+)
+SPREAD_KEYS = ("requests_per_s", "p50_ms", "p99_ms")
 
 
-def _rps(run: Mapping[str, Any]) -> float:
-    return float(run["wrk"]["requests_per_s"])
+def order(names: Sequence[str], round_index: int) -> list[str]:
+    """*names* in the order of round *round_index*: each round starts one server later, so none always runs first.
+
+    ``order(["proxy", "nginx", "floor"], 1) == ["floor", "proxy", "nginx"]``.
+    """
+    shift = round_index % len(names)
+    return [*names[len(names) - shift :], *names[: len(names) - shift]]
+
+
+def in_rounds(names: Sequence[str], count: int, measure: Callable[[str, int], T]) -> dict[str, list[T]]:
+    """Call ``measure(name, round_index)`` for every name in *count* rounds ordered by ``order``; results by name."""
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for round_index in range(count):
+        for name in order(names, round_index):
+            out[name].append(measure(name, round_index))
+    return out
+
+
+def servers(results: Mapping[str, Any], phase: str) -> list[str]:
+    """The servers *phase* (``hits`` or ``misses``) ran against, the subject first."""
+    return list(results.get("servers", DEFAULT_SERVERS)[phase])
+
+
+def runs_of(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The single runs behind *entry*: its rounds, or the entry itself when it is one run (older result files)."""
+    return list(entry.get("rounds") or [entry])
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, minimum and maximum of *values*."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def wrk_spread(entry: Mapping[str, Any], key: str) -> dict[str, float]:
+    """Median, minimum and maximum of one wrk number over the rounds of *entry*."""
+    return spread([float(run["wrk"][key]) for run in runs_of(entry)])
+
+
+def ratio(numerator: Mapping[str, Any], denominator: Mapping[str, Any], key: str = "requests_per_s") -> dict[str, Any]:
+    """A wrk number of *numerator* over *denominator*, computed round by round, then its median and spread.
+
+    Round *i* of one is paired with round *i* of the other, which ran next to it in time, so drift of the
+    machine between rounds cancels out. Raises ValueError when the two have different numbers of rounds.
+    """
+    tops, bottoms = runs_of(numerator), runs_of(denominator)
+    if len(tops) != len(bottoms):
+        raise ValueError(f"{len(tops)} rounds against {len(bottoms)}")
+    per_round = [
+        float(t["wrk"][key]) / float(b["wrk"][key]) if b["wrk"][key] else 0.0
+        for t, b in zip(tops, bottoms, strict=True)
+    ]
+    return {**spread(per_round), "rounds": per_round}
+
+
+def difference(minuend: Mapping[str, Any], subtrahend: Mapping[str, Any], key: str) -> float:
+    """The median over rounds of one wrk number of *minuend* minus the same number of *subtrahend* that round."""
+    pairs = zip(runs_of(minuend), runs_of(subtrahend), strict=True)
+    return statistics.median(float(a["wrk"][key]) - float(b["wrk"][key]) for a, b in pairs)
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], **extra: object) -> dict[str, Any]:
+    """One entry for a server's rounds, in the shape of a single run so older readers still work.
+
+    ``wrk`` holds the median of the speed and latency numbers and the sum of the counts, ``cpu_us_per_request``
+    and ``core_busy`` the median per role, ``server_core_other`` the worst round; ``upstream_requests`` and
+    ``redis_keys_added`` are summed when the runs have them. The runs themselves are kept under ``rounds``,
+    the min-max of req/s, p50 and p99 under ``spread``. *extra* is added as is.
+    """
+    wrk: dict[str, float] = {key: statistics.median(float(run["wrk"][key]) for run in runs) for key in MEDIAN_KEYS}
+    wrk |= {key: sum(run["wrk"][key] for run in runs) for key in SUM_KEYS}
+    wrk["latency_max_ms"] = max(float(run["wrk"]["latency_max_ms"]) for run in runs)
+    roles = list(runs[0]["cpu_us_per_request"])
+    entry: dict[str, Any] = {
+        "wrk": wrk,
+        "cpu_us_per_request": {
+            role: statistics.median(run["cpu_us_per_request"][role] for run in runs) for role in roles
+        },
+        "core_busy": {role: statistics.median(run["core_busy"][role] for run in runs) for role in roles},
+        "server_core_other": max(run.get("server_core_other", 0.0) for run in runs),
+    }
+    for key in ("upstream_requests", "redis_keys_added"):
+        if all(key in run for run in runs):
+            entry[key] = sum(run[key] for run in runs)
+    entry["spread"] = {
+        key: {"min": min(run["wrk"][key] for run in runs), "max": max(run["wrk"][key] for run in runs)}
+        for key in SPREAD_KEYS
+    }
+    return {**entry, **extra, "rounds": list(runs)}
 
 
 def ratios(results: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Throughput ratios computed round by round (``rounds.ratio``): per hit workload and connection count
-    proxy/nginx and proxy/floor, for the misses proxy/nginx, for the scaling run proxy/nginx and the speed-up.
+    """Throughput ratios computed round by round (``ratio``): per hit workload and connection count the subject
+    over each peer, for the misses likewise, for the scaling run proxy/nginx and the speed-up.
 
     Older result files, with one run per server, give the plain ratio of the two runs.
     """
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    hits, misses = results.get("hits", {}), results.get("misses", {})
-    for workload in HIT_WORKLOADS:
-        for conns in (64, 1):
-            proxy = hits.get(f"{workload}/{conns}/proxy")
-            if proxy is None:
-                continue
-            pair = out[f"{workload}/{conns}"] = {"proxy/nginx": rounds.ratio(proxy, hits[f"{workload}/{conns}/nginx"])}
-            if f"{workload}/{conns}/floor" in hits:
-                pair["proxy/floor"] = rounds.ratio(proxy, hits[f"{workload}/{conns}/floor"])
-    for conns in (64, 1):
-        if f"miss/{conns}/proxy" in misses:
-            out[f"miss/{conns}"] = {
-                "proxy/nginx": rounds.ratio(misses[f"miss/{conns}/proxy"], misses[f"miss/{conns}/nginx"])
-            }
-    scaling = results.get("scaling", {})
+    phases = (("hits", HIT_WORKLOADS), ("misses", ("miss",)))
+    for phase, workloads in phases:
+        entries = results.get(phase, {})
+        subject, *peers = servers(results, phase)
+        for workload in workloads:
+            for conns in CONNECTIONS:
+                top = entries.get(f"{workload}/{conns}/{subject}")
+                if top is None:
+                    continue
+                out[f"{workload}/{conns}"] = {
+                    f"{subject}/{peer}": ratio(top, entries[f"{workload}/{conns}/{peer}"])
+                    for peer in peers
+                    if peer == REFERENCE or f"{workload}/{conns}/{peer}" in entries
+                }
+    scaling, hits = results.get("scaling", {}), results.get("hits", {})
     if "proxy" in scaling and "hit/64/proxy" in hits:
         # Older files have no one-worker runs of their own in the scaling phase; the hit runs stand in.
         one = scaling.get("proxy_one_worker", hits["hit/64/proxy"])
         out["scaling"] = {
-            "proxy/nginx": rounds.ratio(scaling["proxy"], scaling["nginx"]),
-            "speed-up": rounds.ratio(scaling["proxy"], one),
+            "proxy/nginx": ratio(scaling["proxy"], scaling["nginx"]),
+            "speed-up": ratio(scaling["proxy"], one),
         }
     return out
 
@@ -63,41 +167,47 @@ def ttfb(results: Mapping[str, Any]) -> dict[str, Any]:
     return {"samples": t["samples"], "new_connection": {"direct": direct, "proxy": proxy}}
 
 
+def _check(name: str, value: float, goal: str, met: bool, unit: str) -> dict[str, Any]:
+    return {"target": name, "measured": round(value, 4), "unit": unit, "goal": goal, "met": met}
+
+
+def _hit_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    hits, by_round, checks = results.get("hits", {}), ratios(results), []
+    for workload in HIT_WORKLOADS:
+        if f"{workload}/64/proxy" not in hits:
+            continue
+        busy, idle = hits[f"{workload}/64/proxy"], hits[f"{workload}/1/proxy"]
+        vs_nginx = by_round[f"{workload}/64"]["proxy/nginx"]["median"]
+        p99, p50 = wrk_spread(busy, "p99_ms")["median"], wrk_spread(idle, "p50_ms")["median"]
+        checks += [
+            _check(f"{workload}: req/s vs nginx, 64 conns", vs_nginx, ">= 0.35", vs_nginx >= 0.35, "x"),
+            _check(f"{workload}: p99, 64 conns", p99, "< 5", p99 < 5, "ms"),
+            _check(f"{workload}: p50, 1 conn", p50, "< 0.3", p50 < 0.3, "ms"),
+        ]
+    if "miss/64" in by_round:
+        vs_nginx = by_round["miss/64"]["proxy/nginx"]["median"]
+        checks.append(_check("miss: req/s vs nginx, 64 conns", vs_nginx, ">= 0.8", vs_nginx >= 0.8, "x"))
+    return checks
+
+
 def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each target with its measured value and whether it was met; absent measurements are skipped.
 
     Throughput ratios are the median of the per-round ratios, latencies the median over rounds.
     """
-    checks: list[dict[str, Any]] = []
-
-    def check(name: str, value: float, goal: str, met: bool, unit: str = "") -> None:
-        checks.append({"target": name, "measured": round(value, 4), "unit": unit, "goal": goal, "met": met})
-
-    hits, by_round = results.get("hits", {}), ratios(results)
-    for workload in HIT_WORKLOADS:
-        if f"{workload}/64/proxy" not in hits:
-            continue
-        busy, idle = hits[f"{workload}/64/proxy"], hits[f"{workload}/1/proxy"]
-        ratio = by_round[f"{workload}/64"]["proxy/nginx"]["median"]
-        p99, p50 = rounds.wrk_spread(busy, "p99_ms")["median"], rounds.wrk_spread(idle, "p50_ms")["median"]
-        check(f"{workload}: req/s vs nginx, 64 conns", ratio, ">= 0.35", ratio >= 0.35, "x")
-        check(f"{workload}: p99, 64 conns", p99, "< 5", p99 < 5, "ms")
-        check(f"{workload}: p50, 1 conn", p50, "< 0.3", p50 < 0.3, "ms")
-    if "miss/64" in by_round:
-        ratio = by_round["miss/64"]["proxy/nginx"]["median"]
-        check("miss: req/s vs nginx, 64 conns", ratio, ">= 0.8", ratio >= 0.8, "x")
+    checks = _hit_targets(results)
     if "stream_ttfb" in results:
         stream = ttfb(results)
         for label, key in (("new connection", "new_connection"), ("kept-alive", "kept_alive")):
             if key in stream:
                 added = stream[key]["proxy"]["first_event_added_ms"]
-                check(f"stream miss: first event added, {label}", added, "<= 1", added <= 1, "ms")
+                checks.append(_check(f"stream miss: first event added, {label}", added, "<= 1", added <= 1, "ms"))
     if "working_set" in results:
         peak = results["working_set"]["memory_kib"]["VmHWM"] / MIB_KIB
-        check("peak RSS (VmHWM)", peak, "< 60", peak < 60, "MiB")
+        checks.append(_check("peak RSS (VmHWM)", peak, "< 60", peak < 60, "MiB"))
     if results.get("startup_s"):
         median = statistics.median(results["startup_s"])
-        check("start to first /healthz 200 (median)", median, "< 0.5", median < 0.5, "s")
+        checks.append(_check("start to first /healthz 200 (median)", median, "< 0.5", median < 0.5, "s"))
     return checks
 
 
@@ -111,12 +221,11 @@ def gap_split(results: Mapping[str, Any], conns: int = 64) -> dict[str, dict[str
     hits = results.get("hits", {})
     split: dict[str, dict[str, float]] = {}
     for workload in HIT_WORKLOADS:
-        runs = [hits.get(f"{workload}/{conns}/{name}") for name in ("proxy", "nginx", "floor")]
+        names = ("proxy", "nginx", "floor")
+        runs = [hits.get(f"{workload}/{conns}/{name}") for name in names]
         if any(run is None for run in runs):
             continue
-        proxy, nginx, floor = (
-            float(run["cpu_us_per_request"][name]) for run, name in zip(runs, ("proxy", "nginx", "floor"), strict=True)
-        )
+        proxy, nginx, floor = (float(run["cpu_us_per_request"][name]) for run, name in zip(runs, names, strict=True))
         gap = proxy - nginx
         split[workload] = {
             "gap_us": gap,

@@ -3,88 +3,110 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
+from typing import Any
 
-import harness
-import nginx_conf
-import openai_shapes
-import probes
-import pyspy
-import rounds
-from harness import BenchmarkError
-from stack import HERE, LOAD_CORE, SERVER_CORE, Bench, run_wrk, start_nginx, start_proxy
+from . import clients, pyspy, shapes
+from .figures import CONNECTIONS, in_rounds, summarize
+from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, memory_kib
+from .stack import SERVERS, Bench, Running, start_aiohttp, start_proxy, start_reference
+from .wrk import run_wrk
 
 CHAT = "/v1/chat/completions"
 # name: (wrk script, path, request body, upstream response the hit must equal)
 HIT_WORKLOADS = {
-    "hit": ("hit.lua", CHAT, "chat", openai_shapes.chat_completion()),
-    "stream": ("stream.lua", CHAT, "chat_stream", b"".join(openai_shapes.chat_chunks())),
-    "embeddings": ("embeddings.lua", "/v1/embeddings", "embeddings", openai_shapes.embeddings()),
+    "hit": ("hit.lua", CHAT, "chat", shapes.chat_completion()),
+    "stream": ("stream.lua", CHAT, "chat_stream", b"".join(shapes.chat_chunks())),
+    "embeddings": ("embeddings.lua", "/v1/embeddings", "embeddings", shapes.embeddings()),
 }
-CONNECTIONS = (64, 1)
 TTFB_BACKENDS = ("redis", "memory", "off")
+TTFB_WARM_ROUNDS = 3
+
+
+def _hit_checks(bench: Bench, path: str, body: bytes, expected: bytes) -> dict[str, dict[str, object]]:
+    """Warm every server until it answers *body* with a hit; per server, whether the hit's body equals
+    *expected* and, for a server copying the subject, the headers that differ from the subject's."""
+    checks: dict[str, dict[str, object]] = {}
+    for server in SERVERS:
+        port = bench.ports[server.name]
+        checks[server.name] = {"body_identical_to_upstream": clients.warm_until_hit(port, path, body, expected)}
+    subject = clients.request(bench.ports[SERVERS[0].name], "POST", path, body)[1]
+    for server in SERVERS:
+        if server.copies_subject:
+            theirs = clients.request(bench.ports[server.name], "POST", path, body)[1]
+            checks[server.name]["headers_differing_from_proxy"] = clients.differing_headers(subject, theirs)
+    return checks
+
+
+def _hit_rounds(bench: Bench, script: str, connections: int) -> dict[str, list[dict[str, Any]]]:
+    upstream = bench.ports["upstream"]
+
+    def measure(name: str, _round: int) -> dict[str, Any]:
+        before = clients.nginx_requests(upstream)
+        watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
+        run = run_wrk(script, bench.ports[name], connections, bench.args.duration, watch)
+        # One request is the status probe itself; anything more reached upstream during a "hit" run.
+        run["upstream_requests"] = clients.nginx_requests(upstream) - before - 1
+        return run
+
+    return in_rounds([server.name for server in SERVERS], bench.args.rounds, measure)
 
 
 def measure_hits(bench: Bench) -> None:
-    """Hit workloads at 64 and 1 connections against proxy, nginx and the aiohttp floor, once all answer
-    ``X-Cache: HIT``, in interleaved rounds (``rounds.order``); one summary of its rounds per server.
-
-    The floor's hit must carry the proxy's headers; the names of any that differ are recorded with its runs.
-    """
-    targets = {name: bench.ports[name] for name in ("proxy", "nginx", "floor")}
+    """Hit workloads at 64 and 1 connections against every server under test, once all answer ``X-Cache: HIT``,
+    in interleaved rounds (``figures.order``); one summary of its rounds per server."""
     hits: dict[str, object] = {}
     for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
-        body = openai_shapes.request_body(body_name)
-        identical = {name: probes.warm_until_hit(port, path, body, expected) for name, port in targets.items()}
-        proxy_headers, floor_headers = (
-            harness.request(targets[name], "POST", path, body)[1] for name in ("proxy", "floor")
-        )
-        floor_differs = probes.differing_headers(proxy_headers, floor_headers)
+        checks = _hit_checks(bench, path, shapes.request_body(body_name), expected)
         for connections in CONNECTIONS:
-            runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
-            for round_index in range(bench.args.rounds):
-                for name in rounds.order(list(targets), round_index):
-                    upstream_before = probes.nginx_requests(bench.ports["upstream"])
-                    run = run_wrk(
-                        script,
-                        targets[name],
-                        connections,
-                        bench.args.duration,
-                        {name: bench.pids[name], "redis": bench.pids["redis"]},
-                    )
-                    # One request is the status probe itself; anything more reached upstream during a "hit" run.
-                    run["upstream_requests"] = probes.nginx_requests(bench.ports["upstream"]) - upstream_before - 1
-                    runs[name].append(run)
-            for name, its_runs in runs.items():
-                extra: dict[str, object] = {"body_identical_to_upstream": identical[name]}
-                if name == "floor":
-                    extra["headers_differing_from_proxy"] = floor_differs
-                hits[f"{workload}/{connections}/{name}"] = rounds.summarize(its_runs, **extra)
+            for name, runs in _hit_rounds(bench, script, connections).items():
+                hits[f"{workload}/{connections}/{name}"] = summarize(runs, **checks[name])
     bench.results["hits"] = hits
 
 
+def _miss_rounds(bench: Bench, names: list[str], connections: int) -> dict[str, list[dict[str, Any]]]:
+    redis = bench.ports["redis"]
+
+    def measure(name: str, round_index: int) -> dict[str, Any]:
+        keys_before = clients.redis_dbsize(redis)
+        watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
+        nonce = f"{bench.run_id}{name}{connections}r{round_index}"
+        run = run_wrk("miss.lua", bench.ports[name], connections, bench.args.duration, watch, (nonce,))
+        # Requests in flight when wrk stops are still answered and stored; let those writes land.
+        time.sleep(0.2)
+        run["redis_keys_added"] = clients.redis_dbsize(redis) - keys_before
+        return run
+
+    return in_rounds(names, bench.args.rounds, measure)
+
+
 def measure_misses(bench: Bench) -> None:
-    """The miss workload against proxy, nginx and the fake upstream itself in interleaved rounds; a fresh nonce
-    per run."""
-    targets = {"proxy": bench.ports["proxy"], "nginx": bench.ports["nginx"], "upstream": bench.ports["upstream"]}
-    for name in ("proxy", "nginx"):
-        probes.expect_miss(targets[name], CHAT, openai_shapes.miss_body(f"probe-{bench.run_id}", 0))
+    """The miss workload against every server with a miss path and the fake upstream itself, in interleaved
+    rounds; a fresh nonce per run."""
+    names = [server.name for server in SERVERS if server.serves_misses]
+    for name in names:
+        clients.expect_miss(bench.ports[name], CHAT, shapes.miss_body(f"probe-{bench.run_id}", 0))
     misses: dict[str, object] = {}
     for connections in CONNECTIONS:
-        runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
-        for round_index in range(bench.args.rounds):
-            for name in rounds.order(list(targets), round_index):
-                keys_before = probes.redis_dbsize(bench.ports["redis"])
-                watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
-                nonce = f"{bench.run_id}{name}{connections}r{round_index}"
-                run = run_wrk("miss.lua", targets[name], connections, bench.args.duration, watch, (nonce,))
-                time.sleep(0.2)
-                run["redis_keys_added"] = probes.redis_dbsize(bench.ports["redis"]) - keys_before
-                runs[name].append(run)
-        for name, its_runs in runs.items():
-            misses[f"miss/{connections}/{name}"] = rounds.summarize(its_runs)
+        for name, runs in _miss_rounds(bench, [*names, "upstream"], connections).items():
+            misses[f"miss/{connections}/{name}"] = summarize(runs)
     bench.results["misses"] = misses
+
+
+def _start_ttfb_sides(bench: Bench) -> tuple[dict[str, int], list[Running]]:
+    """A slow-to-stream upstream on the load core, then on the server core a bare relay to it and one proxy per
+    ``CACHE_BACKEND``; their ports by side (``direct``, ``relay``, backend) and every one started."""
+    upstream = start_aiohttp(bench, "fake-upstream", LOAD_CORE, "upstream")
+    relay = start_aiohttp(bench, "relay-floor", SERVER_CORE, "relay", "--to", str(upstream.port))
+    started, ports = [upstream, relay], {"direct": upstream.port, "relay": relay.port}
+    for backend in ("redis",) if bench.args.calibrate else TTFB_BACKENDS:
+        name = "proxy-ttfb" if backend == "redis" else f"proxy-ttfb-{backend}"
+        proxy = start_proxy(bench, name, upstream.port, backend=backend)
+        started.append(proxy)
+        ports[backend] = proxy.port
+        if backend == "redis":
+            bench.startup_s.append(proxy.startup_s)
+    return ports, started
 
 
 def measure_ttfb(bench: Bench) -> None:
@@ -92,86 +114,71 @@ def measure_ttfb(bench: Bench) -> None:
 
     First with a new connection per request to the default (Redis) proxy and to upstream, then with one kept-alive
     connection per side to upstream, to a bare aiohttp relay (the miss path's floor) and to three proxies, one per
-    ``CACHE_BACKEND`` (``redis``, ``memory``, ``off``), interleaved: the differences between them are what the
-    proxy's own request path and each cache lookup add before the request goes upstream.
+    ``CACHE_BACKEND``, interleaved: the differences between them are what the proxy's own request path and each
+    cache lookup add before the request goes upstream.
     """
-    port = harness.free_port()
-    upstream = bench.start(
-        "fake-upstream",
-        [
-            sys.executable,
-            str(HERE / "fake_upstream.py"),
-            "--port",
-            str(port),
-            "--first-event-delay-ms",
-            "20",
-            "--rest-delay-ms",
-            "10",
-        ],
-        str(LOAD_CORE),
-        cwd=HERE,
-    )
-    harness.wait_ready(upstream, port, harness.http_probe("/"), b"HTTP/1.1 404")
-    backends = ("redis",) if bench.args.calibrate else TTFB_BACKENDS
-    relay_port = harness.free_port()
-    relay = bench.start(
-        "relay-floor",
-        [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(relay_port), "--relay-to", str(port)],
-        str(SERVER_CORE),
-        cwd=HERE,
-    )
-    harness.wait_ready(relay, relay_port, harness.http_probe("/"), b"HTTP/1.1 404")
-    proxies, ports = [relay], {"direct": port, "relay": relay_port}
-    for backend in backends:
-        name = "proxy-ttfb" if backend == "redis" else f"proxy-ttfb-{backend}"
-        proxy, ports[backend], started_s = start_proxy(bench, name, port, backend=backend)
-        proxies.append(proxy)
-        if backend == "redis":
-            bench.startup_s.append(started_s)
-    samples, warm = (10 if bench.args.quick else 60), 3
+    ports, started = _start_ttfb_sides(bench)
+    samples = 10 if bench.args.quick else 60
 
     def bodies(kind: str, sides: list[str]) -> list[dict[str, bytes]]:
-        return [
-            {side: openai_shapes.miss_body(f"ttfb-{kind}-{side}-{bench.run_id}", i, "chat_stream") for side in sides}
-            for i in range(warm + samples)
-        ]
+        nonce = f"ttfb-{kind}-{bench.run_id}"
+        count = TTFB_WARM_ROUNDS + samples
+        return [{side: shapes.miss_body(f"{nonce}-{side}", i, "chat_stream") for side in sides} for i in range(count)]
 
-    new = probes.stream_ttfb(
-        {"direct": port, "proxy": ports["redis"]}, bodies("new", ["direct", "proxy"]), kept_alive=False, warm=warm
-    )
-    kept = probes.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=warm)
+    pair = {"direct": ports["direct"], "proxy": ports["redis"]}
+    new = clients.stream_ttfb(pair, bodies("new", list(pair)), kept_alive=False, warm=TTFB_WARM_ROUNDS)
+    kept = clients.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=TTFB_WARM_ROUNDS)
     bench.results["stream_ttfb"] = {
         "samples": samples,
         "new_connection": new,
         "kept_alive": {"direct": kept["direct"], "proxy": kept["redis"]},
         "kept_alive_backends": kept,
     }
-    for proxy in proxies:
-        bench.stop(proxy)
-    bench.stop(upstream)
+    for running in reversed(started):
+        bench.stop(running.service)
 
 
 def measure_working_set(bench: Bench) -> None:
     """Distinct bodies sent twice through the proxy, then its peak and current RSS."""
     size = 1000 if bench.args.quick else 10_000
-    bodies = [openai_shapes.miss_body(f"ws-{bench.run_id}", i) for i in range(size)]
+    bodies = [shapes.miss_body(f"ws-{bench.run_id}", i) for i in range(size)]
     started = time.perf_counter()
-    passes = probes.fill_working_set(bench.ports["proxy"], bodies)
+    passes = clients.fill_working_set(bench.ports["proxy"], bodies)
     bench.results["working_set"] = {
         "entries": size,
         "passes": passes,
         "seconds": time.perf_counter() - started,
-        "memory_kib": harness.memory_kib(bench.pids["proxy"]),
-        "nginx_memory_kib": harness.memory_kib(bench.pids["nginx"]),
+        "memory_kib": memory_kib(bench.pids["proxy"]),
+        "nginx_memory_kib": memory_kib(bench.pids["nginx"]),
     }
 
 
 def measure_startup(bench: Bench) -> None:
     """Fresh proxy processes, each timed from start to its first ``/healthz`` 200 and stopped."""
     for i in range(3 if bench.args.quick else 5):
-        service, _, started_s = start_proxy(bench, f"proxy-start-{i}", bench.ports["upstream"])
-        bench.startup_s.append(started_s)
-        bench.stop(service)
+        running = start_proxy(bench, f"proxy-start-{i}", bench.ports["upstream"])
+        bench.startup_s.append(running.startup_s)
+        bench.stop(running.service)
+
+
+def _scaling_rounds(bench: Bench, proxy: Running, nginx: Running) -> dict[str, object]:
+    script, path, body_name, expected = HIT_WORKLOADS["hit"]
+    # entry name: (role, port, pid); the one-worker servers are the ones measured in every other phase.
+    targets = {
+        "proxy": ("proxy", proxy.port, proxy.service.pid),
+        "nginx": ("nginx", nginx.port, nginx.service.pid),
+        "proxy_one_worker": ("proxy", bench.ports["proxy"], bench.pids["proxy"]),
+        "nginx_one_worker": ("nginx", bench.ports["nginx"], bench.pids["nginx"]),
+    }
+    for _, port, _ in targets.values():
+        clients.warm_until_hit(port, path, shapes.request_body(body_name), expected)
+
+    def measure(name: str, _round: int) -> dict[str, Any]:
+        role, port, pid = targets[name]
+        return run_wrk(script, port, 64, bench.args.duration, {role: pid}, label=name)
+
+    runs = in_rounds(list(targets), bench.args.rounds, measure)
+    return {name: summarize(its_runs) for name, its_runs in runs.items()}
 
 
 def measure_scaling(bench: Bench) -> None:
@@ -181,44 +188,17 @@ def measure_scaling(bench: Bench) -> None:
     if workers < 2:
         return
     cores = f"{SERVER_CORE}-{SERVER_CORE + workers - 1}"
-    script, path, body_name, expected = HIT_WORKLOADS["hit"]
     scaling: dict[str, object] = {"workers": workers, "cores": cores, "load_core": LOAD_CORE}
+    upstream = bench.ports["upstream"]
     try:
-        proxy, proxy_port, _ = start_proxy(bench, f"proxy-w{workers}", bench.ports["upstream"], workers, cores)
+        proxy = start_proxy(bench, f"proxy-w{workers}", upstream, workers, cores)
     except BenchmarkError as exc:
-        scaling["error"] = str(exc).splitlines()[0]
-        bench.results["scaling"] = scaling
+        bench.results["scaling"] = {**scaling, "error": str(exc).splitlines()[0]}
         return
-    root = bench.tmp / f"nginx-w{workers}"
-    nginx_port = harness.free_port()
-    nginx = start_nginx(
-        bench,
-        f"nginx-w{workers}",
-        nginx_conf.reference_conf(root, nginx_port, bench.ports["upstream"], workers),
-        root,
-        cores,
-        workers,
-    )
-    harness.wait_ready(nginx, nginx_port, harness.http_probe("/healthz"), b"HTTP/1.1 200")
-    body = openai_shapes.request_body(body_name)
-    # entry name: (role, port, pid); the one-worker servers are the ones measured in every other phase.
-    targets = {
-        "proxy": ("proxy", proxy_port, proxy.pid),
-        "nginx": ("nginx", nginx_port, nginx.pid),
-        "proxy_one_worker": ("proxy", bench.ports["proxy"], bench.pids["proxy"]),
-        "nginx_one_worker": ("nginx", bench.ports["nginx"], bench.pids["nginx"]),
-    }
-    for _, port, _ in targets.values():
-        probes.warm_until_hit(port, path, body, expected)
-    runs: dict[str, list[dict[str, object]]] = {name: [] for name in targets}
-    for round_index in range(bench.args.rounds):
-        for name in rounds.order(list(targets), round_index):
-            role, port, pid = targets[name]
-            runs[name].append(run_wrk(script, port, 64, bench.args.duration, {role: pid}, label=name))
-    for name, its_runs in runs.items():
-        scaling[name] = rounds.summarize(its_runs)
-    bench.stop(proxy)
-    bench.stop(nginx)
+    nginx = start_reference(bench, f"nginx-w{workers}", upstream, workers, cores)
+    scaling |= _scaling_rounds(bench, proxy, nginx)
+    bench.stop(proxy.service)
+    bench.stop(nginx.service)
     bench.results["scaling"] = scaling
 
 

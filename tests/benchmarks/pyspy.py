@@ -5,17 +5,29 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 # "handle_request (aiohttp/web_protocol.py:480)" -> function and file, line dropped so a function sums up.
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+# Frames on every stack of an event loop's process; as "on the stack" totals they would say nothing.
+_LOOP_FRAMES = (
+    "<module>",
+    "_run_",
+    "run_app",
+    "main ",
+    "_serve",
+    "run_until",
+    "run_forever",
+    "BaseEventLoop",
+    "_run_once",
+    "Handle._run",
+)
 
 
 def executable() -> str | None:
     """The py-spy beside the running interpreter, else one on PATH, else None."""
-    import sys
-
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
@@ -75,21 +87,6 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, list[tuple[str, float]
     return {
         "self": [(frame, n / samples) for frame, n in own.most_common(top)],
         "total": [
-            (frame, n / samples)
-            for frame, n in inclusive.most_common(top + 10)
-            if not frame.startswith(
-                (
-                    "<module>",
-                    "_run_",
-                    "run_app",
-                    "main ",
-                    "_serve",
-                    "run_until",
-                    "run_forever",
-                    "BaseEventLoop",
-                    "_run_once",
-                    "Handle._run",
-                )
-            )
+            (frame, n / samples) for frame, n in inclusive.most_common(top + 10) if not frame.startswith(_LOOP_FRAMES)
         ][:top],
     }

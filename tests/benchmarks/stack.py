@@ -1,31 +1,29 @@
-"""The processes under test and the load generator: start them pinned to cores, run wrk against them."""
+"""The processes of one run: Redis, the fake upstream and the servers under test, started pinned and stopped."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import harness
-import nginx_conf
-import openai_shapes
-from harness import BenchmarkError, Service
-from wrk_report import WrkOutputError, WrkResult, parse_wrk
+from . import nginx, processes, shapes
+from .processes import LOAD_CORE, SERVER_CORE, Service
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-LUA = HERE / "lua"
-SERVER_CORE, LOAD_CORE = 0, 1
+HEALTHZ = processes.http_probe("/healthz")
+OK = b"HTTP/1.1 200"
+# The aiohttp servers have no GET route; a 404 means they are listening.
+NOT_FOUND = b"HTTP/1.1 404"
 
 
 @dataclass
 class Bench:
-    """What one run started and measured so far."""
+    """What one run started and measured so far; every service started here is stopped by ``stop_all``."""
 
     args: argparse.Namespace
     tmp: Path
@@ -37,183 +35,147 @@ class Bench:
     results: dict[str, Any] = field(default_factory=dict)
     startup_s: list[float] = field(default_factory=list)
 
-    def start(
-        self, name: str, argv: list[str], cores: str, env: dict[str, str] | None = None, cwd: Path | None = None
-    ) -> Service:
-        service = harness.start(name, argv, cores, self.tmp, env=env, cwd=cwd)
+    def start(self, name: str, argv: list[str], cores: str, env: dict[str, str] | None = None) -> Service:
+        service = processes.start(name, argv, cores, self.tmp, env=env, cwd=self.tmp)
         self.services.append(service)
         return service
 
     def stop(self, service: Service) -> None:
-        harness.stop(service)
+        processes.stop(service)
         self.services.remove(service)
 
+    def stop_all(self) -> None:
+        for service in reversed(self.services):
+            processes.stop(service)
+        self.services.clear()
 
-def nginx_argv(root: Path, workers: int) -> list[str]:
-    """nginx in the foreground with everything under *root*; one worker runs without a master process."""
-    single = " master_process off;" if workers == 1 else ""
-    return [
-        "nginx",
-        "-p",
-        str(root),
-        "-c",
-        str(root / "nginx.conf"),
-        "-e",
-        str(root / "error.log"),
-        "-g",
-        f"daemon off;{single}",
-    ]
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A started server that answered its readiness probe *startup_s* seconds after its process started."""
+
+    service: Service
+    port: int
+    startup_s: float
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The runner's environment for a Python child, importing this checkout's ``proxy`` and ``tests`` first."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_CONFIG", "PROXY_WORKERS")}
+    return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
 def start_nginx(bench: Bench, name: str, conf: str, root: Path, cores: str, workers: int = 1) -> Service:
     """Write *conf* to ``root/nginx.conf`` and start nginx on *cores*."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "nginx.conf").write_text(conf)
-    return bench.start(name, nginx_argv(root, workers), cores)
+    return bench.start(name, nginx.argv(root, workers), cores)
+
+
+def start_reference(
+    bench: Bench, name: str, upstream_port: int, workers: int = 1, cores: str = str(SERVER_CORE)
+) -> Running:
+    """nginx ``proxy_cache`` in front of *upstream_port*, ready for requests."""
+    port, root = processes.free_port(), bench.tmp / name
+    conf = nginx.reference_conf(root, port, upstream_port, workers)
+    service = start_nginx(bench, name, conf, root, cores, workers)
+    return Running(service, port, processes.wait_ready(service, port, HEALTHZ, OK))
 
 
 def start_proxy(
-    bench: Bench, name: str, upstream_port: int, workers: int = 1, cores: str = str(SERVER_CORE), backend: str = "redis"
-) -> tuple[Service, int, float]:
-    """Start the proxy with ``CACHE_BACKEND=backend`` (or, with --calibrate, a second nginx reference) and wait
-    for ``/healthz``.
-
-    Returns the service, its port, and seconds from process start to the first 200.
-    """
-    port = harness.free_port()
+    bench: Bench,
+    name: str,
+    upstream_port: int,
+    workers: int = 1,
+    cores: str = str(SERVER_CORE),
+    backend: str = "redis",
+) -> Running:
+    """``python -m proxy`` with ``CACHE_BACKEND=backend``, ready once ``/healthz`` answers 200; with --calibrate,
+    a second nginx reference in its place."""
     if bench.args.calibrate:
-        root = bench.tmp / name
-        service = start_nginx(
-            bench, name, nginx_conf.reference_conf(root, port, upstream_port, workers), root, cores, workers
-        )
-    else:
-        env = {k: v for k, v in os.environ.items() if k not in ("PROXY_CONFIG", "PROXY_WORKERS")}
-        env.update(
-            PYTHONPATH=str(REPO),
-            PROXY_HOST="127.0.0.1",
-            PROXY_PORT=str(port),
-            UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
-            OPENAI_API_KEY="sk-bench",
-            REDIS_URL=f"redis://127.0.0.1:{bench.ports['redis']}/0",
-            CACHE_BACKEND=backend,
-            CACHE_NAMESPACE=f"bench-{bench.run_id}-{name}",
-            CACHE_TTL="3600",
-            LOG_LEVEL=bench.args.log_level,
-        )
-        argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
-        # A scratch cwd keeps a developer's proxy.yaml or .env out of the measurement.
-        service = bench.start(name, argv, cores, env=env, cwd=bench.tmp)
-    started_s = harness.wait_ready(service, port, harness.http_probe("/healthz"), b"HTTP/1.1 200")
-    return service, port, started_s
-
-
-def run_wrk(
-    script: str,
-    port: int,
-    connections: int,
-    duration_s: int,
-    watch: dict[str, int],
-    script_args: tuple[str, ...] = (),
-    label: str | None = None,
-) -> dict[str, object]:
-    """One wrk run on the load core; CPU seconds over the run of each watched process tree (role -> pid, the
-    server under load first). *label* names the server in the progress line (default: its role).
-
-    Raises BenchmarkError when wrk fails or reports any non-2xx response or socket error.
-    """
-    argv = [
-        "taskset",
-        "-c",
-        str(LOAD_CORE),
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{duration_s}s",
-        "--latency",
-        "--timeout",
-        "5s",
-        "-s",
-        str(LUA / script),
-        f"http://127.0.0.1:{port}",
-    ]
-    if script_args:
-        argv += ["--", *script_args]
-    cpu_before = {role: harness.cpu_seconds(pid) for role, pid in watch.items()}
-    cores_before = harness.core_times()
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 30)
-    wall_s = time.perf_counter() - started
-    cores = harness.core_busy(cores_before, harness.core_times())
-    cpu = {role: harness.cpu_seconds(pid) - cpu_before[role] for role, pid in watch.items()}
-    try:
-        result: WrkResult = parse_wrk(done.stdout)
-    except WrkOutputError as exc:
-        raise BenchmarkError(f"wrk {script} on port {port}: {exc}\n{done.stdout}\n{done.stderr}") from None
-    if result.errors:
-        raise BenchmarkError(f"wrk {script} on port {port} saw errors:\n{done.stdout}")
-    print(
-        f"  {script:<15} {label or next(iter(watch)):<16} c={connections:<3} {result.requests_per_s:>9.0f} req/s "
-        f"p50={result.p50_ms:.3f}ms p99={result.p99_ms:.3f}ms",
-        flush=True,
+        return start_reference(bench, name, upstream_port, workers, cores)
+    port = processes.free_port()
+    env = python_env(
+        PROXY_HOST="127.0.0.1",
+        PROXY_PORT=str(port),
+        UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
+        OPENAI_API_KEY="sk-bench",
+        REDIS_URL=f"redis://127.0.0.1:{bench.ports['redis']}/0",
+        CACHE_BACKEND=backend,
+        CACHE_NAMESPACE=f"bench-{bench.run_id}-{name}",
+        CACHE_TTL="3600",
+        LOG_LEVEL=bench.args.log_level,
     )
-    return {
-        "wrk": asdict(result),
-        "wall_s": wall_s,
-        "cpu_s": cpu,
-        "cpu_us_per_request": {role: s * 1e6 / max(result.requests, 1) for role, s in cpu.items()},
-        "core_busy": {role: s / wall_s for role, s in cpu.items()},
-        # Busy time on the server core not spent by the server: other load on the machine (or interrupts).
-        "server_core_other": max(0.0, cores.get(SERVER_CORE, 0.0) - cpu[next(iter(watch))] / wall_s),
-        "cores_busy": cores,
-    }
+    argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
+    # The scratch cwd (Bench.start) keeps a developer's proxy.yaml or .env out of the measurement.
+    service = bench.start(name, argv, cores, env=env)
+    return Running(service, port, processes.wait_ready(service, port, HEALTHZ, OK))
+
+
+def start_aiohttp(bench: Bench, name: str, cores: int, *args: str) -> Running:
+    """One of ``servers.py``'s apps (``floor``, ``relay --to U``, ``upstream``) on a free port, ready."""
+    port = processes.free_port()
+    argv = [sys.executable, "-m", f"{__package__}.servers", *args, "--port", str(port)]
+    service = bench.start(name, argv, str(cores), env=python_env())
+    return Running(service, port, processes.wait_ready(service, port, processes.http_probe("/"), NOT_FOUND))
+
+
+def start_floor(bench: Bench, name: str, upstream_port: int) -> Running:
+    """The bare aiohttp app answering with the proxy's hit bytes; it never calls *upstream_port*."""
+    return start_aiohttp(bench, name, SERVER_CORE, "floor")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerUnderTest:
+    """A server the workloads run against: *start(bench, name, upstream_port)* returns it ready on core 0.
+
+    The first of ``SERVERS`` is the subject; every ratio is the subject over one of the others. A server that
+    answers every request from memory (the floor) has no miss path and runs only the hit workloads; one that
+    copies the subject's hit (*copies_subject*) has its headers compared with the subject's.
+    """
+
+    name: str
+    start: Callable[[Bench, str, int], Running]
+    serves_misses: bool = True
+    copies_subject: bool = False
+
+
+SERVERS = (
+    ServerUnderTest("proxy", start_proxy),
+    ServerUnderTest("nginx", start_reference),
+    ServerUnderTest("floor", start_floor, serves_misses=False, copies_subject=True),
+)
+
+
+def start_upstream(bench: Bench) -> Running:
+    """nginx serving the fixed OpenAI-shaped bodies on the load core."""
+    www, root, port = bench.tmp / "www", bench.tmp / "upstream", processes.free_port()
+    shapes.write_static_bodies(www)
+    service = start_nginx(bench, "upstream", nginx.upstream_conf(root, www, port), root, str(LOAD_CORE))
+    return Running(service, port, processes.wait_ready(service, port, processes.http_probe("/_status"), OK))
+
+
+def start_redis(bench: Bench) -> Running:
+    """A redis-server without persistence on the load core."""
+    port, data = processes.free_port(), bench.tmp / "redis"
+    data.mkdir()
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    service = bench.start("redis", [*argv, "--dir", str(data)], str(LOAD_CORE))
+    return Running(service, port, processes.wait_ready(service, port, b"PING\r\n", b"+PONG"))
 
 
 def setup(bench: Bench) -> None:
-    """Fake upstream and Redis on the load core; nginx, the aiohttp floor and the proxy on the server core."""
-    www = bench.tmp / "www"
-    openai_shapes.write_static_bodies(www)
-    load = str(LOAD_CORE)
-    for name in ("upstream", "nginx", "redis", "floor"):
-        bench.ports[name] = harness.free_port()
-    upstream = start_nginx(
-        bench,
-        "upstream",
-        nginx_conf.upstream_conf(bench.tmp / "upstream", www, bench.ports["upstream"]),
-        bench.tmp / "upstream",
-        load,
-    )
-    (bench.tmp / "redis").mkdir()
-    redis = bench.start(
-        "redis",
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(bench.ports["redis"]),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(bench.tmp / "redis"),
-        ],
-        load,
-    )
-    nginx = start_nginx(
-        bench,
-        "nginx",
-        nginx_conf.reference_conf(bench.tmp / "nginx", bench.ports["nginx"], bench.ports["upstream"]),
-        bench.tmp / "nginx",
-        str(SERVER_CORE),
-    )
-    floor_argv = [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(bench.ports["floor"])]
-    floor = bench.start("floor", floor_argv, str(SERVER_CORE), cwd=HERE)
-    harness.wait_ready(upstream, bench.ports["upstream"], harness.http_probe("/_status"), b"HTTP/1.1 200")
-    harness.wait_ready(redis, bench.ports["redis"], b"PING\r\n", b"+PONG")
-    harness.wait_ready(nginx, bench.ports["nginx"], harness.http_probe("/healthz"), b"HTTP/1.1 200")
-    harness.wait_ready(floor, bench.ports["floor"], harness.http_probe("/"), b"HTTP/1.1 404")
-    proxy, bench.ports["proxy"], started_s = start_proxy(bench, "proxy", bench.ports["upstream"])
-    bench.startup_s.append(started_s)
+    """Fake upstream and Redis on the load core, then every server under test on the server core."""
+    for name, starter in (("upstream", start_upstream), ("redis", start_redis)):
+        running = starter(bench)
+        bench.ports[name], bench.pids[name] = running.port, running.service.pid
+    for server in SERVERS:
+        running = server.start(bench, server.name, bench.ports["upstream"])
+        bench.ports[server.name], bench.pids[server.name] = running.port, running.service.pid
+        if server is SERVERS[0]:
+            bench.startup_s.append(running.startup_s)
     bench.results["startup_s"] = bench.startup_s
-    bench.pids.update(upstream=upstream.pid, redis=redis.pid, nginx=nginx.pid, floor=floor.pid, proxy=proxy.pid)
+    bench.results["servers"] = {
+        "hits": [server.name for server in SERVERS],
+        "misses": [server.name for server in SERVERS if server.serves_misses],
+    }

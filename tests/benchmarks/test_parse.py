@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from probes import dechunk
-from wrk_report import WrkOutputError, parse_wrk
+
+from tests.benchmarks.clients import dechunk
+from tests.benchmarks.wrk import WrkOutputError, parse_wrk
 
 CLEAN = """\
 Running 2s test @ http://127.0.0.1:18102

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import rounds
-from figures import HIT_WORKLOADS, gap_split, ratios, targets
-from probes import differing_headers
-from report import ResultsFormatError, markdown
+
+from tests.benchmarks import figures
+from tests.benchmarks.clients import differing_headers
+from tests.benchmarks.figures import HIT_WORKLOADS, gap_split, ratios, targets
+from tests.benchmarks.report import ResultsFormatError, markdown
 
 ENVIRONMENT = {
     "commit": "abc1234",
@@ -89,7 +90,7 @@ def _rounds_results() -> dict[str, Any]:
         for conns in (64, 1):
             for name, rps in speeds.items():
                 runs = [_wrk_run(name, r, 1.0 + i, 4.0 + i) for i, r in enumerate(rps)]
-                hits[f"{workload}/{conns}/{name}"] = rounds.summarize(runs, body_identical_to_upstream=True)
+                hits[f"{workload}/{conns}/{name}"] = figures.summarize(runs, body_identical_to_upstream=True)
     return {"environment": {**ENVIRONMENT, "rounds": 3, "duration_s": 4}, "hits": hits}
 
 
@@ -146,7 +147,7 @@ def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
 
 def test_servers_take_turns_first_when_rounds_rotate() -> None:
     names = ["proxy", "nginx", "floor"]
-    assert [rounds.order(names, i) for i in range(4)] == [
+    assert [figures.order(names, i) for i in range(4)] == [
         ["proxy", "nginx", "floor"],
         ["floor", "proxy", "nginx"],
         ["nginx", "floor", "proxy"],
@@ -160,7 +161,7 @@ def test_summary_keeps_medians_sums_and_rounds_when_runs_are_summarized() -> Non
         for rps, p50, p99, cpu in ((5000.0, 1.0, 3.0, 90.0), (8000.0, 2.0, 9.0, 120.0), (6000.0, 1.5, 4.0, 100.0))
     ]
     runs[1]["server_core_other"] = 0.2
-    entry = rounds.summarize(runs, body_identical_to_upstream=True)
+    entry = figures.summarize(runs, body_identical_to_upstream=True)
     assert entry["wrk"]["requests_per_s"] == 6000.0
     assert (entry["wrk"]["p50_ms"], entry["wrk"]["p99_ms"]) == (1.5, 4.0)
     assert entry["wrk"]["requests"] == 20000 + 32000 + 24000

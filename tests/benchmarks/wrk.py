@@ -1,9 +1,18 @@
-"""Parse the text wrk 4 prints with ``--latency`` into numbers."""
+"""One wrk run pinned to the load core, with CPU accounting, and the parser of what wrk 4 prints."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, core_busy, core_times, cpu_seconds
+
+LUA = Path(__file__).resolve().parent / "lua"
 
 _TIME_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _SIZE_B = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
@@ -83,3 +92,66 @@ def parse_wrk(text: str) -> WrkResult:
         write_errors=write,
         timeouts=timeout,
     )
+
+
+def _argv(script: str, port: int, connections: int, duration_s: int, script_args: tuple[str, ...]) -> list[str]:
+    argv = ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    argv += ["--timeout", "5s", "-s", str(LUA / script), f"http://127.0.0.1:{port}"]
+    return [*argv, "--", *script_args] if script_args else argv
+
+
+def run_wrk(
+    script: str,
+    port: int,
+    connections: int,
+    duration_s: int,
+    watch: Mapping[str, int],
+    script_args: tuple[str, ...] = (),
+    label: str | None = None,
+) -> dict[str, Any]:
+    """One run of ``lua/<script>``; CPU seconds over the run of each watched process tree (role -> pid, the
+    server under load first). *label* names the server in the progress line (default: its role).
+
+    Raises BenchmarkError when wrk fails or reports any non-2xx response or socket error.
+    """
+    server = next(iter(watch))
+    cpu_before = {role: cpu_seconds(pid) for role, pid in watch.items()}
+    cores_before = core_times()
+    started = time.perf_counter()
+    done = subprocess.run(
+        _argv(script, port, connections, duration_s, script_args),
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 30,
+    )
+    wall_s = time.perf_counter() - started
+    cores = core_busy(cores_before, core_times())
+    cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in watch.items()}
+    try:
+        result = parse_wrk(done.stdout)
+    except WrkOutputError as exc:
+        raise BenchmarkError(f"wrk {script} on port {port}: {exc}\n{done.stdout}\n{done.stderr}") from None
+    if result.errors:
+        raise BenchmarkError(f"wrk {script} on port {port} saw errors:\n{done.stdout}")
+    print(
+        f"  {script:<15} {label or server:<16} c={connections:<3} {result.requests_per_s:>9.0f} req/s "
+        f"p50={result.p50_ms:.3f}ms p99={result.p99_ms:.3f}ms",
+        flush=True,
+    )
+    return _accounted(result, wall_s, cpu, cores, server)
+
+
+def _accounted(
+    result: WrkResult, wall_s: float, cpu: Mapping[str, float], cores: Mapping[int, float], server: str
+) -> dict[str, Any]:
+    """One run's record: wrk's numbers, and the CPU each watched role spent per request and per second."""
+    return {
+        "wrk": asdict(result),
+        "wall_s": wall_s,
+        "cpu_s": dict(cpu),
+        "cpu_us_per_request": {role: s * 1e6 / max(result.requests, 1) for role, s in cpu.items()},
+        "core_busy": {role: s / wall_s for role, s in cpu.items()},
+        # Busy time on the server core not spent by the server: other load on the machine (or interrupts).
+        "server_core_other": max(0.0, cores.get(SERVER_CORE, 0.0) - cpu[server] / wall_s),
+        "cores_busy": dict(cores),
+    }

@@ -1,4 +1,4 @@
-"""Response bodies shaped like the OpenAI API, served by the benchmark's fake upstreams."""
+"""Request bodies the workloads send, and response bodies and headers shaped like the OpenAI API."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ ANSWER = (
     "the new path with the job's longest query, because a silent drop there reads as a reset."
 )
 BODY_DIR = Path(__file__).resolve().parent / "bodies"
+# Sent by the fake upstreams with every answer, so that the proxy stores and replays them with its entries.
+OPENAI_HEADERS = {
+    "openai-organization": "org-bench",
+    "openai-processing-ms": "412",
+    "openai-version": "2020-10-01",
+    "x-request-id": "req_0123456789abcdef0123456789abcdef",
+}
 
 
 def request_body(name: str) -> bytes:

@@ -1,10 +1,8 @@
-"""Processes the benchmark owns: start pinned to cores, probe over HTTP, read /proc, stop by process group."""
+"""Processes the benchmark owns: start pinned to cores, wait until they answer, read /proc, stop by group."""
 
 from __future__ import annotations
 
-import http.client
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+# The server measured runs alone on one core; the load generator and everything that serves it share the other.
+SERVER_CORE, LOAD_CORE = 0, 1
 
 
 class BenchmarkError(RuntimeError):
@@ -91,20 +91,6 @@ def stop(service: Service, timeout_s: float = 5.0) -> None:
     except ProcessLookupError:
         pass
     service.popen.wait()
-
-
-def request(
-    port: int, method: str, path: str, body: bytes | None = None, timeout_s: float = 10.0
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on a new connection; return status, lower-cased headers and body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"} if body else {}
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def http_probe(path: str) -> bytes:
@@ -217,18 +203,3 @@ def scan_logs(paths: Sequence[Path], limit: int = 5) -> dict[str, object]:
             if len(first) < limit and short not in first:
                 first.append(short)
     return {**counts, "first": first}
-
-
-def missing_tools(names: Sequence[str]) -> list[str]:
-    """The executables of *names* not found on PATH."""
-    return [name for name in names if shutil.which(name) is None]
-
-
-def tool_version(argv: Sequence[str]) -> str:
-    """First line a tool prints about its version, or ``"?"``."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"

@@ -1,20 +1,25 @@
-"""Checks and small clients around the wrk runs: cache warm-up, stream TTFB, the working-set fill, counters."""
+"""HTTP clients and checks around the wrk runs: cache warm-up, stream TTFB, the working-set fill, counters."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import re
 import socket
 import statistics
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import rounds
-from harness import BenchmarkError, request
+import aiohttp
+
+from .figures import in_rounds
+from .processes import BenchmarkError
 
 HIT_WAIT_S = 3.0
 CHAT = "/v1/chat/completions"
+AUTH = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,19 @@ class Reply:
     body: bytes
     first_byte_s: float
     first_event_s: float | None
+
+
+def request(
+    port: int, method: str, path: str, body: bytes | None = None, timeout_s: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on a new connection; return status, lower-cased headers and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=AUTH if body else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
 
 
 def warm_until_hit(port: int, path: str, body: bytes, expected: bytes) -> bool:
@@ -46,11 +64,11 @@ def warm_until_hit(port: int, path: str, body: bytes, expected: bytes) -> bool:
         time.sleep(0.01)
 
 
-def differing_headers(proxy: dict[str, str], other: dict[str, str]) -> list[str]:
+def differing_headers(proxy: Mapping[str, str], other: Mapping[str, str]) -> list[str]:
     """Names of the response headers that *other* lacks, adds, or sets differently from *proxy*.
 
     Only the presence of headers whose value changes with the time or the entry (``Date``, ``Age``,
-    ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``harness.request`` returns them.
+    ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``request`` returns them.
     """
     varying = {"date", "age", "x-cache-key"}
     return sorted(
@@ -162,8 +180,29 @@ class KeptAlive:
         self._sock.close()
 
 
+def _timings(side: str, reply: Reply, is_upstream: bool) -> tuple[float, float]:
+    """First byte and first event of a complete streamed miss; BenchmarkError for anything else."""
+    if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
+        raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
+    if not is_upstream and reply.headers.get("x-cache") != "MISS":
+        raise BenchmarkError(f"streamed request via {side} was not a miss (X-Cache: {reply.headers.get('x-cache')})")
+    return reply.first_byte_s, reply.first_event_s
+
+
+def _medians_ms(times: Mapping[str, Sequence[tuple[float, float]]], base: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for side, pairs in times.items():
+        out[side] = {}
+        for index, key in enumerate(("first_byte", "first_event")):
+            out[side][f"{key}_ms"] = statistics.median(pair[index] for pair in pairs) * 1000.0
+            if side != base:
+                added = (mine[index] - theirs[index] for mine, theirs in zip(pairs, times[base], strict=True))
+                out[side][f"{key}_added_ms"] = statistics.median(added) * 1000.0
+    return out
+
+
 def stream_ttfb(
-    ports: dict[str, int], bodies: list[dict[str, bytes]], kept_alive: bool, warm: int = 3
+    ports: Mapping[str, int], bodies: Sequence[Mapping[str, bytes]], kept_alive: bool, warm: int = 3
 ) -> dict[str, dict[str, float]]:
     """Median first-byte and first-event times of streamed misses per side, in milliseconds; for every side but
     the first (upstream itself), also the median of its per-round differences to the first (``*_added_ms``).
@@ -175,54 +214,28 @@ def stream_ttfb(
     SSE miss.
     """
     sides = list(ports)
-    byte_s: dict[str, list[float]] = {side: [] for side in sides}
-    event_s: dict[str, list[float]] = {side: [] for side in sides}
     conns = {side: KeptAlive(port) for side, port in ports.items()} if kept_alive else {}
+
+    def measure(side: str, round_index: int) -> tuple[float, float]:
+        body = bodies[round_index][side]
+        reply = conns[side].post(CHAT, body) if kept_alive else post_timed(ports[side], CHAT, body)
+        return _timings(side, reply, is_upstream=side == sides[0])
+
     try:
-        for round_index, round_bodies in enumerate(bodies):
-            for side in rounds.order(sides, round_index):
-                reply = (
-                    conns[side].post(CHAT, round_bodies[side])
-                    if kept_alive
-                    else post_timed(ports[side], CHAT, round_bodies[side])
-                )
-                if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
-                    raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
-                if side != sides[0] and reply.headers.get("x-cache") != "MISS":
-                    raise BenchmarkError(
-                        f"streamed request via {side} was not a miss (X-Cache: {reply.headers.get('x-cache')})"
-                    )
-                if round_index >= warm:
-                    byte_s[side].append(reply.first_byte_s)
-                    event_s[side].append(reply.first_event_s)
+        times = in_rounds(sides, len(bodies), measure)
     finally:
         for conn in conns.values():
             conn.close()
-    ms = 1000.0
-    out: dict[str, dict[str, float]] = {}
-    for side in sides:
-        out[side] = {
-            "first_event_ms": statistics.median(event_s[side]) * ms,
-            "first_byte_ms": statistics.median(byte_s[side]) * ms,
-        }
-        if side != sides[0]:
-            for key, times in (("first_event", event_s), ("first_byte", byte_s)):
-                out[side][f"{key}_added_ms"] = (
-                    statistics.median(p - d for p, d in zip(times[side], times[sides[0]], strict=True)) * ms
-                )
-    return out
+    return _medians_ms({side: pairs[warm:] for side, pairs in times.items()}, sides[0])
 
 
-async def _fill_pass(port: int, bodies: list[bytes], concurrency: int) -> Counter[str]:
-    import aiohttp
-
+async def _fill_pass(port: int, bodies: Sequence[bytes], concurrency: int) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     todo = iter(bodies)
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
 
     async def client(session: aiohttp.ClientSession) -> None:
         for body in todo:
-            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers=headers) as resp:
+            async with session.post(f"http://127.0.0.1:{port}{CHAT}", data=body, headers=AUTH) as resp:
                 await resp.read()
                 outcomes["non-200" if resp.status != 200 else resp.headers.get("X-Cache", "none")] += 1
 
@@ -233,7 +246,7 @@ async def _fill_pass(port: int, bodies: list[bytes], concurrency: int) -> Counte
     return outcomes
 
 
-def fill_working_set(port: int, bodies: list[bytes], concurrency: int = 32) -> list[dict[str, int]]:
+def fill_working_set(port: int, bodies: Sequence[bytes], concurrency: int = 32) -> list[dict[str, int]]:
     """Send every body once, then every body again; return the ``X-Cache`` counts of each pass."""
     return [dict(asyncio.run(_fill_pass(port, bodies, concurrency))) for _ in range(2)]
 

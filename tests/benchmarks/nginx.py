@@ -1,16 +1,18 @@
-"""nginx configurations for the fake upstream and for the caching reference the proxy is measured against."""
+"""nginx command line and configurations: the fake upstream, and the caching reference the proxy is compared to."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-OPENAI_HEADERS = {
-    "openai-organization": "org-bench",
-    "openai-processing-ms": "412",
-    "openai-version": "2020-10-01",
-    "x-request-id": "req_0123456789abcdef0123456789abcdef",
-}
+from .shapes import OPENAI_HEADERS
+
+
+def argv(root: Path, workers: int) -> list[str]:
+    """nginx in the foreground with everything under *root*; one worker runs without a master process."""
+    single = " master_process off;" if workers == 1 else ""
+    conf, errors = str(root / "nginx.conf"), str(root / "error.log")
+    return ["nginx", "-p", str(root), "-c", conf, "-e", errors, "-g", f"daemon off;{single}"]
 
 
 def _preamble(root: Path, workers: int) -> str:
@@ -38,7 +40,7 @@ def _preamble(root: Path, workers: int) -> str:
 
 
 def upstream_conf(root: Path, www: Path, port: int) -> str:
-    """A fake OpenAI API serving the files written by ``openai_shapes.write_static_bodies`` for any POST body.
+    """A fake OpenAI API serving the files written by ``shapes.write_static_bodies`` for any POST body.
 
     Chat requests whose body has ``"stream": true`` get the SSE file. The body is read (by a mirror
     subrequest) before the static file is chosen, so ``$request_body`` is known when the file is picked.

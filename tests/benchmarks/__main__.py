@@ -1,0 +1,198 @@
+"""``python -m tests.benchmarks``: measure the proxy against nginx ``proxy_cache``, or print an earlier report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import figures, phases, processes, report
+from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError
+from .stack import HERE, REPO, Bench, python_env, setup
+
+RESULTS = HERE / "results"
+TOOLS = ("wrk", "nginx", "redis-server", "taskset")
+INSTALL_HINT = "apt-get install -y wrk nginx-light redis-server util-linux"
+DESCRIPTION = "Measure the proxy against nginx proxy_cache, or print the report of an earlier run."
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=DESCRIPTION)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="1 s per run and smaller samples (a smoke run)")
+    add("--duration", type=int, help="seconds per wrk run (default 4, or 1 with --quick)")
+    add("--rounds", type=int, default=3, help="interleaved rounds of the hit, miss and scaling runs (default 3)")
+    add("--workers", type=int, default=2, help="proxy workers for the scaling run; 1 skips it")
+    add("--profile", action="store_true", help="after the measured runs, sample the proxy with py-spy under load")
+    add("--keep", action="store_true", help="keep the scratch dir (configs and process logs)")
+    add("--calibrate", action="store_true", help="a second nginx where the proxy goes: ratios should be near 1.0")
+    add("--log-level", default="WARNING", help="LOG_LEVEL given to the proxy (default WARNING)")
+    add("--report", type=Path, metavar="FILE.json", help="print the report of an earlier run's results and exit")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (1 if args.quick else 4)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def _output(argv: Sequence[str], **kwargs: Any) -> str:
+    """What *argv* prints (stdout, then stderr), stripped; ``"?"`` when it cannot run."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, **kwargs)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (done.stdout + done.stderr).strip() or "?"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def _cpuinfo() -> list[str]:
+    return Path("/proc/cpuinfo").read_text().splitlines()
+
+
+def environment(args: argparse.Namespace) -> dict[str, object]:
+    """Commit, machine, tool versions and options: what a reader needs to compare two result files."""
+    git = ["git", "-C", str(REPO)]
+    dirty = _output([*git, "status", "--porcelain", "--", "proxy"]) not in ("", "?")
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "?")
+    return {
+        "commit": _output([*git, "rev-parse", "--short", "HEAD"]) + ("+dirty" if dirty else ""),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "aiohttp": _version("aiohttp"),
+        "uvloop": _version("uvloop"),
+        "wrk": _output(["wrk", "--version"]).splitlines()[0].split(" Copyright")[0],
+        "nginx": _output(["nginx", "-v"]).splitlines()[0],
+        "redis": " ".join(_output(["redis-server", "--version"]).split()[:3]),
+        "proxy_source": _output([sys.executable, "-c", "import proxy; print(proxy.__file__)"], env=python_env()),
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "calibrate": args.calibrate,
+        "log_level": args.log_level,
+        "server_core": SERVER_CORE,
+        "load_core": LOAD_CORE,
+    }
+
+
+def _scratch_dir() -> Path:
+    # The nginx cache sits in RAM when /dev/shm has room, as the proxy's cache does in Redis.
+    shm = Path("/dev/shm")
+    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 1024**3
+    return Path(tempfile.mkdtemp(prefix="llm-cache-bench-", dir=shm if roomy else None))
+
+
+def _busy_before_start() -> dict[int, float]:
+    before = processes.core_times()
+    time.sleep(1.0)
+    busy = processes.core_busy(before, processes.core_times())
+    if max(busy.values()) > 0.1:
+        print(f"warning: the machine is busy before the run starts ({busy}); numbers will be noisy", flush=True)
+    return busy
+
+
+def _measure(bench: Bench) -> None:
+    """Start the stack, run every phase (the profile only when asked), record the proxy's RSS after each."""
+    setup(bench)
+    rss = bench.results["proxy_rss_kib"] = {"start": processes.memory_kib(bench.pids["proxy"])["VmRSS"]}
+    for phase in phases.ALL:
+        if phase is phases.measure_profile and not bench.args.profile:
+            continue
+        name = phase.__name__.removeprefix("measure_")
+        print(f"{name}:", flush=True)
+        phase(bench)
+        rss[name] = processes.memory_kib(bench.pids["proxy"])["VmRSS"]
+
+
+def _write(bench: Bench) -> list[Path]:
+    """Print the report and write it beside the results; return both files."""
+    text = report.markdown(bench.results)
+    print(text)
+    bench.results["ratios"] = figures.ratios(bench.results)
+    bench.results["targets"] = figures.targets(bench.results)
+    json_path, md_path = bench.out_prefix.with_suffix(".json"), bench.out_prefix.with_suffix(".md")
+    json_path.write_text(json.dumps(bench.results, indent=2) + "\n")
+    md_path.write_text(text + "\n")
+    return [json_path, md_path]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure everything; 0 on success, 1 when a measurement was invalid, 2 when the machine lacks a tool or core."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        print(f"missing: {', '.join(missing)}. Install with: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs two CPU cores (server on core 0, load on core 1)", file=sys.stderr)
+        return 2
+    env = environment(args)
+    if not str(env["proxy_source"]).startswith(str(REPO / "proxy")):
+        print(f"python -m proxy would not run this checkout's proxy: {env['proxy_source']}", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, {LOAD_CORE})
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-calibrate" if args.calibrate else "")
+    RESULTS.mkdir(exist_ok=True)
+    bench = Bench(args, _scratch_dir(), f"{time.time_ns():x}", RESULTS / stamp)
+    bench.results["environment"] = env | {"cores_busy_before_start": _busy_before_start()}
+    print(f"scratch dir {bench.tmp}; {args.rounds} rounds of {args.duration} s wrk runs", flush=True)
+    try:
+        _measure(bench)
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}\nlogs in {bench.tmp}", file=sys.stderr)
+        return 1
+    finally:
+        bench.stop_all()
+        bench.results["proxy_log"] = processes.scan_logs(sorted(bench.tmp.glob("proxy*.log")))
+        for cache in bench.tmp.glob("*/cache"):
+            shutil.rmtree(cache, ignore_errors=True)
+    written = _write(bench)
+    if args.keep:
+        print(f"\nconfigs and logs kept in {bench.tmp}")
+    else:
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+    print("\nresults: " + ", ".join(str(path.relative_to(REPO)) for path in written))
+    return 0
+
+
+def reprint(path: Path) -> int:
+    """Print the report of a results file; 1 with the reason when it cannot be rendered."""
+    try:
+        print(report.markdown(json.loads(path.read_text())))
+    except (OSError, ValueError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report is not None:
+        return reprint(args.report)
+    signal.signal(signal.SIGTERM, _terminate)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
