@@ -13,7 +13,7 @@ from dataclasses import replace
 from aiohttp import web
 from dotenv import load_dotenv
 
-from . import __version__
+from . import __version__, logs
 from .app import create_app
 from .config import ConfigError, Settings, config_path, redact_url, resolve
 
@@ -42,11 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         server, host=args.host or server.host, port=args.port or server.port, workers=args.workers or server.workers
     )
     settings = replace(settings, server=server)
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    logs.configure(settings.log_level)
     _describe(settings)
     if server.workers > 1:
         _supervise(settings)
@@ -140,6 +136,8 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
         access_log_format=ACCESS_LOG_FORMAT,
         print=None,
         shutdown_timeout=25,
+        # Also bounds how long a client may take to send its request headers.
+        keepalive_timeout=settings.server.client_timeout_s,
         backlog=1024,
         loop=_new_loop(),
     )

@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 import redis.asyncio as redis
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import RedisSettings, Settings
+from .config import ClientKey, RedisSettings, Settings
 from .flight import Flights
-from .guards import authorized, get_only, guarded, not_found
+from .guards import Screen, authorized, envelope, get_only, screened
 from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
-from .keying import Keyer
+from .keying import Keyer, key_secret
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
 from .policy import CACHEABLE_ROUTES
-from .state import FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, STORE, UPSTREAMS
+from .state import FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .store import CacheStore, RedisStore
-from .upstream import UpstreamClient
+from .upstream import CallSlots, UpstreamClient
 
 log = logging.getLogger(__name__)
+
+
+class _ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger. A request the HTTP parser refuses is the client's mistake: one line without a
+    traceback, and no text from the request beyond the parser's reason. Anything else keeps its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(error, HttpProcessingError):
+            self.info("malformed request refused status=%s reason=%r", error.code, error.message.splitlines()[0])
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
+http_log = _ClientErrorLog(logging.getLogger("proxy.http"))
 
 # Raw request bodies remembered for keying; small next to the in-process entry tier.
 KEY_MEMO_MAX_BYTES = 512 * 1024
@@ -32,33 +50,43 @@ KEY_MEMO_MAX_BYTES = 512 * 1024
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
     """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
-    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, handler_args={"logger": http_log}, middlewares=[envelope]
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[FLIGHTS] = Flights()
-    app[KEYER] = Keyer(settings, enabled=settings.cache.backend != "off", memo_max_bytes=KEY_MEMO_MAX_BYTES)
+    app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
+    app[FLIGHTS] = Flights(app[SLOTS])
+    app[KEYER] = Keyer(
+        settings,
+        enabled=settings.cache.backend != "off",
+        memo_max_bytes=KEY_MEMO_MAX_BYTES,
+        secret=key_secret(settings),
+    )
     app[READY] = asyncio.Event()
     if redis_client is not None:
         app[INJECTED_REDIS] = redis_client
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_stop_ready)
-    _add_routes(app.router, settings.auth.proxy_api_keys)
+    screen = Screen(settings.server)
+    _add_routes(app.router, screen, settings.auth.clients)
+    if screen.origins:
+        app.on_response_prepare.append(screen.add_cors_headers)
     return app
 
 
-def _add_routes(router: web.UrlDispatcher, client_keys: frozenset[str]) -> None:
+def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[ClientKey, ...]) -> None:
+    def admit(handler: Handler, *, needs_key: bool = True) -> Handler:
+        # Browsers and Host names first, then client keys.
+        return screened(authorized(handler, clients) if needs_key and clients else handler, screen)
+
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
-        router.add_route("*", path, guarded(get_only(handler)))
-    cached: Handler = openai_endpoint
-    relayed: Handler = passthrough
-    if client_keys:
-        cached, relayed = authorized(cached, client_keys), authorized(relayed, client_keys)
+        router.add_route("*", path, admit(get_only(handler), needs_key=False))
     # Only POSTs to these routes consult the cache; every other /v1 request, these paths with another method
-    # included, falls through to passthrough.
-    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", guarded(cached))
-    router.add_route("*", "/v1/{rest:.+}", guarded(relayed))
-    router.add_route("*", "/{tail:.*}", guarded(not_found))
+    # included, falls through to passthrough. Other targets get the envelope's 404.
+    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", admit(openai_endpoint))
+    router.add_route("*", "/v1/{rest:.+}", admit(passthrough))
 
 
 def redis_client_for(settings: RedisSettings) -> redis.Redis:

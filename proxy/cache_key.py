@@ -1,47 +1,96 @@
-"""Derive a stable, secret-free Redis key from an OpenAI request."""
+"""Derive a stable, secret-free Redis key from an OpenAI request, and refuse bodies that could be read two ways."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from typing import Any
 
 import orjson
 
 KEY_VERSION = "v1"
+# A double carries at most 17 significant decimal digits; a literal with more names a value it cannot hold.
+_DOUBLE_DIGITS = 17
+_INT64 = range(-(2**63), 2**64)
 
 
-def build_key(namespace: str, route: str, body: Any, scope: str) -> str:
-    """Return ``<namespace>:v1:<route>:<sha256>``.
+def build_key(namespace: str, route: str, body: Any, scope: str, secret: bytes | None = None) -> str:
+    """Return ``<namespace>:v1:<route>:<hex digest>``.
 
     *body* is the parsed JSON request body and *scope* comes from :func:`build_scope`. The whole body is
     keyed: an allow-list of "relevant" fields would silently serve one request's answer to another the day
     the API grows a parameter. Keys are sorted, so the same JSON in another order or spacing shares an entry.
+    With a *secret* the digest is an HMAC: whoever reads Redis cannot confirm a guessed prompt by hashing it.
     """
     canonical = orjson.dumps([route, scope, body], option=orjson.OPT_SORT_KEYS)
-    return f"{namespace}:{KEY_VERSION}:{route}:{hashlib.sha256(canonical).hexdigest()}"
+    if secret:
+        digest = hmac.new(secret, canonical, hashlib.sha256).hexdigest()
+    else:
+        digest = hashlib.sha256(canonical).hexdigest()
+    return f"{namespace}:{KEY_VERSION}:{route}:{digest}"
 
 
 def build_scope(
-    namespace: str,
+    hmac_key: bytes,
     upstream: str,
     query: str,
-    authorization: str | None,
+    partition: str | None,
     organization: str | None,
     project: str | None,
+    varied: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """Digest of everything outside the body that changes the answer.
 
-    *authorization* is the client's own credential, given only when it is what reaches the upstream (no
-    upstream key configured): two keys then never share answers. It goes through an HMAC so that the key
-    material cannot be recovered or confirmed from a Redis dump. *query* must already be canonical
-    (sorted); Azure-style gateways select the API version there. Headers that vary per call without changing
-    the answer (SDK retry counters, timeouts, user agents, idempotency keys) are deliberately absent.
+    *partition* keeps tenants apart: the client's own upstream credential, or the client key that
+    authenticated the request; ``None`` when every caller may share answers. It goes through an HMAC so that
+    key material can neither be recovered nor confirmed from a Redis dump. *query* must already be canonical
+    (sorted); Azure-style gateways select the API version there. *varied* are the other request headers that
+    select another answer (``OpenAI-Beta``, configured ones) that the request carries, as ``(name, value)``.
+    Headers that vary per call without changing the answer (SDK retry counters, timeouts, user agents,
+    idempotency keys) are deliberately absent.
     """
-    parts = orjson.dumps([upstream, query, authorization or "", organization or "", project or ""])
-    return hmac.new(namespace.encode(), parts, hashlib.sha256).hexdigest()
+    parts: list[Any] = [upstream, query, partition or "", organization or "", project or ""]
+    if varied:
+        parts.append(varied)
+    return hmac.new(hmac_key, orjson.dumps(parts), hashlib.sha256).hexdigest()
 
 
 def short_key(key: str) -> str:
     """The first 16 hex digits of the key's hash, for the ``X-Cache-Key`` header and logs."""
     return key.rpartition(":")[2][:16]
+
+
+def ambiguous(raw: bytes) -> bool:
+    """True when JSON parsers could disagree on what *raw* says, so its key would not name one request.
+
+    Parsers resolve a repeated object key differently (first or last wins), and a number literal that no
+    double or 64-bit integer holds is rounded by some and kept exact by others. Such a body is forwarded but
+    never cached: otherwise a client could store one answer under the key of another request.
+    """
+    found = False
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        nonlocal found
+        if len({name for name, _ in items}) != len(items):
+            found = True
+
+    def integer(text: str) -> int:
+        nonlocal found
+        value = int(text)
+        found = found or value not in _INT64
+        return value
+
+    def number(text: str) -> float:
+        nonlocal found
+        value = float(text)
+        mantissa = text.lower().partition("e")[0].lstrip("-").replace(".", "").strip("0")
+        found = found or value in (float("inf"), float("-inf")) or len(mantissa) > _DOUBLE_DIGITS
+        found = found or (value == 0.0 and mantissa != "")
+        return value
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs, parse_int=integer, parse_float=number)
+    except (ValueError, RecursionError):
+        return True
+    return found

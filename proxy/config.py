@@ -4,6 +4,7 @@ the dataclasses below. The table drives loading, validation, ``.env.example``, t
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 import textwrap
@@ -47,6 +48,10 @@ class ServerSettings:
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 32 * 1024 * 1024
+    client_timeout_s: float = 60.0
+    max_upstream_calls: int = 256
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,9 @@ class CacheSettings:
     # Sized so that a sidecar stays small; raise it when CACHE_BACKEND=memory is the whole cache.
     memory_max_bytes: int = 4 * 1024 * 1024
     max_entry_bytes: int = 8 * 1024 * 1024
+    share_across_keys: bool = False
+    key_secret: str | None = field(default=None, repr=False)
+    vary_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +82,38 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class AuthSettings:
-    """Client keys the proxy accepts; empty means no client check."""
+class ClientKey:
+    """A key that clients present to the proxy. Only its SHA-256 is kept; *name* is what logs and metrics show,
+    *namespace* (optional) replaces ``cache.namespace`` for this client's entries. A *tenant* (a named key)
+    gets entries of its own unless ``cache.share_across_keys``; a key of ``PROXY_API_KEYS`` only admits."""
 
-    proxy_api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    name: str
+    digest: bytes = field(repr=False)
+    namespace: str | None = None
+    tenant: bool = True
+
+    @classmethod
+    def from_key(cls, name: str, key: str, namespace: str | None = None, *, tenant: bool = True) -> ClientKey:
+        """A client key given in clear, or as ``sha256:<64 hex digits>`` of the key."""
+        if key.startswith("sha256:"):
+            return cls(name, bytes.fromhex(key[7:]), namespace, tenant)
+        return cls(name, hashlib.sha256(key.encode()).digest(), namespace, tenant)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client keys the proxy accepts; none means no client check."""
+
+    proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    client_keys: tuple[ClientKey, ...] = ()
+
+    @property
+    def clients(self) -> tuple[ClientKey, ...]:
+        """Every accepted key: the named ones, then ``PROXY_API_KEYS`` as ``api-key-1``, ``api-key-2``..."""
+        unnamed = (
+            ClientKey.from_key(f"api-key-{i}", key, tenant=False) for i, key in enumerate(self.proxy_api_keys, 1)
+        )
+        return (*self.client_keys, *unnamed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,23 +222,73 @@ class Url:
 
 @dataclass(frozen=True, slots=True)
 class Items:
-    """A YAML list or a comma-separated string of non-empty items, in order and without repeats; a frozenset
-    when *unordered*."""
+    """A YAML list or a comma-separated string of non-empty items, in order and without repeats, each checked
+    by *item* when given."""
 
-    unordered: bool = False
+    item: Text | None = None
 
-    def parse(self, value: Any) -> tuple[str, ...] | frozenset[str]:
+    def parse(self, value: Any) -> tuple[str, ...]:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list):
             raise ValueError("must be a list or a comma-separated string")
         unique = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
-        return frozenset(unique) if self.unordered else unique
+        if self.item is not None:
+            for item in unique:
+                self.item.parse(item)
+        return unique
 
     def describe(self) -> str:
         return "a list (comma-separated in a variable)"
 
 
-Kind = Number | Text | Choice | Url | Items
+@dataclass(frozen=True, slots=True)
+class Bool:
+    def parse(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"must be {self.describe()}, got {value!r}")
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeys:
+    """``auth.client_keys``: a list of ``{name, key, namespace}``; *key* in clear or as ``sha256:<hex>``."""
+
+    def parse(self, value: Any) -> tuple[ClientKey, ...]:
+        if not isinstance(value, list):
+            raise ValueError("must be a list of {name, key, namespace} mappings")
+        keys = tuple(self._one(item, index) for index, item in enumerate(value))
+        for label, values in (("names", [k.name for k in keys]), ("keys", [k.digest for k in keys])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"must have unique {label}")
+        return keys
+
+    def _one(self, item: Any, index: int) -> ClientKey:
+        if not isinstance(item, dict) or set(item) - {"name", "key", "namespace"} or not item.get("key"):
+            raise ValueError(f"[{index}] must be a mapping with name, key and optionally namespace")
+        name = _NAME.parse(item.get("name", f"client-{index + 1}"))
+        key = str(item["key"])
+        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
+            raise ValueError(f"[{index}].key must be sha256: followed by 64 hex digits")
+        namespace = _NAMESPACE.parse(item["namespace"]) if item.get("namespace") else None
+        return ClientKey.from_key(name, key, namespace)
+
+    def describe(self) -> str:
+        return "a list of {name, key, namespace}"
+
+
+_NAME = Text(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "a name of letters, digits, '.', '_' or '-'")
+_NAMESPACE = Text(r"[^\s{}]+", "text without spaces or braces")
+
+
+Kind = Number | Text | Choice | Url | Items | Bool | ClientKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +317,37 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "server.workers", "PROXY_WORKERS", Number(int), "processes sharing the port (SO_REUSEPORT); also --workers N"
     ),
-    Setting("server.max_body_bytes", None, Number(int), "largest request body; a larger one gets 413"),
+    Setting(
+        "server.max_body_bytes",
+        "MAX_BODY_BYTES",
+        Number(int),
+        "largest request body, chunked ones included; a larger one gets 413 and nothing is forwarded",
+    ),
+    Setting(
+        "server.client_timeout_s",
+        "PROXY_CLIENT_TIMEOUT",
+        _SECONDS,
+        "seconds a client may take to send its request, and an idle connection stays open",
+    ),
+    Setting(
+        "server.max_upstream_calls",
+        "PROXY_MAX_UPSTREAM_CALLS",
+        Number(int),
+        "upstream calls in flight per process at most; beyond, 503 with Retry-After (hits are not counted)",
+    ),
+    Setting(
+        "server.allowed_hosts",
+        "PROXY_ALLOWED_HOSTS",
+        Items(Text(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", "a host name")),
+        "Host names the proxy answers besides localhost and IP addresses; bound to a non-loopback address, "
+        "setting it turns the Host check on",
+    ),
+    Setting(
+        "server.allowed_origins",
+        "PROXY_ALLOWED_ORIGINS",
+        Items(Text(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]+)?", "an origin")),
+        "browser origins (https://app.example.com) allowed to call the proxy, with CORS; others get 403",
+    ),
     Setting(
         "upstreams[0].base_url",
         "UPSTREAM_BASE_URL",
@@ -261,7 +377,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "cache.namespace",
         "CACHE_NAMESPACE",
-        Text(r"\S+", "text without spaces"),
+        _NAMESPACE,
         "prefix of every Redis key the proxy writes",
     ),
     Setting("cache.ttl_s", "CACHE_TTL", Number(int), "seconds a stored answer lives"),
@@ -273,6 +389,27 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "bytes in the in-process tier at most (a hot set in front of Redis; raise it when the backend is memory)",
     ),
     Setting("cache.max_entry_bytes", None, Number(int), "larger answers are relayed but not stored"),
+    Setting(
+        "cache.share_across_keys",
+        "CACHE_SHARE_ACROSS_KEYS",
+        Bool(),
+        "share entries between named client keys, and between clients' own upstream keys; off, each has its own",
+    ),
+    Setting(
+        "cache.key_secret",
+        "CACHE_KEY_SECRET",
+        Text(r".{16,}", "at least 16 characters"),
+        "secret of the keyed hash behind every cache key; without it, whoever reads Redis can confirm a guessed "
+        "prompt by hashing it",
+        secret=True,
+    ),
+    Setting(
+        "cache.vary_headers",
+        "CACHE_VARY_HEADERS",
+        Items(Text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name")),
+        "request headers that select another answer upstream, keyed besides OpenAI-Organization, "
+        "OpenAI-Project and OpenAI-Beta",
+    ),
     Setting(
         "redis.url",
         "REDIS_URL",
@@ -287,9 +424,17 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "auth.proxy_api_keys",
         "PROXY_API_KEYS",
-        Items(unordered=True),
-        "client keys (Authorization: Bearer <key>); when set, any other caller gets 401 and nothing goes upstream",
+        Items(),
+        "client keys (Authorization: Bearer <key>), named api-key-1, api-key-2... in logs; they share entries; "
+        "with any client key, other callers get 401 and nothing goes upstream",
         secret=True,
+    ),
+    Setting(
+        "auth.client_keys",
+        None,
+        ClientKeys(),
+        "named client keys, one per tenant: [{name, key, namespace}], key in clear or as sha256:<hex>; each has "
+        "entries of its own (in its namespace, if given); the name shows in logs and metrics",
     ),
     Setting(
         "log_level",
@@ -337,9 +482,9 @@ class Resolved:
             return redact_url(str(self.value))
         if self.setting.secret:
             return "(set, hidden)" if self.value else "(unset)"
-        if isinstance(self.value, tuple | frozenset):
-            return ",".join(sorted(self.value)) if isinstance(self.value, frozenset) else ",".join(self.value)
-        return str(self.value)
+        if isinstance(self.value, tuple):
+            return ",".join(v.name if isinstance(v, ClientKey) else str(v) for v in self.value) or "(none)"
+        return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
 
 
 def redact_url(url: str) -> str:
@@ -539,6 +684,8 @@ def settings_table_markdown() -> str:
 
 def _doc_default(setting: Setting) -> str:
     default = setting.default
-    if default is None or default == frozenset():
+    if default is None or default == ():
         return ""
+    if isinstance(default, bool):
+        return str(default).lower()
     return f"{default:g}" if isinstance(default, float) else str(default)

@@ -15,6 +15,8 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "proxy_error"
+    # Seconds after which a retry may succeed; sent as Retry-After, which the SDKs honour.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -22,7 +24,10 @@ class ProxyError(Exception):
         self.param = param
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type, self.code, self.param)
+        response = error_response(self.status, self.message, self.type, self.code, self.param)
+        if self.retry_after_s is not None:
+            response.headers["Retry-After"] = str(self.retry_after_s)
+        return response
 
 
 class InvalidApiKey(ProxyError):
@@ -35,6 +40,31 @@ class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class Misdirected(ProxyError):
+    status = 421
+    type = "invalid_request_error"
+    code = "misdirected_request"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "proxy_overloaded"
+    retry_after_s = 1
 
 
 class NotFound(ProxyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import nullcontext
 
 import aiohttp
 from aiohttp import web
@@ -12,7 +13,7 @@ from aiohttp import web
 from .entry import Recording
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .sse import SseRecorder
-from .upstream import relay_headers
+from .upstream import CallSlots, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Flight:
         key: str | None,
         on_finish: Callable[[Recording], None] | None = None,
         on_close: Callable[[Flight], None] | None = None,
+        slots: CallSlots | None = None,
     ) -> None:
         self.key = key
         self.status = 0
@@ -56,6 +58,7 @@ class Flight:
         self._recorder: SseRecorder | None = None
         self._on_finish = on_finish
         self._on_close = on_close
+        self._slots = slots
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -78,18 +81,21 @@ class Flight:
 
     async def _drive(self, opener: Opener) -> None:
         try:
-            try:
-                response = await opener()
-            except ProxyError as exc:
-                self.error = exc
-                return
-            try:
-                await self._read(response)
-            finally:
-                if self.complete:
-                    response.release()
-                else:
-                    response.close()
+            with self._slots or nullcontext():
+                try:
+                    response = await opener()
+                except ProxyError as exc:
+                    self.error = exc
+                    return
+                try:
+                    await self._read(response)
+                finally:
+                    if self.complete:
+                        response.release()
+                    else:
+                        response.close()
+        except ProxyError as exc:  # no slot free
+            self.error = exc
         finally:
             self.finished = True
             self._notify()
@@ -188,8 +194,9 @@ def _set_headers(
 class Flights:
     """The flights in progress, by cache key: identical concurrent requests share one upstream call."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: CallSlots | None = None) -> None:
         self._by_key: dict[str, Flight] = {}
+        self.slots = slots
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -200,7 +207,7 @@ class Flights:
         flight = self._by_key.get(key)
         if flight is not None and not flight.finished:
             return flight, False
-        flight = Flight(key, on_finish, self._forget)
+        flight = Flight(key, on_finish, self._forget, self.slots)
         self._by_key[key] = flight
         return flight.started_by(opener), True
 

@@ -13,25 +13,31 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .config import Upstream
+from .config import ServerSettings, Upstream
 from .entry import CacheEntry, Recording, entry_for
-from .errors import MethodNotAllowed, NotFound, ProxyError, UpstreamUnreachable
+from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, UpstreamUnreachable
 from .flight import Flight, cut_off
 from .keying import Keyed
-from .state import FLIGHTS, KEYER, METRICS, READY, SETTINGS, STORE, UPSTREAMS
-from .upstream import relay_headers
+from .state import CLIENT, FLIGHTS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .upstream import confined_target, relay_headers
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+OFFLOAD_BYTES = 256 * 1024
 _PASSTHROUGH_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     """``POST /v1/<cacheable route>``: key the request, serve a hit, or serve from the upstream."""
     app = request.app
-    raw = await read_body(request, app[SETTINGS].server.max_body_bytes)
-    keyed = app[KEYER].key(request.match_info["route"], raw, request.rel_url.raw_query_string, request.headers)
+    raw = await read_body(request, app[SETTINGS].server)
+    route, query, keyer = request.match_info["route"], request.rel_url.raw_query_string, app[KEYER]
+    if len(raw) < OFFLOAD_BYTES:
+        keyed = keyer.key(route, raw, query, request.headers, request.get(CLIENT))
+    else:
+        # Parsing and hashing a large body takes milliseconds: not on the event loop.
+        keyed = await asyncio.to_thread(keyer.derive, route, raw, query, request.headers, request.get(CLIENT))
     if keyed.plan.lookup:
         hit = await serve_hit(request, keyed)
         if hit is not None:
@@ -70,19 +76,28 @@ async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) ->
     app = request.app
     plan = keyed.plan
     opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
+    slots = app[SLOTS]
     if keyed.key is None:
-        flight, outcome = Flight(None).started_by(opener), "BYPASS"
+        flight, outcome = Flight(None, slots=slots).started_by(opener), "BYPASS"
     else:
         on_finish = partial(_store, app, keyed) if plan.store else None
         if plan.lookup and plan.store:
             flight, leader = app[FLIGHTS].join(keyed.key, opener, on_finish)
         else:
-            flight, leader = Flight(None, on_finish).started_by(opener), True
+            flight, leader = Flight(None, on_finish, slots=slots).started_by(opener), True
         # A request that joined a call in flight made no upstream call of its own.
         outcome = ("MISS" if plan.store else "BYPASS") if leader else "HIT"
         if not leader:
             app[METRICS].coalesced += 1
-        log.debug("cache %s route=%s key=%s reason=%s", outcome, keyed.route, keyed.tag, plan.reason)
+        client = request.get(CLIENT)
+        log.debug(
+            "cache %s route=%s key=%s reason=%s client=%s",
+            outcome,
+            keyed.route,
+            keyed.tag,
+            plan.reason,
+            client.name if client else "-",
+        )
     app[METRICS].count(keyed.route, outcome)
     headers = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
     return await flight.respond(request, headers)
@@ -106,28 +121,42 @@ def _store(app: web.Application, keyed: Keyed, recording: Recording) -> None:
     app[METRICS].stores += 1
 
 
-async def read_body(request: web.Request, max_bytes: int) -> bytes:
-    """The whole request body. With a Content-Length it is one exact read (aiohttp's ``read()`` loops and
-    copies); chunked and oversized bodies go through ``read()``, which enforces ``client_max_size`` (413)."""
+async def read_body(request: web.Request, server: ServerSettings) -> bytes:
+    """The whole request body, within ``server.client_timeout_s`` and ``server.max_body_bytes`` (413, nothing
+    read past it, chunked bodies included). With a Content-Length it is one exact read (aiohttp's ``read()``
+    loops and copies)."""
     length = request.content_length
-    if length is None or length > max_bytes:
-        return await request.read()
-    if length == 0:
-        return b""
+    if length is not None and length > server.max_body_bytes:
+        raise BodyTooLarge(f"Request body is larger than this proxy accepts ({server.max_body_bytes} bytes).")
     try:
-        return await request.content.readexactly(length)
+        async with asyncio.timeout(server.client_timeout_s):
+            if length is None:
+                return await request.read()  # enforces client_max_size as it reads
+            if length == 0:
+                return b""
+            return await request.content.readexactly(length)
     except asyncio.IncompleteReadError:
         raise ConnectionResetError("client closed the connection mid-body") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {server.client_timeout_s:g}s.") from None
 
 
-async def _open_upstream(request: web.Request, upstream: Upstream, route: str, data: Any) -> aiohttp.ClientResponse:
+async def _open_upstream(request: web.Request, upstream: Upstream, target: str, data: Any) -> aiohttp.ClientResponse:
+    """Send the request to ``<upstream>/<target>``; *target* is the path after ``/v1/`` as the client encoded
+    it (decoding would turn an escaped "?" or "/" into syntax)."""
     counters = request.app[METRICS]
-    # The path as the client encoded it: decoding would turn an escaped "?" or "/" into syntax.
-    raw_path = request.rel_url.raw_path
-    target = raw_path[4:] if raw_path.startswith("/v1/") else route
     client = request.app[UPSTREAMS][upstream.name]
+    # With client keys, what the client presented is the proxy's own credential, never the upstream's.
+    own_credentials = CLIENT not in request
     try:
-        response = await client.open(request.method, target, request.rel_url.raw_query_string, request.headers, data)
+        response = await client.open(
+            request.method,
+            target,
+            request.rel_url.raw_query_string,
+            request.headers,
+            data,
+            client_credentials=own_credentials,
+        )
     except ProxyError:
         counters.count_upstream(upstream.name, "error")
         raise
@@ -137,47 +166,46 @@ async def _open_upstream(request: web.Request, upstream: Upstream, route: str, d
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1`` call: forwarded unchanged and uncached, both bodies streamed."""
-    rest = request.match_info["rest"]
-    if "." in rest and any(part in (".", "..") for part in rest.split("/")):
-        # The upstream base may sit below other paths of the same host; never let a client climb out of it.
-        raise NotFound(f"Unknown request URL: {request.method} {request.path}.")
+    rest = confined_target(request.rel_url.raw_path)
     if request.method not in _PASSTHROUGH_METHODS:
         raise MethodNotAllowed(f"method {request.method} is not supported")
-    data, model = await _passthrough_body(request, request.app[SETTINGS].server.max_body_bytes)
-    request.app[METRICS].count(rest, "BYPASS")
-    upstream_response = await _open_upstream(request, request.app[SETTINGS].upstream_for(model), rest, data)
-    complete = False
-    try:
-        response = web.StreamResponse(status=upstream_response.status)
-        for name, value in relay_headers(upstream_response.headers):
-            response.headers.add(name, value)
-        response.headers["X-Cache"] = "BYPASS"
-        await response.prepare(request)
-        async for chunk in upstream_response.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
-        complete = True
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("upstream broke off a passthrough response route=%s error=%r", rest, exc)
-        if not response.prepared:
-            raise UpstreamUnreachable("upstream response broke off") from None
-        cut_off(request)
-    finally:
-        if complete:
-            upstream_response.release()
-        else:
-            upstream_response.close()
+    server = request.app[SETTINGS].server
+    data, model = await _passthrough_body(request, server)
+    route = request.match_info["rest"]
+    log.debug("passthrough method=%s route=%s", request.method, route)
+    request.app[METRICS].count(route, "BYPASS")
+    with request.app[SLOTS]:
+        upstream = request.app[SETTINGS].upstream_for(model)
+        upstream_response = await _open_upstream(request, upstream, rest, data)
+        complete = False
+        try:
+            response = web.StreamResponse(status=upstream_response.status)
+            for name, value in relay_headers(upstream_response.headers):
+                response.headers.add(name, value)
+            response.headers["X-Cache"] = "BYPASS"
+            await response.prepare(request)
+            async for chunk in upstream_response.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            complete = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream broke off a passthrough response route=%s error=%r", route, exc)
+            if not response.prepared:
+                raise UpstreamUnreachable("upstream response broke off") from None
+            cut_off(request)
+        finally:
+            if complete:
+                upstream_response.release()
+            else:
+                upstream_response.close()
     return response
 
 
-async def _passthrough_body(request: web.Request, max_bytes: int) -> tuple[Any, str | None]:
-    """The body to forward (bytes when small enough to read, else a stream) and the model it names, if any."""
+async def _passthrough_body(request: web.Request, server: ServerSettings) -> tuple[bytes | None, str | None]:
+    """The body to forward, read whole within the size and time limits, and the model it names, if any."""
     if not request.body_exists:
         return None, None
-    length = request.content_length
-    if length is None or length > max_bytes:
-        return request.content.iter_chunked(64 * 1024), None
-    data = await request.read()
+    data = await read_body(request, server)
     if request.content_type != _JSON:
         return data, None
     try:

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import orjson
 
-from .cache_key import build_key, build_scope, short_key
-from .config import Settings, Upstream
+from .cache_key import ambiguous, build_key, build_scope, short_key
+from .config import ClientKey, Settings, Upstream
 from .policy import CachePlan, decide
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-# The headers, besides the body, that select a different answer upstream (the credential only when it is the
-# client's own). They are part of the raw-bytes memo key so that a remembered key is never reused across them.
-_SCOPE_HEADERS = ("Authorization", "api-key", "OpenAI-Organization", "OpenAI-Project")
+# Headers, besides the body, that select another answer upstream. The credential headers are part of the
+# raw-bytes memo key too, so that a remembered key is never reused for another tenant.
+_CREDENTIALS = ("Authorization", "api-key")
+_ACCOUNT = ("OpenAI-Organization", "OpenAI-Project")
+_VARIED = ("OpenAI-Beta",)
 _OFF = CachePlan(False, False, 0, "cache off")
+
+ScopeOf = Callable[[Upstream, str, Mapping[str, str], ClientKey | None], str]
 
 
 class Memo(Generic[K, V]):
@@ -63,54 +68,113 @@ class Keyed:
 
 class Keyer:
     """Keys POSTs to cacheable routes for one app: parse the body, :func:`decide`, choose the upstream by model,
-    :func:`build_key`.
+    :func:`build_key` in the right namespace and partition.
 
     A request without cache controls has the default plan, so its result is remembered by its raw bytes,
     query and scope headers: a repeat skips JSON parsing, canonical re-encoding and hashing, which is most of
     a hit's own work. With *enabled* false (the cache is off) every request bypasses it.
+
+    Partitions: a request authenticated by a named client key is keyed apart from other client keys; without
+    client keys, a request whose own credential goes upstream (no upstream key) is keyed apart by it.
+    ``cache.share_across_keys`` lifts both. *secret* keys the hashes (see :func:`build_key`).
     """
 
-    def __init__(self, settings: Settings, *, enabled: bool, memo_max_bytes: int) -> None:
+    def __init__(self, settings: Settings, *, enabled: bool, memo_max_bytes: int, secret: bytes | None) -> None:
         self._settings = settings
         self._enabled = enabled
-        self._by_raw: Memo[tuple[str | bytes | None, ...], Keyed] = Memo(memo_max_bytes)
-        self._scopes: Memo[tuple[str | None, ...], str] = Memo(memo_max_bytes // 4)
+        self._secret = secret
+        self._scope_key = secret or settings.cache.namespace.encode()
+        self._varied = (*_VARIED, *settings.cache.vary_headers)
+        self._headers = (*_CREDENTIALS, *_ACCOUNT, *self._varied)
+        self._by_raw: Memo[tuple[Any, ...], Keyed] = Memo(memo_max_bytes)
+        self._scopes: Memo[tuple[Any, ...], str] = Memo(memo_max_bytes // 4)
 
-    def key(self, route: str, raw: bytes, query: str, headers: Mapping[str, str]) -> Keyed:
-        """The :class:`Keyed` for a POST of *raw* to ``/v1/<route>?<query>`` with *headers*."""
-        cache_control, ttl_header = headers.get("Cache-Control"), headers.get("X-Cache-TTL")
-        memo_key = None
-        if cache_control is None and ttl_header is None:
-            memo_key = (route, raw, query, *(headers.get(name) for name in _SCOPE_HEADERS))
-            keyed = self._by_raw.get(memo_key)
-            if keyed is not None:
-                return keyed
+    def key(
+        self, route: str, raw: bytes, query: str, headers: Mapping[str, str], client: ClientKey | None = None
+    ) -> Keyed:
+        """The :class:`Keyed` for a POST of *raw* to ``/v1/<route>?<query>`` with *headers*, authenticated by
+        *client* when the proxy has client keys."""
+        memo_key = self._memo_key(route, raw, query, headers, client)
+        keyed = self._by_raw.get(memo_key) if memo_key is not None else None
+        if keyed is None:
+            keyed = self._derive(route, raw, query, headers, client, self._scope)
+            self._remember(memo_key, raw, keyed)
+        return keyed
+
+    def derive(
+        self, route: str, raw: bytes, query: str, headers: Mapping[str, str], client: ClientKey | None = None
+    ) -> Keyed:
+        """:meth:`key` without the memos, safe to call from a worker thread: large bodies take milliseconds to
+        parse and hash, and are too large to remember anyway."""
+        return self._derive(route, raw, query, headers, client, self._fresh_scope)
+
+    def _memo_key(
+        self, route: str, raw: bytes, query: str, headers: Mapping[str, str], client: ClientKey | None
+    ) -> tuple[Any, ...] | None:
+        # Only requests without cache controls have the default plan that a remembered key carries.
+        if "Cache-Control" in headers or "X-Cache-TTL" in headers:
+            return None
+        return (route, raw, query, client.digest if client else None, *(headers.get(h) for h in self._headers))
+
+    def _remember(self, memo_key: tuple[Any, ...] | None, raw: bytes, keyed: Keyed) -> None:
+        if memo_key is not None and keyed.key is not None:
+            self._by_raw.put(memo_key, len(raw), keyed)
+
+    def _derive(
+        self,
+        route: str,
+        raw: bytes,
+        query: str,
+        headers: Mapping[str, str],
+        client: ClientKey | None,
+        scope_of: ScopeOf,
+    ) -> Keyed:
         body: Any
         try:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None  # the upstream's answer to it is the authority
         model = body.get("model") if isinstance(body, dict) else None
-        upstream = self._settings.upstream_for(model if isinstance(model, str) else None)
-        plan = decide(route, body, cache_control, self._settings.cache.ttl_s, ttl_header) if self._enabled else _OFF
+        settings = self._settings
+        upstream = settings.upstream_for(model if isinstance(model, str) else None)
+        plan = _OFF
+        if self._enabled:
+            plan = decide(route, body, headers.get("Cache-Control"), settings.cache.ttl_s, headers.get("X-Cache-TTL"))
+        if plan.cacheable and ambiguous(raw):
+            plan = CachePlan(False, False, 0, "ambiguous")
         if not plan.cacheable:
             return Keyed(route, None, "", upstream, plan)
-        key = build_key(self._settings.cache.namespace, route, body, self._scope(upstream, query, headers))
-        keyed = Keyed(route, key, short_key(key), upstream, plan)
-        if memo_key is not None:
-            self._by_raw.put(memo_key, len(raw), keyed)
-        return keyed
+        namespace = (client.namespace if client else None) or settings.cache.namespace
+        key = build_key(namespace, route, body, scope_of(upstream, query, headers, client), self._secret)
+        return Keyed(route, key, short_key(key), upstream, plan)
 
-    def _scope(self, upstream: Upstream, query: str, headers: Mapping[str, str]) -> str:
-        # With an upstream key every client is the same account upstream, so they share entries; without one,
-        # the client's own credential reaches the upstream and must partition the cache.
-        credential = None if upstream.api_key else (headers.get("Authorization") or headers.get("api-key"))
-        organization, project = headers.get("OpenAI-Organization"), headers.get("OpenAI-Project")
-        parts = (upstream.name, _canonical(query), credential, organization, project)
+    def _scope_parts(
+        self, upstream: Upstream, query: str, headers: Mapping[str, str], client: ClientKey | None
+    ) -> tuple[Any, ...]:
+        partition: str | None = None
+        if not self._settings.cache.share_across_keys:
+            if client is not None:
+                partition = f"client:{client.digest.hex()}" if client.tenant else None
+            elif not upstream.api_key:
+                # The client's own credential reaches the upstream: its answers are that account's.
+                partition = headers.get("Authorization") or headers.get("api-key")
+        varied = tuple((name, value) for name in self._varied if (value := headers.get(name)) is not None)
+        account = tuple(headers.get(name) for name in _ACCOUNT)
+        return (upstream.name, _canonical(query), partition, *account, varied)
+
+    def _fresh_scope(self, upstream: Upstream, query: str, headers: Mapping[str, str], client: ClientKey | None) -> str:
+        name, canonical_query, partition, organization, project, varied = self._scope_parts(
+            upstream, query, headers, client
+        )
+        return build_scope(self._scope_key, name, canonical_query, partition, organization, project, varied)
+
+    def _scope(self, upstream: Upstream, query: str, headers: Mapping[str, str], client: ClientKey | None) -> str:
+        parts = self._scope_parts(upstream, query, headers, client)
         scope = self._scopes.get(parts)
         if scope is None:
-            scope = build_scope(self._settings.cache.namespace, parts[0], parts[1], credential, organization, project)
-            self._scopes.put(parts, sum(len(p) for p in parts if p), scope)
+            name, canonical_query, partition, organization, project, varied = parts
+            scope = build_scope(self._scope_key, name, canonical_query, partition, organization, project, varied)
+            self._scopes.put(parts, len(orjson.dumps(parts)), scope)
         return scope
 
 
@@ -118,3 +182,9 @@ def _canonical(query: str) -> str:
     if not query or "&" not in query:
         return query
     return "&".join(sorted(query.split("&")))
+
+
+def key_secret(settings: Settings) -> bytes | None:
+    """The secret that keys cache hashes: ``cache.key_secret`` when set."""
+    configured = settings.cache.key_secret
+    return hashlib.sha256(configured.encode()).digest() if configured else None

@@ -28,6 +28,7 @@ class Metrics:
         self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.upstream_responses: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.tokens: defaultdict[str, int] = defaultdict(int)
+        self.clients: defaultdict[str, int] = defaultdict(int)
         self.stores = 0
         self.coalesced = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
@@ -73,10 +74,16 @@ class Metrics:
             )
             for kind, value in sorted(self.tokens.items()):
                 tokens.add_metric((kind,), value)
+            clients = CounterMetricFamily(
+                "llm_cache_client_requests", "Requests admitted by each client key, by its name.", labels=("client",)
+            )
+            for name, value in sorted(self.clients.items()):
+                clients.add_metric((name,), value)
             out: list[Metric] = [
                 requests,
                 upstream,
                 tokens,
+                clients,
                 CounterMetricFamily("llm_cache_stores", "Responses written to the cache.", value=self.stores),
                 CounterMetricFamily(
                     "llm_cache_coalesced",

@@ -7,12 +7,12 @@ import asyncio
 import redis.asyncio as redis
 from aiohttp import web
 
-from .config import Settings
+from .config import ClientKey, Settings
 from .flight import Flights
 from .keying import Keyer
 from .metrics import Metrics
 from .store import CacheStore
-from .upstream import UpstreamClient
+from .upstream import CallSlots, UpstreamClient
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYER = web.AppKey("keyer", Keyer)
@@ -22,3 +22,6 @@ FLIGHTS = web.AppKey("flights", Flights)
 METRICS = web.AppKey("metrics", Metrics)
 READY = web.AppKey("ready", asyncio.Event)
 INJECTED_REDIS = web.AppKey("injected_redis", redis.Redis)
+SLOTS = web.AppKey("slots", CallSlots)
+# The client key that authenticated a request, when the proxy has client keys.
+CLIENT = web.RequestKey("client", ClientKey)

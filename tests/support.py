@@ -3,6 +3,7 @@ processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -94,6 +95,20 @@ def make_entry(body: bytes = b'{"ok":true}', ttl_s: float = 60, **overrides: Any
 def dead_redis() -> redis.Redis:
     """A real client aimed at a port where nothing listens: every call fails like a dead server."""
     return redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send *head* (request line and headers, without the blank line) and *body* byte for byte, as no HTTP
+    client library would, on a fresh connection that is closed after the answer; return status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.rstrip(b"\r\n") + b"\r\nConnection: close\r\n\r\n" + body)
+        async with asyncio.timeout(10):
+            reply = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:

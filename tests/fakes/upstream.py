@@ -2,7 +2,8 @@
 
 Behaviour is chosen by the request itself, so SDK-driven tests can trigger it: a user message containing
 ``fail:<status>`` answers that status with an OpenAI error (and ``Retry-After`` on 429), ``drop`` breaks a
-stream off before ``[DONE]``, ``slow`` waits :data:`DELAY_S` seconds before answering, ``hang`` never answers.
+stream off before ``[DONE]``, ``slow`` waits :data:`DELAY_S` seconds before answering, ``hang`` never answers,
+``cookie`` adds a ``Set-Cookie`` and hop-by-hop response headers (``Connection: X-Hop`` naming ``X-Hop``).
 Every answer carries a fresh id (``chatcmpl-<n>``), so a test can tell a replay from a new upstream call.
 """
 
@@ -135,8 +136,12 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         model = str(body.get("model", "gpt-4o-mini"))
         cid, created = state.next_id("chatcmpl"), int(time.time())
         answer = f"echo: {text}"
+        extra = headers(model)
+        if "cookie" in text:
+            extra.update({"Set-Cookie": "session=per-user; Path=/", "Connection": "keep-alive, X-Hop"})
+            extra.update({"X-Hop": "hop", "Keep-Alive": "timeout=5"})
         if body.get("stream") is True:
-            return await _stream_chat(request, cid, created, model, answer, text, body, headers(model))
+            return await _stream_chat(request, cid, created, model, answer, text, body, extra)
         return web.Response(
             body=orjson.dumps(
                 {
@@ -158,7 +163,7 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
                 }
             ),
             content_type="application/json",
-            headers=headers(model),
+            headers=extra,
         )
 
     async def _stream_chat(

@@ -211,9 +211,7 @@ async def test_secrets_stay_out_of_logs_and_errors_when_things_fail(
             api_key="sk-dead-upstream-9999",
             models=("dead-*",),
         )
-        settings = replace(
-            settings, upstreams=(*settings.upstreams, dead), auth=AuthSettings(frozenset({"client-key-4321"}))
-        )
+        settings = replace(settings, upstreams=(*settings.upstreams, dead), auth=AuthSettings(("client-key-4321",)))
         client = await start_proxy(aiohttp_client, settings)
         auth = {"Authorization": "Bearer client-key-4321"}
         texts = [

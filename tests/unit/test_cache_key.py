@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from proxy.cache_key import build_key, build_scope, short_key
+import hashlib
+import hmac
+
+import orjson
+import pytest
+
+from proxy.cache_key import ambiguous, build_key, build_scope, short_key
 
 
 def scope(**overrides: str | None) -> str:
@@ -15,7 +21,7 @@ def scope(**overrides: str | None) -> str:
     }
     values.update(overrides)
     return build_scope(
-        "ns",
+        b"ns",
         values["upstream"] or "",
         values["query"] or "",
         values["authorization"],
@@ -56,3 +62,50 @@ def test_key_changes_when_anything_that_matters_changes() -> None:
 def test_credential_is_not_recoverable_when_it_partitions_the_key() -> None:
     digest = scope(authorization="Bearer sk-very-secret")
     assert "sk-very-secret" not in digest and len(digest) == 64
+
+
+def test_scope_is_unchanged_when_no_other_header_varies() -> None:
+    # Entries stored before OpenAI-Beta and configured headers were keyed stay reachable.
+    legacy = hmac.new(b"ns", orjson.dumps(["default", "", "", "org-1", ""]), hashlib.sha256).hexdigest()
+    assert scope(organization="org-1") == legacy
+    beta = build_scope(b"ns", "default", "", None, "org-1", None, (("OpenAI-Beta", "assistants=v2"),))
+    assert beta != legacy
+
+
+def test_secret_keys_the_digest_when_configured() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "guess me"}]}
+    plain = build_key("ns", "chat/completions", body, scope())
+    canonical = orjson.dumps(["chat/completions", scope(), body], option=orjson.OPT_SORT_KEYS)
+    # Without a secret anyone can confirm a guess; with one, the same guess yields nothing.
+    assert plain.endswith(hashlib.sha256(canonical).hexdigest())
+    keyed = build_key("ns", "chat/completions", body, scope(), secret=b"s" * 32)
+    assert keyed != plain and not keyed.endswith(hashlib.sha256(canonical).hexdigest())
+    assert keyed == build_key("ns", "chat/completions", body, scope(), secret=b"s" * 32)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"a","model":"b"}',
+        b'{"messages":[{"role":"user","role":"system","content":"x"}]}',
+        b'{"seed":123456789012345678901234567890}',
+        b'{"temperature":0.10000000000000000001}',
+        b'{"temperature":1e400}',
+        b'{"temperature":1e-400}',
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+def test_body_is_ambiguous_when_parsers_could_read_it_differently(raw: bytes) -> None:
+    assert ambiguous(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.7,"seed":42}',
+        b'{"a":{"a":{"a":1}},"n":-9223372036854775808,"f":1.2345678901234567e-300,"z":0.0}',
+        rb'{"unicode":"caf\u00e9","e":1E5,"neg":-0}',
+    ],
+)
+def test_body_is_unambiguous_when_every_parser_agrees(raw: bytes) -> None:
+    assert not ambiguous(raw)

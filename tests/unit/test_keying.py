@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import orjson
 
-from proxy.config import CacheSettings, Settings, Upstream
+from proxy.config import CacheSettings, ClientKey, Settings, Upstream
 from proxy.keying import Keyer, Memo
 
 SETTINGS = Settings(upstreams=(Upstream(api_key="sk-up"),), cache=CacheSettings(namespace="ns", ttl_s=60))
@@ -14,7 +14,7 @@ BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}
 
 
 def keyer(settings: Settings = SETTINGS, *, enabled: bool = True) -> Keyer:
-    return Keyer(settings, enabled=enabled, memo_max_bytes=64 * 1024)
+    return Keyer(settings, enabled=enabled, memo_max_bytes=64 * 1024, secret=None)
 
 
 def test_memo_empties_itself_when_over_its_byte_bound() -> None:
@@ -62,3 +62,46 @@ def test_every_request_bypasses_when_cache_is_off() -> None:
 def test_invalid_json_bypasses_when_body_does_not_parse() -> None:
     keyed = keyer().key("chat/completions", b"{nope", "", {})
     assert keyed.key is None and keyed.plan.reason == "body"
+
+
+def test_client_keys_get_their_own_entries_when_sharing_is_off() -> None:
+    alice, bob = ClientKey.from_key("alice", "key-a"), ClientKey.from_key("bob", "key-b")
+    k = keyer()
+    keys = [k.key("chat/completions", BODY, "", {}, client).key for client in (alice, bob, alice)]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    shared = keyer(replace(SETTINGS, cache=replace(SETTINGS.cache, share_across_keys=True)))
+    assert (
+        shared.key("chat/completions", BODY, "", {}, alice).key == shared.key("chat/completions", BODY, "", {}, bob).key
+    )
+
+
+def test_client_namespace_prefixes_its_entries_when_configured() -> None:
+    team = ClientKey.from_key("team", "key-t", namespace="team-ns")
+    keyed = keyer().key("chat/completions", BODY, "", {}, team)
+    assert keyed.key is not None and keyed.key.startswith("team-ns:v1:chat/completions:")
+
+
+def test_beta_and_configured_headers_split_entries_when_sent() -> None:
+    k = keyer(replace(SETTINGS, cache=replace(SETTINGS.cache, vary_headers=("X-Model-Version",))))
+    keys = {
+        k.key("chat/completions", BODY, "", headers).key
+        for headers in ({}, {"OpenAI-Beta": "assistants=v2"}, {"X-Model-Version": "2"}, {"X-Other": "1"})
+    }
+    assert len(keys) == 3  # X-Other changes nothing
+
+
+def test_ambiguous_body_bypasses_when_a_key_repeats() -> None:
+    keyed = keyer().key("chat/completions", b'{"model":"a","messages":[],"model":"b"}', "", {})
+    assert keyed.key is None and keyed.plan.reason == "ambiguous"
+
+
+def test_secret_changes_every_key_when_set() -> None:
+    plain = keyer().key("chat/completions", BODY, "", {})
+    secret = Keyer(SETTINGS, enabled=True, memo_max_bytes=1024, secret=b"k" * 32).key("chat/completions", BODY, "", {})
+    assert plain.key != secret.key
+
+
+def test_derived_key_equals_the_memoised_one_when_computed_apart() -> None:
+    big = orjson.dumps({"model": "m", "input": ["x" * 1000] * 300})
+    alice = ClientKey.from_key("alice", "key-a")
+    assert keyer().derive("embeddings", big, "", {}, alice).key == keyer().key("embeddings", big, "", {}, alice).key

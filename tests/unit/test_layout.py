@@ -8,6 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 ORDER = [
     "config",
+    "logs",
     "errors",
     "entry",
     "cache_key",
