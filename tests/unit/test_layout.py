@@ -10,6 +10,7 @@ ORDER = [
     "config",
     "errors",
     "entry",
+    "seal",
     "cache_key",
     "sse",
     "policy",
