@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from fakeredis import FakeAsyncRedis
 
 from proxy.entry import EntryFormatError
 from proxy.seal import (
@@ -15,6 +18,7 @@ from proxy.seal import (
     SealingCodec,
     derive_secret,
 )
+from proxy.store import RedisStore
 from tests.support import make_entry
 
 SECRET = "k7Qm2vX9pL4sT8wZ1aB6cD3eF5gH0jN2rU4yW6xE8zC="
@@ -134,3 +138,30 @@ def test_key_ids_differ_when_secrets_differ() -> None:
     assert SealingCodec(SECRET).key_id != SealingCodec(OTHER_SECRET).key_id
     assert SealingCodec(SECRET, [SECRET]).key_id == SealingCodec(SECRET).key_id
     assert len(SealingCodec(SECRET).key_id) == KEY_ID_BYTES
+
+
+async def test_store_reads_a_miss_and_logs_no_content_when_values_are_tampered_or_foreign(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="proxy.store")
+    client = FakeAsyncRedis()
+    store = RedisStore(client, op_timeout_s=0.2, retry_after_s=1, codec=SealingCodec(SECRET))
+    store.put(KEY, ENTRY)
+    await store.drain()
+    assert await store.get(KEY) == ENTRY
+    raw = await client.get(KEY)
+    await client.set("swapped", raw)
+    await client.set("planted", ENTRY.to_bytes())
+    await client.set("rotated", SealingCodec(OTHER_SECRET).encode("rotated", ENTRY))
+    await client.set("cut", raw[:-3])
+    assert [await store.get(k) for k in ("swapped", "planted", "rotated", "cut")] == [None] * 4
+    assert store.available and store.errors == 0
+    levels = {r.getMessage().split("key=")[1].split()[0]: r.levelno for r in caplog.records if "key=" in r.getMessage()}
+    assert levels == {
+        "swapped": logging.WARNING,
+        "planted": logging.DEBUG,
+        "rotated": logging.DEBUG,
+        "cut": logging.WARNING,
+    }
+    for clear in (ANSWER, PROMPT, b"org-private", SECRET.encode()):
+        assert clear.decode() not in caplog.text
