@@ -23,6 +23,7 @@ from .keying import Keyer, key_secret
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
 from .policy import CACHEABLE_ROUTES
+from .seal import SealingCodec
 from .state import FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .store import CacheStore, RedisStore
 from .upstream import CallSlots, UpstreamClient
@@ -132,11 +133,17 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = memory
     else:
         client = app.get(INJECTED_REDIS) or redis_client_for(settings.redis)
+        codec = SealingCodec(cache.encryption_key, cache.encryption_old_keys) if cache.encryption_key else None
+        if codec is not None:
+            log.info(
+                "redis entries encrypted key_id=%s old_keys=%d", codec.key_id.hex(), len(cache.encryption_old_keys)
+            )
         remote = RedisStore(
             client,
             op_timeout_s=settings.redis.op_timeout_s,
             retry_after_s=settings.redis.retry_after_s,
             max_in_flight=settings.redis.max_connections,
+            codec=codec,
         )
         store = TieredStore(memory, remote)
         counters.gauge(

@@ -56,7 +56,9 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    """What is cached and for how long; the memory limits bound the in-process tier."""
+    """What is cached and for how long; the memory limits bound the in-process tier. With *encryption_key* (given
+    directly or read from *encryption_key_file*), entries in Redis are sealed; *encryption_old_keys* only read
+    them. The keys are secret."""
 
     backend: str = "redis"
     namespace: str = "llm-cache"
@@ -68,6 +70,9 @@ class CacheSettings:
     share_across_keys: bool = False
     key_secret: str | None = field(default=None, repr=False)
     vary_headers: tuple[str, ...] = ()
+    encryption_key: str | None = field(default=None, repr=False)
+    encryption_key_file: str | None = None
+    encryption_old_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +227,8 @@ class Url:
 
 @dataclass(frozen=True, slots=True)
 class Items:
-    """A YAML list or a comma-separated string of non-empty items, in order and without repeats, each checked
-    by *item* when given."""
+    """A YAML list or a comma-separated string of non-empty items, in order and without repeats; with *item*,
+    each item must also pass it."""
 
     item: Text | None = None
 
@@ -233,12 +238,12 @@ class Items:
             raise ValueError("must be a list or a comma-separated string")
         unique = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
         if self.item is not None:
-            for item in unique:
-                self.item.parse(item)
+            unique = tuple(self.item.parse(item) for item in unique)
         return unique
 
     def describe(self) -> str:
-        return "a list (comma-separated in a variable)"
+        of = f" of {self.item.describe()}" if self.item is not None else ""
+        return f"a list{of} (comma-separated in a variable)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +316,8 @@ class Setting:
 
 
 _SECONDS = Number(float, 0, low_open=True)
+# Any long random string works: HKDF turns it into the AES key. No commas, so that it can join the old keys.
+_ENCRYPTION_KEY = Text(r"[^\s,]{32,}", "at least 32 characters without spaces or commas")
 SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("server.host", "PROXY_HOST", Text(), "listen address; 0.0.0.0 inside a container"),
     Setting("server.port", "PROXY_PORT", Number(int, 1, 65535), "listen port"),
@@ -411,6 +418,27 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "OpenAI-Project and OpenAI-Beta",
     ),
     Setting(
+        "cache.encryption_key",
+        "CACHE_ENCRYPTION_KEY",
+        _ENCRYPTION_KEY,
+        "when set, entries are encrypted in Redis (AES-GCM) with a key derived from it: 32 random bytes or more, "
+        "e.g. `openssl rand -base64 32`; fewer than 32 characters are refused",
+        secret=True,
+    ),
+    Setting(
+        "cache.encryption_key_file",
+        "CACHE_ENCRYPTION_KEY_FILE",
+        Text(),
+        "file holding the encryption key (a mounted Kubernetes secret), instead of cache.encryption_key",
+    ),
+    Setting(
+        "cache.encryption_old_keys",
+        "CACHE_ENCRYPTION_OLD_KEYS",
+        Items(item=_ENCRYPTION_KEY),
+        "earlier encryption keys, only for reading entries written before a rotation",
+        secret=True,
+    ),
+    Setting(
         "redis.url",
         "REDIS_URL",
         Url(("redis", "rediss", "unix")),
@@ -470,7 +498,8 @@ def attribute(settings: Settings, key: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """A setting's final value and where it came from: ``default``, ``file`` or ``environment``."""
+    """A setting's final value and where it came from: ``default``, ``file`` or ``environment``; or, for the
+    encryption key, ``cache.encryption_key_file``."""
 
     setting: Setting
     value: Any
@@ -569,6 +598,7 @@ def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None
             problems.append(f"{setting.names()} {place} {reason}")
             continue
         sources[setting.key] = source
+    _read_encryption_key(sections["cache"], sources, problems)
     upstreams = _upstreams(data.get("upstreams"), env, sections.pop("upstreams[0]"), problems)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -578,6 +608,34 @@ def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None
         Resolved(s, attribute(settings, s.key), sources.get(s.key) or _implicit_source(s, data)) for s in SETTINGS_TABLE
     ]
     return settings, resolved
+
+
+def _read_encryption_key(cache: dict[str, Any], sources: dict[str, str], problems: list[str]) -> None:
+    """Put the content of ``cache.encryption_key_file`` in ``cache.encryption_key``; report what does not fit."""
+    path = cache.get("encryption_key_file")
+    if path is None:
+        if cache.get("encryption_old_keys") and "encryption_key" not in cache:
+            problems.append("cache.encryption_old_keys (CACHE_ENCRYPTION_OLD_KEYS) needs an encryption key")
+        return
+    names = "cache.encryption_key_file (CACHE_ENCRYPTION_KEY_FILE)"
+    if "encryption_key" in cache:
+        problems.append(f"{names} and cache.encryption_key (CACHE_ENCRYPTION_KEY) are both set; set one of them")
+        return
+    try:
+        # Secret files usually end with a newline, which is no part of the key.
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{names}: cannot read {path}: {exc.strerror}")
+        return
+    except UnicodeDecodeError:
+        problems.append(f"{names}: {path} is not UTF-8 text")
+        return
+    try:
+        cache["encryption_key"] = _ENCRYPTION_KEY.parse(text)
+    except ValueError:
+        problems.append(f"{names}: {path} must hold {_ENCRYPTION_KEY.describe()}")
+        return
+    sources["cache.encryption_key"] = "cache.encryption_key_file"
 
 
 def _lookup(setting: Setting, data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str]:

@@ -12,6 +12,7 @@ import orjson
 from .cache_key import ambiguous, build_key, build_scope, short_key
 from .config import ClientKey, Settings, Upstream
 from .policy import CachePlan, decide
+from .seal import derive_secret
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -185,6 +186,11 @@ def _canonical(query: str) -> str:
 
 
 def key_secret(settings: Settings) -> bytes | None:
-    """The secret that keys cache hashes: ``cache.key_secret`` when set."""
-    configured = settings.cache.key_secret
-    return hashlib.sha256(configured.encode()).digest() if configured else None
+    """The secret that keys cache hashes: ``cache.key_secret``, else one derived from the encryption key (whoever
+    cannot read entries should not be able to confirm a guessed prompt from a key either), else none."""
+    cache = settings.cache
+    if cache.key_secret:
+        return hashlib.sha256(cache.key_secret.encode()).digest()
+    if cache.encryption_key:
+        return derive_secret(cache.encryption_key, b"llm-cache-proxy cache key v1")
+    return None

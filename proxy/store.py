@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .entry import CacheEntry, EntryFormatError
+from .seal import EntryCodec, ForeignEntryError, PlainCodec
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,22 @@ class RedisStore:
     or times out drops its connection, so no reply is ever left unread on a pooled one, and its lookups
     read as misses. After a failure Redis is left alone for *retry_after_s*, so that a dead or slow Redis
     costs one timeout, not one per request; the next operation after that probes it again.
+
+    *codec* turns entries into stored bytes and back (:class:`~proxy.seal.SealingCodec` seals them); bytes it
+    cannot read are a miss.
     """
 
     def __init__(
-        self, client: redis.Redis, *, op_timeout_s: float, retry_after_s: float, max_in_flight: int = 64
+        self,
+        client: redis.Redis,
+        *,
+        op_timeout_s: float,
+        retry_after_s: float,
+        max_in_flight: int = 64,
+        codec: EntryCodec | None = None,
     ) -> None:
         self._client = client
+        self._codec = codec or PlainCodec()
         # At most as many batches in flight as the pool has connections, so the pool never runs dry.
         self._slots = asyncio.Semaphore(max_in_flight)
         self._deadline_s = op_timeout_s
@@ -86,7 +97,7 @@ class RedisStore:
         ttl_ms = int((entry.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
-        self._stores.append((key, entry.to_bytes(), ttl_ms))
+        self._stores.append((key, self._codec.encode(key, entry), ttl_ms))
         if len(self._stores) == 1:
             asyncio.get_running_loop().call_soon(self._flush_stores)
 
@@ -157,7 +168,11 @@ class RedisStore:
             return None
         try:
             # decode_responses stays False, so replies are bytes; a str here would be a misconfigured client.
-            return CacheEntry.from_bytes(raw if isinstance(raw, bytes) else str(raw).encode())
+            return self._codec.decode(key, raw if isinstance(raw, bytes) else str(raw).encode())
+        except ForeignEntryError as exc:
+            # Expected for one TTL after encryption is turned on or off or its key changes: not worth a warning.
+            log.debug("cache entry not readable with this configuration; treated as a miss key=%s error=%s", key, exc)
+            return None
         except EntryFormatError as exc:
             log.warning("cache entry unreadable; treated as a miss key=%s error=%s", key, exc)
             return None

@@ -153,6 +153,19 @@ def test_check_config_prints_settings_without_secrets_when_valid(tmp_path: Path)
     assert "sk-secret-value" not in out and "hunter2" not in out
 
 
+def test_check_config_hides_encryption_keys_when_set(tmp_path: Path) -> None:
+    key, old = "current-key-Zm9vYmFyYmF6cXV4LXJhbmRvbQ==", "old-key-b2xkLWtleS1mcm9tLWxhc3QtbW9udGg="
+    env = clean_env(CACHE_ENCRYPTION_KEY=key, CACHE_ENCRYPTION_OLD_KEYS=old)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"], cwd=tmp_path, env=env, capture_output=True, timeout=30
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "(set, hidden)  # environment (CACHE_ENCRYPTION_KEY)" in out
+    assert "(set, hidden)  # environment (CACHE_ENCRYPTION_OLD_KEYS)" in out
+    assert key not in out and old not in out
+
+
 def test_check_config_names_every_problem_when_invalid(tmp_path: Path) -> None:
     (tmp_path / "proxy.yaml").write_text("cache: {ttl_s: soon}\nbogus: 1\n")
     result = subprocess.run(

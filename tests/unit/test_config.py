@@ -14,6 +14,7 @@ from proxy.config import (
     attribute,
     env_example,
     load_settings,
+    resolve,
     settings_table_markdown,
 )
 
@@ -195,3 +196,50 @@ def test_readme_table_matches_the_settings_table_when_rendered() -> None:
     assert readme.split(start, 1)[1].split(end, 1)[0] == settings_table_markdown(), (
         "regenerate with: scripts/config-docs"
     )
+
+
+ENCRYPTION_KEY = "Zm9vYmFyYmF6cXV4LXJhbmRvbS1ieXRlcy0xMjM0NTY="
+OLD_ENCRYPTION_KEY = "b2xkLWtleS1mcm9tLWxhc3QtbW9udGgtMTIzNDU2Nzg="
+
+
+def test_encryption_keys_load_when_set_in_environment_or_file(tmp_path: Path) -> None:
+    env = {"CACHE_ENCRYPTION_KEY": ENCRYPTION_KEY, "CACHE_ENCRYPTION_OLD_KEYS": f"{OLD_ENCRYPTION_KEY}, "}
+    cache = load_settings(write(tmp_path, ""), env=env).cache
+    assert (cache.encryption_key, cache.encryption_old_keys) == (ENCRYPTION_KEY, (OLD_ENCRYPTION_KEY,))
+    listed = f"cache: {{encryption_key: {ENCRYPTION_KEY}, encryption_old_keys: [{OLD_ENCRYPTION_KEY}]}}\n"
+    assert load_settings(write(tmp_path, listed), env={}).cache == cache
+    assert load_settings(write(tmp_path, ""), env={}).cache.encryption_key is None
+
+
+def test_encryption_key_is_read_from_file_when_a_secret_is_mounted(tmp_path: Path) -> None:
+    secret = tmp_path / "encryption-key"
+    secret.write_text(ENCRYPTION_KEY + "\n")
+    settings, resolved = resolve(write(tmp_path, ""), env={"CACHE_ENCRYPTION_KEY_FILE": str(secret)})
+    assert settings.cache.encryption_key == ENCRYPTION_KEY
+    assert settings.cache.encryption_key_file == str(secret)
+    shown = {r.setting.key: (r.shown(), r.source) for r in resolved}
+    assert shown["cache.encryption_key"] == ("(set, hidden)", "cache.encryption_key_file")
+    assert ENCRYPTION_KEY not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "file_text", "message"),
+    [
+        ({"CACHE_ENCRYPTION_KEY": "short-but-secret"}, None, r"CACHE_ENCRYPTION_KEY\) .*at least 32 characters"),
+        ({"CACHE_ENCRYPTION_KEY": f"{ENCRYPTION_KEY} secret"}, None, "CACHE_ENCRYPTION_KEY"),
+        ({"CACHE_ENCRYPTION_OLD_KEYS": f"{ENCRYPTION_KEY},short-secret"}, None, "CACHE_ENCRYPTION_OLD_KEYS"),
+        ({"CACHE_ENCRYPTION_OLD_KEYS": OLD_ENCRYPTION_KEY}, None, "needs an encryption key"),
+        ({}, "short-secret\n", "CACHE_ENCRYPTION_KEY_FILE.*at least 32 characters"),
+        ({"CACHE_ENCRYPTION_KEY": ENCRYPTION_KEY}, ENCRYPTION_KEY, "both set"),
+        ({"CACHE_ENCRYPTION_KEY_FILE": "/nonexistent/encryption-key"}, None, "cannot read /nonexistent"),
+    ],
+)
+def test_bad_encryption_keys_fail_without_echo_when_loaded(
+    tmp_path: Path, env: dict[str, str], file_text: str | None, message: str
+) -> None:
+    if file_text is not None:
+        (tmp_path / "key").write_text(file_text)
+        env = {**env, "CACHE_ENCRYPTION_KEY_FILE": str(tmp_path / "key")}
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(write(tmp_path, ""), env=env)
+    assert "secret" not in str(caught.value) and ENCRYPTION_KEY not in str(caught.value)

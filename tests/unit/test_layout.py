@@ -11,6 +11,7 @@ ORDER = [
     "logs",
     "errors",
     "entry",
+    "seal",
     "cache_key",
     "sse",
     "policy",
