@@ -91,9 +91,10 @@ async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) ->
             app[METRICS].coalesced += 1
         client = request.get(CLIENT)
         log.debug(
-            "cache %s route=%s key=%s reason=%s client=%s",
+            "cache %s route=%s model=%s key=%s reason=%s client=%s",
             outcome,
             keyed.route,
+            keyed.model,
             keyed.tag,
             plan.reason,
             client.name if client else "-",

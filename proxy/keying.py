@@ -58,13 +58,14 @@ class Memo(Generic[K, V]):
 @dataclass(frozen=True, slots=True)
 class Keyed:
     """A request's route, its cache key (``None``: bypass the cache) and the key's short form, its upstream and
-    its plan."""
+    its plan, and the model it names (for logs and metrics only)."""
 
     route: str
     key: str | None
     tag: str
     upstream: Upstream
     plan: CachePlan
+    model: str | None = None
 
 
 class Keyer:
@@ -135,19 +136,20 @@ class Keyer:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None  # the upstream's answer to it is the authority
-        model = body.get("model") if isinstance(body, dict) else None
+        named = body.get("model") if isinstance(body, dict) else None
+        model = named if isinstance(named, str) else None
         settings = self._settings
-        upstream = settings.upstream_for(model if isinstance(model, str) else None)
+        upstream = settings.upstream_for(model)
         plan = _OFF
         if self._enabled:
             plan = decide(route, body, headers.get("Cache-Control"), settings.cache.ttl_s, headers.get("X-Cache-TTL"))
         if plan.cacheable and ambiguous(raw):
             plan = CachePlan(False, False, 0, "ambiguous")
         if not plan.cacheable:
-            return Keyed(route, None, "", upstream, plan)
+            return Keyed(route, None, "", upstream, plan, model)
         namespace = (client.namespace if client else None) or settings.cache.namespace
         key = build_key(namespace, route, body, scope_of(upstream, query, headers, client), self._secret)
-        return Keyed(route, key, short_key(key), upstream, plan)
+        return Keyed(route, key, short_key(key), upstream, plan, model)
 
     def _scope_parts(
         self, upstream: Upstream, query: str, headers: Mapping[str, str], client: ClientKey | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "x-ca
 # The session decompresses, so the encoding and length of what the client gets are the proxy's.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 _URL_MEMO_BYTES = 256 * 1024
+_STREAMED_BODY_BYTES = 1024 * 1024
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 
@@ -158,6 +160,9 @@ class UpstreamClient:
         upstream stays silent for longer than its ``timeout_s`` (between bytes, so long streams are not cut).
         """
         upstream = self.upstream
+        if isinstance(body, bytes) and len(body) > _STREAMED_BODY_BYTES:
+            # aiohttp sends a large bytes body in one write that holds the loop; a file-like one goes in chunks.
+            body = io.BytesIO(body)
         try:
             return await self._session.request(
                 method,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -182,3 +183,28 @@ def test_check_config_names_every_problem_when_invalid(tmp_path: Path) -> None:
     assert any("proxy.yaml" in p and "bogus" in p for p in problems)
     assert any("proxy.yaml" in p and "cache.ttl_s" in p for p in problems)
     assert any("PROXY_PORT" in p and "environment" in p for p in problems)
+
+
+def test_request_values_cannot_forge_log_lines_when_logged(tmp_path: Path) -> None:
+    port = free_port()
+    process = start(
+        tmp_path,
+        PROXY_PORT=str(port),
+        CACHE_BACKEND="memory",
+        LOG_LEVEL="DEBUG",
+        UPSTREAM_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
+    )
+    model = "gpt-4o\n2026-01-01 00:00:00,000 level=ERROR logger=proxy forged\u2028x"
+    try:
+        get_json(port, "/healthz")
+        body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError):  # 502: nothing listens upstream
+            urllib.request.urlopen(request, timeout=10)
+    finally:
+        _, err = stop(process)
+    lines = err.splitlines()
+    assert any("model=gpt-4o\\n2026-01-01" in line and "\\u2028x" in line for line in lines), err
+    assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)

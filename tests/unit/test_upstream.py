@@ -140,3 +140,33 @@ async def test_escaped_path_reaches_upstream_unchanged_when_client_encodes_it(
     sent = received(fake_upstream)[0]
     assert sent.path == "/v1/files/file?abc" and sent.query == "purpose=x%26y"
     assert (await response.json())["path"] == "/v1/files/file?abc"
+
+
+async def test_per_user_and_hop_by_hop_response_headers_are_never_stored_when_upstream_sends_them(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    client = await proxy_for(fake_upstream)
+    miss = await client.post("/v1/chat/completions", json=chat_body("cookie jar"))
+    hit = await client.post("/v1/chat/completions", json=chat_body("cookie jar"))
+    assert miss.headers["X-Cache"] == "MISS" and "session=per-user" in miss.headers["Set-Cookie"]
+    assert hit.headers["X-Cache"] == "HIT" and "Set-Cookie" not in hit.headers
+    for response in (miss, hit):
+        assert "X-Hop" not in response.headers and "Keep-Alive" not in response.headers
+
+
+async def test_hop_by_hop_request_headers_are_dropped_when_rfc_9110_names_them(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    client = await proxy_for(fake_upstream)
+    hop = {
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "Proxy-Connection": "keep-alive",
+        "TE": "trailers",
+        "Trailer": "X-Checksum",
+        "Upgrade": "websocket",
+        "Connection": "X-Named",
+        "X-Named": "1",
+    }
+    await client.get("/v1/models", headers=hop)
+    sent = received(fake_upstream)[0].headers
+    assert not {name.lower() for name in hop} & {name.lower() for name in sent}
