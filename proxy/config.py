@@ -445,7 +445,8 @@ class Resolved:
     source: str
 
     def shown(self) -> str:
-        """The value as ``check-config`` prints it: a secret only as set or unset, a URL without its password."""
+        """The value as ``check-config`` prints it: a secret only as set or unset (a secret file by its path), a URL
+        without its password."""
         if isinstance(self.setting.kind, Url):
             return redact_url(str(self.value))
         if isinstance(self.value, MountedSecret):
