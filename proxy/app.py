@@ -7,11 +7,13 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -90,27 +92,54 @@ def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[Client
     router.add_route("*", "/v1/{rest:.+}", admit(passthrough))
 
 
+def redis_connection_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    """Credentials, TLS and the connect deadline as keyword arguments that every redis-py asyncio client takes
+    (``Redis``, ``RedisCluster``, ``Sentinel``), so that each topology connects the same way.
+
+    Of the URL, only its scheme, user and password count here, and the settings win over the last two:
+    ``username`` over the URL's user; ``password``, then ``password_file``, over its password. ``rediss://``
+    turns TLS on; the ``tls_*`` settings then win over ``ssl_*`` options in the URL's query, and an unset file
+    leaves redis-py's default (the system's CAs, no client certificate).
+    """
+    url = urlsplit(settings.url)
+    from_file = settings.password_file.value if settings.password_file else None
+    kwargs: dict[str, Any] = {
+        "username": settings.username or _unquoted(url.username),
+        "password": settings.password or from_file or _unquoted(url.password),
+        "socket_connect_timeout": settings.op_timeout_s,
+        "socket_timeout": None,
+    }
+    if url.scheme == "rediss":
+        tls = {
+            "ssl_ca_certs": settings.tls_ca_file,
+            "ssl_certfile": settings.tls_cert_file,
+            "ssl_keyfile": settings.tls_key_file,
+        }
+        kwargs |= {"ssl": True, "ssl_check_hostname": settings.tls_check_hostname}
+        kwargs |= {name: path for name, path in tls.items() if path}
+    return kwargs
+
+
+def _unquoted(part: str | None) -> str | None:
+    return unquote(part) if part else None
+
+
 def redis_client_for(settings: RedisSettings) -> redis.Redis:
-    """A pooled client for *settings*.
+    """A pooled client for *settings*, connecting with :func:`redis_connection_kwargs`.
 
     Only connecting has a socket deadline here; each whole operation gets its deadline from
     :class:`RedisStore`, since redis-py implements a socket timeout with ``asyncio.wait_for`` around every
     write, a task per command. Retrying a stale connection is :meth:`RedisStore._execute`'s job, so the client
     itself never retries: redis-py's default would retry three times with backoff, inside the deadline.
     """
+    # The URL gives the address, the database and any other query options; parse_url also picks the connection
+    # class from the scheme, which is what a pool takes where a client takes ssl=True.
+    options: dict[str, Any] = {**parse_url(settings.url), **redis_connection_kwargs(settings)}
+    options.pop("ssl", None)
     # RedisStore admits at most max_connections operations at once, so this pool never runs dry; the plain
     # pool hands out connections more cheaply than the blocking one.
-    pool = redis.ConnectionPool.from_url(
-        settings.url,
-        max_connections=settings.max_connections,
-        socket_connect_timeout=settings.op_timeout_s,
-        socket_timeout=None,
-        retry=Retry(NoBackoff(), 0),
-    )
-    if settings.password:
-        # from_url lets a password in the URL win over keyword arguments; REDIS_PASSWORD must win instead.
-        pool.connection_kwargs["password"] = settings.password
-    return redis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+    options |= {"max_connections": settings.max_connections, "retry": Retry(NoBackoff(), 0)}
+    return redis.Redis.from_pool(redis.ConnectionPool(**options))  # owns the pool: aclose() closes it
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,6 +23,14 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class MountedSecret:
+    """A secret read once, at startup, from a file (a mounted Kubernetes Secret). Only *path* is ever shown."""
+
+    path: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """One OpenAI-compatible API. *api_key* is a secret: it is excluded from ``repr``."""
 
@@ -77,10 +85,18 @@ class CacheSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    """Where the shared cache lives. *password* overrides one embedded in *url*; both are secret."""
+    """Where the shared cache lives and how to reach it. *username* wins over a user in *url*; *password* wins over
+    *password_file*, which wins over a password in *url*; these three are secret. The ``tls_*`` settings apply to
+    a ``rediss://`` *url*."""
 
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    username: str | None = None
     password: str | None = field(default=None, repr=False)
+    password_file: MountedSecret | None = field(default=None, repr=False)
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_check_hostname: bool = True
     op_timeout_s: float = 0.25
     retry_after_s: float = 2.0
     max_connections: int = 64
@@ -247,19 +263,21 @@ class Items:
 
 
 @dataclass(frozen=True, slots=True)
-class Bool:
+class Flag:
+    """A boolean: YAML's own, or true/false, yes/no, 1/0 in any case."""
+
     def parse(self, value: Any) -> bool:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1"):
+        if text in ("true", "yes", "1"):
             return True
-        if text in ("false", "no", "off", "0"):
+        if text in ("false", "no", "0"):
             return False
         raise ValueError(f"must be {self.describe()}, got {value!r}")
 
     def describe(self) -> str:
-        return "true or false"
+        return "true or false (or yes/no, 1/0)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +311,45 @@ _NAME = Text(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "a name of letters, digits, '.'
 _NAMESPACE = Text(r"[^\s{}]+", "text without spaces or braces")
 
 
-Kind = Number | Text | Choice | Url | Items | Bool | ClientKeys
+@dataclass(frozen=True, slots=True)
+class File:
+    """The path of a file this process can read now; checked at startup, so a missing mount fails early."""
+
+    def parse(self, value: Any) -> str:
+        path = str(value).strip()
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        return path
+
+    def describe(self) -> str:
+        return "the path of a readable file"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretFile:
+    """The path of a file holding one secret, read at startup into a :class:`MountedSecret`. A trailing newline
+    is not part of the secret. Errors name the path, never the content."""
+
+    def parse(self, value: Any) -> MountedSecret:
+        path = str(value).strip()
+        try:
+            content = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text") from None
+        if not content:
+            raise ValueError(f"{path} is empty")
+        return MountedSecret(path, content)
+
+    def describe(self) -> str:
+        return "the path of a readable, non-empty UTF-8 file"
+
+
+Kind = Number | Text | Choice | Url | Items | Flag | File | SecretFile | ClientKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +455,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "cache.share_across_keys",
         "CACHE_SHARE_ACROSS_KEYS",
-        Bool(),
+        Flag(),
         "share entries between named client keys, and between clients' own upstream keys; off, each has its own",
     ),
     Setting(
@@ -445,7 +501,48 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "redis://, rediss:// or unix:// URL, with user, password and db",
         secret=True,
     ),
-    Setting("redis.password", "REDIS_PASSWORD", Text(), "Redis password; wins over one in the URL", secret=True),
+    Setting("redis.username", "REDIS_USERNAME", Text(), "Redis ACL user; wins over one in the URL"),
+    Setting(
+        "redis.password",
+        "REDIS_PASSWORD",
+        Text(),
+        "Redis password; wins over REDIS_PASSWORD_FILE and over one in the URL",
+        secret=True,
+    ),
+    Setting(
+        "redis.password_file",
+        "REDIS_PASSWORD_FILE",
+        SecretFile(),
+        "file whose content is the Redis password (a mounted Secret; a trailing newline is dropped); read at "
+        "startup, wins over a password in the URL",
+        secret=True,
+    ),
+    Setting(
+        "redis.tls_ca_file",
+        "REDIS_TLS_CA_FILE",
+        File(),
+        "PEM file of the CA certificates that Redis's certificate is checked against (rediss:// only); unset, the "
+        "system's CAs",
+    ),
+    Setting(
+        "redis.tls_cert_file",
+        "REDIS_TLS_CERT_FILE",
+        File(),
+        "PEM client certificate, for a Redis that requires one (tls-auth-clients yes)",
+    ),
+    Setting(
+        "redis.tls_key_file",
+        "REDIS_TLS_KEY_FILE",
+        File(),
+        "PEM private key of the client certificate; unset, it is read from REDIS_TLS_CERT_FILE",
+    ),
+    Setting(
+        "redis.tls_check_hostname",
+        "REDIS_TLS_CHECK_HOSTNAME",
+        Flag(),
+        "check that Redis's certificate names the URL's host; turn off only for a Redis reached by an address "
+        "its certificate does not list",
+    ),
     Setting("redis.op_timeout_s", None, _SECONDS, "deadline of one Redis round trip; past it, a miss"),
     Setting("redis.retry_after_s", None, _SECONDS, "after a Redis failure, serve without Redis this long, then retry"),
     Setting("redis.max_connections", None, Number(int), "Redis connections per process at most"),
@@ -506,9 +603,12 @@ class Resolved:
     source: str
 
     def shown(self) -> str:
-        """The value as ``check-config`` prints it: a secret only as set or unset, a URL without its password."""
+        """The value as ``check-config`` prints it: a secret only as set or unset (a secret file by its path), a URL
+        without its password."""
         if isinstance(self.setting.kind, Url):
             return redact_url(str(self.value))
+        if isinstance(self.value, MountedSecret):
+            return f"{self.value.path} (read, content hidden)"
         if self.setting.secret:
             return "(set, hidden)" if self.value else "(unset)"
         if isinstance(self.value, tuple):
@@ -593,7 +693,9 @@ def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None
         try:
             sections[section][name] = setting.kind.parse(raw)
         except ValueError as exc:
-            reason = f"must be {setting.kind.describe()}" if setting.secret else str(exc)
+            # A secret's raw value is the secret itself, except for a secret file, whose raw value is its path.
+            shown = not setting.secret or isinstance(setting.kind, SecretFile)
+            reason = str(exc) if shown else f"must be {setting.kind.describe()}"
             place = "in the environment" if source == "environment" else f"in {path}"
             problems.append(f"{setting.names()} {place} {reason}")
             continue
@@ -604,6 +706,9 @@ def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None
         raise ConfigError("\n".join(problems))
     top = sections.pop("")
     settings = Settings(upstreams=upstreams, **{n: cls(**sections[n]) for n, cls in _SECTIONS.items()}, **top)
+    problems = _conflicts(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
     resolved = [
         Resolved(s, attribute(settings, s.key), sources.get(s.key) or _implicit_source(s, data)) for s in SETTINGS_TABLE
     ]
@@ -636,6 +741,22 @@ def _read_encryption_key(cache: dict[str, Any], sources: dict[str, str], problem
         problems.append(f"{names}: {path} must hold {_ENCRYPTION_KEY.describe()}")
         return
     sources["cache.encryption_key"] = "cache.encryption_key_file"
+
+
+def _conflicts(settings: Settings) -> list[str]:
+    """Problems of settings that are each valid alone but do not fit together."""
+    names = {setting.key: setting.names() for setting in SETTINGS_TABLE}
+    redis = settings.redis
+    problems = []
+    if urlsplit(redis.url).scheme != "rediss":
+        # Certificates given for a plain-text URL mean someone expects TLS that would silently not happen.
+        tls_files = ("redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file")
+        problems += [
+            f"{names[key]} needs a rediss:// {names['redis.url']}" for key in tls_files if attribute(settings, key)
+        ]
+    if redis.tls_key_file and not redis.tls_cert_file:
+        problems.append(f"{names['redis.tls_key_file']} needs {names['redis.tls_cert_file']}")
+    return problems
 
 
 def _lookup(setting: Setting, data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str]:

@@ -7,13 +7,14 @@ import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from proxy.config import AuthSettings, CacheSettings, RedisSettings, ServerSettings, Settings, Upstream
 from proxy.entry import CacheEntry
 from tests.fakes.upstream import RECEIVED, Received
+from tests.tls import Leaf
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
@@ -154,36 +156,54 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+@dataclass(frozen=True, slots=True)
+class RedisTls:
+    """How a :class:`RedisServer` speaks TLS: its certificate, the CA it checks client certificates against, and
+    whether clients must present one. *client* is the certificate the helper's own connections present."""
+
+    server: Leaf
+    ca_file: Path
+    client: Leaf
+    require_client_cert: bool = False
+
+
 class RedisServer:
-    """A throwaway ``redis-server`` without persistence on a free loopback port. :meth:`stop` and
-    :meth:`start` keep the port, so a test can kill Redis under a running proxy and bring it back where the
+    """A throwaway ``redis-server`` without persistence on a free loopback port, plain or TLS-only. :meth:`stop`
+    and :meth:`start` keep the port, so a test can kill Redis under a running proxy and bring it back where the
     proxy expects it."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, *, tls: RedisTls | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; scripts/test installs it (apt-get install redis-server)")
         self.binary = binary
         self.port = free_port()
         self.password = password
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.dir), "--daemonize", "no", "--loglevel", "warning"]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.server.cert)]
+            args += ["--tls-key-file", str(self.tls.server.key), "--tls-ca-cert-file", str(self.tls.ca_file)]
+            args += ["--tls-auth-clients", "yes" if self.tls.require_client_cert else "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                with self._connect(timeout_s=0.2) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64):
                         return
@@ -192,9 +212,23 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
+    def _connect(self, timeout_s: float) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
+        if self.tls is None:
+            return sock
+        # The helper trusts the test CA; whether the server's name matches is for the tests to find out.
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        context.check_hostname = False
+        context.load_cert_chain(self.tls.client.cert, self.tls.client.key)
+        try:
+            return context.wrap_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+
     def command(self, *words: str) -> bytes:
         """Send one inline command over a fresh socket and return the first reply bytes (for test set-up)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+        with self._connect(timeout_s=2) as sock:
             if self.password:
                 sock.sendall(f"AUTH {self.password}\r\n".encode())
                 sock.recv(64)

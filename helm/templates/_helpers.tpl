@@ -111,6 +111,15 @@ The cache backend: config.cache.backend when set, else redis when a Redis is con
 {{- end }}
 
 {{/*
+Non-empty when the proxy reaches Redis over TLS with certificates from redis.tls.existingSecret.
+*/}}
+{{- define "llm-cache-proxy.redisTls" -}}
+{{- if and (eq (include "llm-cache-proxy.cacheBackend" .) "redis") .Values.redis.tls.existingSecret -}}
+true
+{{- end }}
+{{- end }}
+
+{{/*
 Combinations the schema cannot express. Included by every template that depends on them.
 */}}
 {{- define "llm-cache-proxy.validate" -}}
@@ -119,6 +128,9 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- end }}
 {{- if and (eq (include "llm-cache-proxy.cacheBackend" .) "redis") (not (include "llm-cache-proxy.redisUrl" .)) }}
 {{- fail "config.cache.backend is redis: set redis.url, or redis.bundled.enabled=true" }}
+{{- end }}
+{{- if and (include "llm-cache-proxy.redisTls" .) (not (hasPrefix "rediss://" (include "llm-cache-proxy.redisUrl" .))) }}
+{{- fail "redis.tls.existingSecret needs a rediss:// redis.url (the bundled Redis has no TLS)" }}
 {{- end }}
 {{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
 {{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
@@ -212,6 +224,28 @@ Arguments: root, native (bool).
     {{- if eq $backend "redis" }}
     - name: REDIS_URL
       value: {{ include "llm-cache-proxy.redisUrl" $root | quote }}
+    {{- with $values.redis.username }}
+    - name: REDIS_USERNAME
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if not $values.redis.tls.checkHostname }}
+    - name: REDIS_TLS_CHECK_HOSTNAME
+      value: "false"
+    {{- end }}
+    {{- end }}
+    {{- if include "llm-cache-proxy.redisTls" $root }}
+    {{- with $values.redis.tls }}
+    {{- if .caKey }}
+    - name: REDIS_TLS_CA_FILE
+      value: /etc/redis-tls/{{ .caKey }}
+    {{- end }}
+    {{- if .clientCertificate }}
+    - name: REDIS_TLS_CERT_FILE
+      value: /etc/redis-tls/{{ .certKey }}
+    - name: REDIS_TLS_KEY_FILE
+      value: /etc/redis-tls/{{ .keyKey }}
+    {{- end }}
+    {{- end }}
     {{- end }}
     {{- if or $values.redis.existingSecret $values.redis.password }}
     - name: REDIS_PASSWORD
@@ -273,6 +307,11 @@ Arguments: root, native (bool).
       readOnly: true
     - name: llm-cache-proxy-tmp
       mountPath: /tmp
+    {{- if include "llm-cache-proxy.redisTls" $root }}
+    - name: llm-cache-proxy-redis-tls
+      mountPath: /etc/redis-tls
+      readOnly: true
+    {{- end }}
     {{- with $values.volumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

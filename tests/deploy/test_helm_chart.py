@@ -94,6 +94,8 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"config": {"redis": {"password": "hunter2"}}}, "'password'"),
         ({"config": {"auth": {"proxy_api_keys": ["k"]}}}, "'auth'"),
         ({"config": {"cache": {"backend": "disk"}}}, "/config/cache/backend"),
+        ({"redis": {"tls": {"checkHostname": "no"}}}, "/redis/tls/checkHostname"),
+        ({"redis": {"tls": {"caFile": "/ca.pem"}}}, "'caFile'"),
         ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
     ],
 )
@@ -267,6 +269,11 @@ def test_proxy_accepts_the_config_map_when_using_ci_values(
     proxy = proxy_container(result.one("Deployment"))
     # Literal values as the container sees them; secrets as stand-ins for what the kubelet resolves.
     env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
+    for name, value in env.items():
+        if name.startswith("REDIS_TLS_") and name.endswith("_FILE"):
+            # A file of the mounted Secret: the proxy checks at startup that it can read it.
+            (tmp_path / Path(value).name).write_text("PEM", encoding="utf-8")
+            env[name] = str(tmp_path / Path(value).name)
     text = result.one("ConfigMap")["data"]["proxy.yaml"]
     (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
     settings = load_settings(str(tmp_path / "proxy.yaml"), env=env)
@@ -276,6 +283,8 @@ def test_proxy_accepts_the_config_map_when_using_ci_values(
     assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
     if settings.cache.backend == "redis":
         assert settings.redis.url == env["REDIS_URL"]
+        assert settings.redis.username == env.get("REDIS_USERNAME")
+        assert settings.redis.tls_ca_file == env.get("REDIS_TLS_CA_FILE")
 
 
 def test_checksum_changes_when_config_changes(render: RenderFn) -> None:
@@ -318,6 +327,42 @@ def test_no_secret_is_created_when_existing_secrets_are_used(rendered: dict[str,
     assert env["REDIS_URL"]["value"] == result.values["redis"]["url"]
     annotations = result.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/secret" not in annotations
+
+
+def test_redis_certificates_are_mounted_from_a_secret_when_tls_is_configured(
+    rendered: dict[str, Render], render: RenderFn
+) -> None:
+    deployment = rendered["external-redis"].one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["REDIS_USERNAME"]["value"] == "llm-cache"
+    assert env["REDIS_TLS_CA_FILE"]["value"] == "/etc/redis-tls/ca.crt"
+    assert not {"REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE", "REDIS_TLS_CHECK_HOSTNAME"} & env.keys()
+    mounts = {m["name"]: m for m in proxy_container(deployment)["volumeMounts"]}
+    assert mounts["llm-cache-proxy-redis-tls"] == {
+        "name": "llm-cache-proxy-redis-tls",
+        "mountPath": "/etc/redis-tls",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["llm-cache-proxy-redis-tls"]["secret"] == {"secretName": "cache-redis-tls"}
+
+    tls = {"existingSecret": "redis-client", "clientCertificate": True, "checkHostname": False}
+    result = render({"redis": {"url": "rediss://10.0.0.7:6380/0", "tls": tls}})
+    env = env_of(proxy_container(result.one("Deployment")))
+    assert [env[n]["value"] for n in ("REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE", "REDIS_TLS_CHECK_HOSTNAME")] == [
+        "/etc/redis-tls/tls.crt",
+        "/etc/redis-tls/tls.key",
+        "false",
+    ]
+    for doc in result.docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_no_certificate_is_mounted_when_redis_tls_is_not_configured(rendered: dict[str, Render]) -> None:
+    for name in ("default", "bundled-redis", "standalone-full", "sidecar-native"):
+        deployment = rendered[name].one("Deployment")
+        assert "llm-cache-proxy-redis-tls" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
+        assert not [n for n in env_of(proxy_container(deployment)) if n.startswith("REDIS_TLS_")]
 
 
 def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> None:
@@ -432,6 +477,8 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
         ({"redis": {"url": "redis://cache:6379/0", "bundled": {"enabled": True}}}, "not both"),
         ({"redis": {"url": "redis://:hunter2@cache:6379/0"}}, "must not carry a password"),
         ({"redis": {"url": "redis://default:hunter2@cache:6379/0"}}, "must not carry a password"),
+        ({"redis": {"url": "redis://cache:6379/0", "tls": {"existingSecret": "ca"}}}, "needs a rediss:// redis.url"),
+        ({"redis": {"bundled": {"enabled": True}, "tls": {"existingSecret": "ca"}}}, "needs a rediss:// redis.url"),
         (
             {
                 "mode": "sidecar",

@@ -10,6 +10,7 @@ import pytest
 from proxy.config import (
     SETTINGS_TABLE,
     ConfigError,
+    MountedSecret,
     Settings,
     attribute,
     env_example,
@@ -123,6 +124,9 @@ def test_upstream_keys_come_from_named_variables_when_listed(tmp_path: Path) -> 
         ("- just a list\n", {}, "mapping"),
         ("cache: [\n", {}, "not valid YAML"),
         ("", {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ("", {"REDIS_TLS_CHECK_HOSTNAME": "maybe"}, "REDIS_TLS_CHECK_HOSTNAME"),
+        ("", {"REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_TLS_CA_FILE.*cannot read /nonexistent/ca.pem"),
+        ("redis: {password_file: /nonexistent/pw}\n", {}, r"redis.password_file \(REDIS_PASSWORD_FILE\) in .*/pw"),
     ],
 )
 def test_bad_values_fail_naming_the_key_when_loaded(
@@ -134,6 +138,7 @@ def test_bad_values_fail_naming_the_key_when_loaded(
 
 
 def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> None:
+    (tmp_path / "redis-password").write_text("pw3-hidden\n")
     settings = load_settings(
         write(tmp_path, ""),
         env={
@@ -141,9 +146,11 @@ def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> N
             "PROXY_API_KEYS": "ck-hidden",
             "REDIS_URL": "redis://:pw-hidden@h:6379/0",
             "REDIS_PASSWORD": "pw2-hidden",
+            "REDIS_PASSWORD_FILE": str(tmp_path / "redis-password"),
         },
     )
     assert "hidden" not in repr(settings)
+    assert "hidden" not in repr(settings.redis.password_file)
 
 
 def test_missing_config_file_fails_when_named(tmp_path: Path) -> None:
@@ -175,7 +182,13 @@ def test_defaults_come_from_the_dataclasses_when_table_lists_them() -> None:
 
 def test_secret_settings_have_no_repr_when_table_marks_them() -> None:
     secrets = {s.key for s in SETTINGS_TABLE if s.secret}
-    assert secrets >= {"upstreams[0].api_key", "redis.url", "redis.password", "auth.proxy_api_keys"}
+    assert secrets >= {
+        "upstreams[0].api_key",
+        "redis.url",
+        "redis.password",
+        "redis.password_file",
+        "auth.proxy_api_keys",
+    }
     for key in secrets:
         owner, _, name = key.rpartition(".")
         holder = attribute(Settings(), owner)
@@ -243,3 +256,102 @@ def test_bad_encryption_keys_fail_without_echo_when_loaded(
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(write(tmp_path, ""), env=env)
     assert "secret" not in str(caught.value) and ENCRYPTION_KEY not in str(caught.value)
+
+
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Stand-ins for mounted certificate files: the settings check that they can be read, not what they hold."""
+    names = {"REDIS_TLS_CA_FILE": "ca.crt", "REDIS_TLS_CERT_FILE": "tls.crt", "REDIS_TLS_KEY_FILE": "tls.key"}
+    for name in names.values():
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    return {variable: str(tmp_path / name) for variable, name in names.items()}
+
+
+def test_redis_security_settings_load_when_set_in_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("pw-from-file\r\n")
+    env = {
+        "REDIS_URL": "rediss://url-user:url-pass@redis.example:6380/0",
+        "REDIS_USERNAME": "cache-proxy",
+        "REDIS_PASSWORD_FILE": str(tmp_path / "password"),
+        "REDIS_TLS_CHECK_HOSTNAME": "no",
+        **pem_files(tmp_path),
+    }
+    redis = load_settings(write(tmp_path, ""), env=env).redis
+    assert redis.username == "cache-proxy" and redis.password is None
+    assert redis.password_file == MountedSecret(str(tmp_path / "password"), "pw-from-file")
+    assert (redis.tls_ca_file, redis.tls_cert_file, redis.tls_key_file) == (
+        env["REDIS_TLS_CA_FILE"],
+        env["REDIS_TLS_CERT_FILE"],
+        env["REDIS_TLS_KEY_FILE"],
+    )
+    assert redis.tls_check_hostname is False
+
+
+def test_redis_security_settings_load_when_set_in_the_file(tmp_path: Path) -> None:
+    files = pem_files(tmp_path)
+    path = write(
+        tmp_path,
+        f"redis:\n  url: rediss://redis.example:6380/0\n  username: cache-proxy\n"
+        f"  tls_ca_file: {files['REDIS_TLS_CA_FILE']}\n  tls_check_hostname: false\n",
+    )
+    redis = load_settings(path, env={}).redis
+    assert (redis.username, redis.tls_ca_file, redis.tls_check_hostname) == (
+        "cache-proxy",
+        files["REDIS_TLS_CA_FILE"],
+        False,
+    )
+    assert load_settings(write(tmp_path, ""), env={}).redis.tls_check_hostname is True
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("true", True), ("YES", True), ("1", True), ("False", False), ("no", False), ("0", False)],
+)
+def test_hostname_check_reads_common_spellings_when_set_in_a_variable(
+    tmp_path: Path, text: str, expected: bool
+) -> None:
+    env = {"REDIS_TLS_CHECK_HOSTNAME": text}
+    assert load_settings(write(tmp_path, ""), env=env).redis.tls_check_hostname is expected
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read"), (b"", "is empty"), (b"\n", "is empty"), (b"\xffpw-not-utf8", "is not UTF-8 text")],
+)
+def test_password_file_fails_naming_the_key_but_not_the_content_when_unusable(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    secret = tmp_path / "redis-password"
+    if content is not None:
+        secret.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), env={"REDIS_PASSWORD_FILE": str(secret)})
+    (problem,) = str(caught.value).splitlines()
+    assert problem.startswith("redis.password_file (REDIS_PASSWORD_FILE) in the environment")
+    assert message in problem and str(secret) in problem and "pw-not-utf8" not in problem
+
+
+def test_password_file_shows_only_its_path_when_settings_are_resolved(tmp_path: Path) -> None:
+    (tmp_path / "redis-password").write_text("pw-shown-nowhere\n")
+    env = {"REDIS_PASSWORD_FILE": str(tmp_path / "redis-password"), "REDIS_TLS_CHECK_HOSTNAME": "0"}
+    shown = {r.setting.key: r.shown() for r in resolve(write(tmp_path, ""), env=env)[1]}
+    assert shown["redis.password_file"] == f"{tmp_path / 'redis-password'} (read, content hidden)"
+    assert shown["redis.tls_check_hostname"] == "false"
+    assert "pw-shown-nowhere" not in "".join(shown.values())
+
+
+@pytest.mark.parametrize(
+    ("url", "variables", "message"),
+    [
+        ("redis://h:6379/0", ["REDIS_TLS_CA_FILE"], "redis.tls_ca_file (REDIS_TLS_CA_FILE) needs a rediss://"),
+        ("unix:///run/redis.sock", ["REDIS_TLS_CERT_FILE"], "REDIS_TLS_CERT_FILE) needs a rediss:// redis.url"),
+        ("rediss://h:6380/0", ["REDIS_TLS_KEY_FILE"], "REDIS_TLS_KEY_FILE) needs redis.tls_cert_file"),
+    ],
+)
+def test_tls_settings_fail_naming_both_keys_when_they_do_not_fit_together(
+    tmp_path: Path, url: str, variables: list[str], message: str
+) -> None:
+    files = pem_files(tmp_path)
+    env = {"REDIS_URL": url, **{variable: files[variable] for variable in variables}}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), env=env)
+    assert message in str(caught.value)
