@@ -15,7 +15,8 @@ from dotenv import load_dotenv
 
 from . import __version__, logs
 from .app import create_app
-from .config import ConfigError, Settings, config_path, redact_url, resolve
+from .config import ConfigError, Settings
+from .loader import config_path, redact_url, resolve
 
 log = logging.getLogger("proxy")
 

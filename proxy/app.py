@@ -17,11 +17,12 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .config import ClientKey, RedisSettings, Settings
+from .config import RedisSettings, Settings
 from .flight import Flights
 from .guards import Screen, authorized, envelope, get_only, screened
 from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
 from .keying import Keyer, key_secret
+from .kinds import ClientKey
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
 from .policy import CACHEABLE_ROUTES

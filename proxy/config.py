@@ -1,33 +1,32 @@
-"""Settings: one table says every setting's file key, variable, type, bounds and secrecy; defaults live once, in
-the dataclasses below. The table drives loading, validation, ``.env.example``, the README and ``check-config``."""
+"""Settings: one table says every setting's file key, variable, kind and bounds, and secrecy; defaults live once,
+in the dataclasses below. :mod:`proxy.loader` reads files and the environment through it and renders it as
+``.env.example``, the README's table and ``check-config``."""
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import os
-import re
-import textwrap
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-DEFAULT_CONFIG_FILE = "proxy.yaml"
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+from .kinds import (
+    NAMESPACE,
+    Choice,
+    ClientKey,
+    ClientKeys,
+    File,
+    Flag,
+    Items,
+    Kind,
+    MountedSecret,
+    Number,
+    SecretFile,
+    Text,
+    Url,
+)
 
 
 class ConfigError(ValueError):
     """One or more settings are missing or malformed; each line of the message names a key and the reason."""
-
-
-@dataclass(frozen=True, slots=True)
-class MountedSecret:
-    """A secret read once, at startup, from a file (a mounted Kubernetes Secret). Only *path* is ever shown."""
-
-    path: str
-    value: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,25 +102,6 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ClientKey:
-    """A key that clients present to the proxy. Only its SHA-256 is kept; *name* is what logs and metrics show,
-    *namespace* (optional) replaces ``cache.namespace`` for this client's entries. A *tenant* (a named key)
-    gets entries of its own unless ``cache.share_across_keys``; a key of ``PROXY_API_KEYS`` only admits."""
-
-    name: str
-    digest: bytes = field(repr=False)
-    namespace: str | None = None
-    tenant: bool = True
-
-    @classmethod
-    def from_key(cls, name: str, key: str, namespace: str | None = None, *, tenant: bool = True) -> ClientKey:
-        """A client key given in clear, or as ``sha256:<64 hex digits>`` of the key."""
-        if key.startswith("sha256:"):
-            return cls(name, bytes.fromhex(key[7:]), namespace, tenant)
-        return cls(name, hashlib.sha256(key.encode()).digest(), namespace, tenant)
-
-
-@dataclass(frozen=True, slots=True)
 class AuthSettings:
     """Client keys the proxy accepts; none means no client check."""
 
@@ -166,193 +146,6 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
-class Number:
-    """An int or float in ``[low, high]``; with *low_open*, strictly above *low*."""
-
-    kind: type[int] | type[float]
-    low: float = 1
-    high: float | None = None
-    low_open: bool = False
-
-    def parse(self, value: Any) -> int | float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = self.kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be {self.describe()}, got {value!r}") from None
-        too_low = number <= self.low if self.low_open else number < self.low
-        if too_low or (self.high is not None and number > self.high):
-            raise ValueError(f"must be {self.describe()}, got {value!r}")
-        return number
-
-    def describe(self) -> str:
-        name = "an integer" if self.kind is int else "a number"
-        if self.high is not None:
-            return f"{name} from {self.low:g} to {self.high:g}"
-        return f"{name} {'>' if self.low_open else '≥'} {self.low:g}"
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    pattern: str = r".+"
-    meaning: str = "non-empty text"
-
-    def parse(self, value: Any) -> str:
-        text = "" if value is None else str(value)
-        if not re.fullmatch(self.pattern, text):
-            raise ValueError(f"must be {self.meaning}, got {text!r}")
-        return text
-
-    def describe(self) -> str:
-        return self.meaning
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    options: tuple[str, ...]
-
-    def parse(self, value: Any) -> str:
-        # YAML 1.1 reads an unquoted `off` as false.
-        text = "off" if value is False and "off" in self.options else str(value)
-        if text.lower() in self.options:
-            return text.lower()
-        if text.upper() in self.options:
-            return text.upper()
-        raise ValueError(f"must be one of {', '.join(self.options)}, got {text!r}")
-
-    def describe(self) -> str:
-        return " | ".join(self.options)
-
-
-@dataclass(frozen=True, slots=True)
-class Url:
-    schemes: tuple[str, ...]
-
-    def parse(self, value: Any) -> str:
-        text = str(value).strip()
-        parts = urlsplit(text)
-        if parts.scheme not in self.schemes or (parts.scheme != "unix" and not parts.hostname):
-            # Never echo the value: a URL may carry a password.
-            raise ValueError(f"must be {self.describe()}")
-        return text.rstrip("/") if parts.scheme in ("http", "https") else text
-
-    def describe(self) -> str:
-        return f"a URL starting with {' or '.join(f'{scheme}://' for scheme in self.schemes)}"
-
-
-@dataclass(frozen=True, slots=True)
-class Items:
-    """A YAML list or a comma-separated string of non-empty items, in order and without repeats; with *item*,
-    each item must also pass it."""
-
-    item: Text | None = None
-
-    def parse(self, value: Any) -> tuple[str, ...]:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise ValueError("must be a list or a comma-separated string")
-        unique = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
-        if self.item is not None:
-            unique = tuple(self.item.parse(item) for item in unique)
-        return unique
-
-    def describe(self) -> str:
-        of = f" of {self.item.describe()}" if self.item is not None else ""
-        return f"a list{of} (comma-separated in a variable)"
-
-
-@dataclass(frozen=True, slots=True)
-class Flag:
-    """A boolean: YAML's own, or true/false, yes/no, 1/0 in any case."""
-
-    def parse(self, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "1"):
-            return True
-        if text in ("false", "no", "0"):
-            return False
-        raise ValueError(f"must be {self.describe()}, got {value!r}")
-
-    def describe(self) -> str:
-        return "true or false (or yes/no, 1/0)"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientKeys:
-    """``auth.client_keys``: a list of ``{name, key, namespace}``; *key* in clear or as ``sha256:<hex>``."""
-
-    def parse(self, value: Any) -> tuple[ClientKey, ...]:
-        if not isinstance(value, list):
-            raise ValueError("must be a list of {name, key, namespace} mappings")
-        keys = tuple(self._one(item, index) for index, item in enumerate(value))
-        for label, values in (("names", [k.name for k in keys]), ("keys", [k.digest for k in keys])):
-            if len(set(values)) != len(values):
-                raise ValueError(f"must have unique {label}")
-        return keys
-
-    def _one(self, item: Any, index: int) -> ClientKey:
-        if not isinstance(item, dict) or set(item) - {"name", "key", "namespace"} or not item.get("key"):
-            raise ValueError(f"[{index}] must be a mapping with name, key and optionally namespace")
-        name = _NAME.parse(item.get("name", f"client-{index + 1}"))
-        key = str(item["key"])
-        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
-            raise ValueError(f"[{index}].key must be sha256: followed by 64 hex digits")
-        namespace = _NAMESPACE.parse(item["namespace"]) if item.get("namespace") else None
-        return ClientKey.from_key(name, key, namespace)
-
-    def describe(self) -> str:
-        return "a list of {name, key, namespace}"
-
-
-_NAME = Text(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "a name of letters, digits, '.', '_' or '-'")
-_NAMESPACE = Text(r"[^\s{}]+", "text without spaces or braces")
-
-
-@dataclass(frozen=True, slots=True)
-class File:
-    """The path of a file this process can read now; checked at startup, so a missing mount fails early."""
-
-    def parse(self, value: Any) -> str:
-        path = str(value).strip()
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-        return path
-
-    def describe(self) -> str:
-        return "the path of a readable file"
-
-
-@dataclass(frozen=True, slots=True)
-class SecretFile:
-    """The path of a file holding one secret, read at startup into a :class:`MountedSecret`. A trailing newline
-    is not part of the secret. Errors name the path, never the content."""
-
-    def parse(self, value: Any) -> MountedSecret:
-        path = str(value).strip()
-        try:
-            content = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not UTF-8 text") from None
-        if not content:
-            raise ValueError(f"{path} is empty")
-        return MountedSecret(path, content)
-
-    def describe(self) -> str:
-        return "the path of a readable, non-empty UTF-8 file"
-
-
-Kind = Number | Text | Choice | Url | Items | Flag | File | SecretFile | ClientKeys
-
-
-@dataclass(frozen=True, slots=True)
 class Setting:
     """One row of the table. *key* is both the ``proxy.yaml`` key and the attribute path in :class:`Settings`
     (``upstreams[0]`` is the default upstream); *env* the variable that overrides it."""
@@ -373,7 +166,7 @@ class Setting:
 
 _SECONDS = Number(float, 0, low_open=True)
 # Any long random string works: HKDF turns it into the AES key. No commas, so that it can join the old keys.
-_ENCRYPTION_KEY = Text(r"[^\s,]{32,}", "at least 32 characters without spaces or commas")
+ENCRYPTION_KEY = Text(r"[^\s,]{32,}", "at least 32 characters without spaces or commas")
 SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting("server.host", "PROXY_HOST", Text(), "listen address; 0.0.0.0 inside a container"),
     Setting("server.port", "PROXY_PORT", Number(int, 1, 65535), "listen port"),
@@ -440,7 +233,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "cache.namespace",
         "CACHE_NAMESPACE",
-        _NAMESPACE,
+        NAMESPACE,
         "prefix of every Redis key the proxy writes",
     ),
     Setting("cache.ttl_s", "CACHE_TTL", Number(int), "seconds a stored answer lives"),
@@ -476,7 +269,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "cache.encryption_key",
         "CACHE_ENCRYPTION_KEY",
-        _ENCRYPTION_KEY,
+        ENCRYPTION_KEY,
         "when set, entries are encrypted in Redis (AES-GCM) with a key derived from it: 32 random bytes or more, "
         "e.g. `openssl rand -base64 32`; fewer than 32 characters are refused",
         secret=True,
@@ -490,7 +283,7 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
     Setting(
         "cache.encryption_old_keys",
         "CACHE_ENCRYPTION_OLD_KEYS",
-        Items(item=_ENCRYPTION_KEY),
+        Items(item=ENCRYPTION_KEY),
         "earlier encryption keys, only for reading entries written before a rotation",
         secret=True,
     ),
@@ -579,7 +372,7 @@ UPSTREAM_KEYS: dict[str, Kind] = {
     "connect_timeout_s": _SECONDS,
     "auth_header": Text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name"),
 }
-_SECTIONS = {"server": ServerSettings, "cache": CacheSettings, "redis": RedisSettings, "auth": AuthSettings}
+SECTIONS = {"server": ServerSettings, "cache": CacheSettings, "redis": RedisSettings, "auth": AuthSettings}
 
 
 def attribute(settings: Settings, key: str) -> Any:
@@ -591,280 +384,3 @@ def attribute(settings: Settings, key: str) -> Any:
         if index:
             value = value[int(index.rstrip("]"))]
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A setting's final value and where it came from: ``default``, ``file`` or ``environment``; or, for the
-    encryption key, ``cache.encryption_key_file``."""
-
-    setting: Setting
-    value: Any
-    source: str
-
-    def shown(self) -> str:
-        """The value as ``check-config`` prints it: a secret only as set or unset (a secret file by its path), a URL
-        without its password."""
-        if isinstance(self.setting.kind, Url):
-            return redact_url(str(self.value))
-        if isinstance(self.value, MountedSecret):
-            return f"{self.value.path} (read, content hidden)"
-        if self.setting.secret:
-            return "(set, hidden)" if self.value else "(unset)"
-        if isinstance(self.value, tuple):
-            return ",".join(v.name if isinstance(v, ClientKey) else str(v) for v in self.value) or "(none)"
-        return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
-
-
-def redact_url(url: str) -> str:
-    """*url* with any password replaced by ``***``, for logs and printed settings."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
-
-
-def expand_vars(text: str, env: Mapping[str, str]) -> str:
-    """Replace ``${VAR}`` and ``${VAR:default}`` outside comment lines; an unset variable without a default
-    is an error."""
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"proxy.yaml refers to ${{{name}}}, which is not set and has no default")
-
-    return "".join(
-        line if line.lstrip().startswith("#") else _VAR.sub(substitute, line) for line in text.splitlines(keepends=True)
-    )
-
-
-def config_path(config_file: str | None, env: Mapping[str, str]) -> str | None:
-    """The settings file: *config_file*, else ``$PROXY_CONFIG``, else ``./proxy.yaml`` when it exists."""
-    path = config_file or env.get("PROXY_CONFIG")
-    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
-        return DEFAULT_CONFIG_FILE
-    return path
-
-
-def read_file(path: str | None, env: Mapping[str, str]) -> Mapping[str, Any]:
-    """The parsed settings file, ``{}`` without one. Raises :class:`ConfigError` naming the file."""
-    if path is None:
-        return {}
-    # Imported here: without a settings file, start-up does without PyYAML.
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        loaded = yaml.safe_load(expand_vars(text, env))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level")
-    return loaded or {}
-
-
-def load_settings(config_file: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from the settings file (see :func:`config_path`) and *env* (default
-    ``os.environ``); variables win over the file. Raises :class:`ConfigError` listing every problem."""
-    return resolve(config_file, env)[0]
-
-
-def resolve(config_file: str | None = None, env: Mapping[str, str] | None = None) -> tuple[Settings, list[Resolved]]:
-    """:func:`load_settings`, plus each table setting's final value and its source (for ``check-config``)."""
-    env = os.environ if env is None else env
-    path = config_path(config_file, env)
-    data = read_file(path, env)
-    problems = [f"{path}: {problem}" for problem in _unknown_keys(data)]
-    sections: dict[str, dict[str, Any]] = {name: {} for name in [*_SECTIONS, "", "upstreams[0]"]}
-    sources: dict[str, str] = {}
-    for setting in SETTINGS_TABLE:
-        raw, source = _lookup(setting, data, env)
-        if source == "default":
-            continue
-        section, _, name = setting.key.rpartition(".")
-        try:
-            sections[section][name] = setting.kind.parse(raw)
-        except ValueError as exc:
-            # A secret's raw value is the secret itself, except for a secret file, whose raw value is its path.
-            shown = not setting.secret or isinstance(setting.kind, SecretFile)
-            reason = str(exc) if shown else f"must be {setting.kind.describe()}"
-            place = "in the environment" if source == "environment" else f"in {path}"
-            problems.append(f"{setting.names()} {place} {reason}")
-            continue
-        sources[setting.key] = source
-    _read_encryption_key(sections["cache"], sources, problems)
-    upstreams = _upstreams(data.get("upstreams"), env, sections.pop("upstreams[0]"), problems)
-    if problems:
-        raise ConfigError("\n".join(problems))
-    top = sections.pop("")
-    settings = Settings(upstreams=upstreams, **{n: cls(**sections[n]) for n, cls in _SECTIONS.items()}, **top)
-    problems = _conflicts(settings)
-    if problems:
-        raise ConfigError("\n".join(problems))
-    resolved = [
-        Resolved(s, attribute(settings, s.key), sources.get(s.key) or _implicit_source(s, data)) for s in SETTINGS_TABLE
-    ]
-    return settings, resolved
-
-
-def _read_encryption_key(cache: dict[str, Any], sources: dict[str, str], problems: list[str]) -> None:
-    """Put the content of ``cache.encryption_key_file`` in ``cache.encryption_key``; report what does not fit."""
-    path = cache.get("encryption_key_file")
-    if path is None:
-        if cache.get("encryption_old_keys") and "encryption_key" not in cache:
-            problems.append("cache.encryption_old_keys (CACHE_ENCRYPTION_OLD_KEYS) needs an encryption key")
-        return
-    names = "cache.encryption_key_file (CACHE_ENCRYPTION_KEY_FILE)"
-    if "encryption_key" in cache:
-        problems.append(f"{names} and cache.encryption_key (CACHE_ENCRYPTION_KEY) are both set; set one of them")
-        return
-    try:
-        # Secret files usually end with a newline, which is no part of the key.
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        problems.append(f"{names}: cannot read {path}: {exc.strerror}")
-        return
-    except UnicodeDecodeError:
-        problems.append(f"{names}: {path} is not UTF-8 text")
-        return
-    try:
-        cache["encryption_key"] = _ENCRYPTION_KEY.parse(text)
-    except ValueError:
-        problems.append(f"{names}: {path} must hold {_ENCRYPTION_KEY.describe()}")
-        return
-    sources["cache.encryption_key"] = "cache.encryption_key_file"
-
-
-def _conflicts(settings: Settings) -> list[str]:
-    """Problems of settings that are each valid alone but do not fit together."""
-    names = {setting.key: setting.names() for setting in SETTINGS_TABLE}
-    redis = settings.redis
-    problems = []
-    if urlsplit(redis.url).scheme != "rediss":
-        # Certificates given for a plain-text URL mean someone expects TLS that would silently not happen.
-        tls_files = ("redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file")
-        problems += [
-            f"{names[key]} needs a rediss:// {names['redis.url']}" for key in tls_files if attribute(settings, key)
-        ]
-    if redis.tls_key_file and not redis.tls_cert_file:
-        problems.append(f"{names['redis.tls_key_file']} needs {names['redis.tls_cert_file']}")
-    return problems
-
-
-def _lookup(setting: Setting, data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str]:
-    # An empty variable counts as unset, so that blank lines of a copied .env.example change nothing.
-    if setting.env and env.get(setting.env):
-        return env[setting.env], "environment"
-    section, _, name = setting.key.rpartition(".")
-    holder = data.get(section) if section else data
-    if not section.startswith("upstreams[") and isinstance(holder, dict) and holder.get(name) is not None:
-        return holder[name], "file"
-    return None, "default"
-
-
-def _implicit_source(setting: Setting, data: Mapping[str, Any]) -> str:
-    # The default upstream's own entries are read with the rest of `upstreams:`.
-    if setting.key.startswith("upstreams[0]") and isinstance(data.get("upstreams"), list):
-        return "file"
-    return "default"
-
-
-def _unknown_keys(data: Mapping[str, Any]) -> list[str]:
-    known: dict[str, set[str]] = {"upstreams": set()}
-    for setting in SETTINGS_TABLE:
-        section, _, name = setting.key.rpartition(".")
-        if not section.startswith("upstreams["):
-            known.setdefault(section or name, set()).update({name} if section else set())
-    problems = []
-    for key, value in data.items():
-        if key not in known:
-            problems.append(f"unknown setting {key} (known: {', '.join(sorted(known))})")
-        elif known[key] and value is not None and not isinstance(value, dict):
-            problems.append(f"{key} must be a mapping")
-        elif known[key] and value is not None:
-            problems += [
-                f"unknown setting {key}.{name} (known: {', '.join(sorted(known[key]))})"
-                for name in sorted(set(value) - known[key])
-            ]
-    return problems
-
-
-def _upstreams(
-    items: Any, env: Mapping[str, str], overrides: Mapping[str, Any], problems: list[str]
-) -> tuple[Upstream, ...]:
-    if items is None:
-        items = [{"name": "default"}]
-    if not isinstance(items, list) or not items:
-        problems.append("upstreams must be a non-empty list of mappings")
-        return (Upstream(),)
-    upstreams = [_upstream(item, i, env, problems) for i, item in enumerate(items)]
-    upstreams[0] = replace(upstreams[0], **overrides)
-    names = [u.name for u in upstreams]
-    if len(set(names)) != len(names):
-        problems.append(f"upstreams: names must be unique, got {names}")
-    return tuple(upstreams)
-
-
-def _upstream(item: Any, index: int, env: Mapping[str, str], problems: list[str]) -> Upstream:
-    where = f"upstreams[{index}]"
-    if not isinstance(item, dict):
-        problems.append(f"{where} must be a mapping")
-        return Upstream()
-    values: dict[str, Any] = {"name": f"upstream{index}"}
-    for key, raw in item.items():
-        kind = UPSTREAM_KEYS.get(key)
-        if kind is None:
-            problems.append(f"unknown setting {where}.{key} (known: {', '.join(sorted(UPSTREAM_KEYS))})")
-            continue
-        try:
-            values[key] = kind.parse(raw)
-        except ValueError as exc:
-            problems.append(f"{where}.{key} {exc}")
-    key_env = values.pop("api_key_env", "OPENAI_API_KEY" if index == 0 else None)
-    values["api_key"] = (env.get(key_env) or None) if key_env else None
-    return Upstream(**values)
-
-
-def env_example() -> str:
-    """The text of ``.env.example``: every variable of the table, commented out, with its default."""
-    lines = [
-        "# Copy to .env for local runs: `python -m proxy` reads it from the working directory.",
-        "# Real environment variables win over .env, and .env wins over proxy.yaml; an empty value counts as unset.",
-        "# Uncomment what you change: a variable set here overrides the same key in proxy.yaml.",
-        "",
-        "# Settings file (default: ./proxy.yaml when present).",
-        "# PROXY_CONFIG=/etc/llm-cache-proxy/proxy.yaml",
-    ]
-    for setting in SETTINGS_TABLE:
-        if setting.env:
-            help_lines = textwrap.wrap(f"{setting.key}: {setting.help}.", 110)
-            lines += ["", *(f"# {line}" for line in help_lines), f"# {setting.env}={_doc_default(setting)}"]
-    return "\n".join(lines) + "\n"
-
-
-def settings_table_markdown() -> str:
-    """The README's configuration table."""
-    rows = ["| `proxy.yaml` key | variable | default | meaning |", "| --- | --- | --- | --- |"]
-    for setting in SETTINGS_TABLE:
-        env = f"`{setting.env}`" if setting.env else ""
-        default = _doc_default(setting)
-        meaning = setting.help.replace("<", "&lt;").replace(">", "&gt;")
-        rows.append(f"| `{setting.key}` | {env} | {f'`{default}`' if default else 'unset'} | {meaning} |")
-    return "\n".join(rows) + "\n"
-
-
-def _doc_default(setting: Setting) -> str:
-    default = setting.default
-    if default is None or default == ():
-        return ""
-    if isinstance(default, bool):
-        return str(default).lower()
-    return f"{default:g}" if isinstance(default, float) else str(default)

@@ -11,7 +11,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .config import ClientKey, ServerSettings
+from .config import ServerSettings
 from .errors import (
     BodyTooLarge,
     Forbidden,
@@ -22,6 +22,7 @@ from .errors import (
     ProxyError,
     error_response,
 )
+from .kinds import ClientKey
 from .state import CLIENT, METRICS, SETTINGS
 
 log = logging.getLogger(__name__)

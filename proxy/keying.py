@@ -10,7 +10,8 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from .cache_key import ambiguous, build_key, build_scope, short_key
-from .config import ClientKey, Settings, Upstream
+from .config import Settings, Upstream
+from .kinds import ClientKey
 from .policy import CachePlan, decide
 from .seal import derive_secret
 

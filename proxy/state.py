@@ -7,9 +7,10 @@ import asyncio
 import redis.asyncio as redis
 from aiohttp import web
 
-from .config import ClientKey, Settings
+from .config import Settings
 from .flight import Flights
 from .keying import Keyer
+from .kinds import ClientKey
 from .metrics import Metrics
 from .store import CacheStore
 from .upstream import CallSlots, UpstreamClient

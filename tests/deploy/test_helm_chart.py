@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.config import load_settings
+from proxy.loader import load_settings
 
 from .support import (
     CHART_DIR,

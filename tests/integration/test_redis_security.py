@@ -15,7 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
-from proxy.config import Settings, load_settings
+from proxy.config import Settings
+from proxy.loader import load_settings
 from proxy.memory import TieredStore
 from proxy.state import STORE
 from tests.support import RedisServer, RedisTls, chat_body, clean_env, received

@@ -11,8 +11,8 @@ import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
-from proxy.config import load_settings
 from proxy.entry import MAGIC as PLAIN_MAGIC
+from proxy.loader import load_settings
 from proxy.memory import TieredStore
 from proxy.seal import MAGIC, SealingCodec
 from proxy.state import STORE

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fakeredis import FakeAsyncRedis
 
-from proxy.config import ClientKey
+from proxy.kinds import ClientKey
 from proxy.memory import TieredStore
 from proxy.state import STORE
 from tests.support import UPSTREAM_KEY, chat_body, received

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import (
-    SETTINGS_TABLE,
-    ConfigError,
-    MountedSecret,
-    Settings,
-    attribute,
-    env_example,
-    load_settings,
-    resolve,
-    settings_table_markdown,
-)
+from proxy.config import SETTINGS_TABLE, ConfigError, Settings, attribute
+from proxy.kinds import MountedSecret
+from proxy.loader import env_example, load_settings, resolve, settings_table_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import orjson
 
-from proxy.config import CacheSettings, ClientKey, Settings, Upstream
+from proxy.config import CacheSettings, Settings, Upstream
 from proxy.keying import Keyer, Memo
+from proxy.kinds import ClientKey
 
 SETTINGS = Settings(upstreams=(Upstream(api_key="sk-up"),), cache=CacheSettings(namespace="ns", ttl_s=60))
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]})

@@ -7,7 +7,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 ORDER = [
+    "kinds",
     "config",
+    "loader",
     "logs",
     "errors",
     "entry",

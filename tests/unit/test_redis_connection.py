@@ -10,7 +10,8 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 
 from proxy.app import redis_client_for, redis_connection_kwargs
-from proxy.config import MountedSecret, RedisSettings
+from proxy.config import RedisSettings
+from proxy.kinds import MountedSecret
 
 
 def from_file(password: str) -> MountedSecret:
