@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 
 class _ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server logger. A request the HTTP parser refuses is the client's mistake: one line without a
-    traceback, and no text from the request beyond the parser's reason. Anything else keeps its traceback."""
+    traceback, and no text from the request beyond the parser's reason. A client that left is no error at all.
+    Anything else keeps its traceback."""
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(error, HttpProcessingError):
             self.info("malformed request refused status=%s reason=%r", error.code, error.message.splitlines()[0])
+            return
+        if isinstance(error, ConnectionResetError):
+            self.debug("client left before its answer error=%r", error)
             return
         self.error(msg, *args, exc_info=exc_info, **kwargs)
 
