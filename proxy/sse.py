@@ -20,20 +20,31 @@ class SseRecorder:
     :attr:`usage` holds the last ``usage`` object the stream reported.
     """
 
-    __slots__ = ("_tail", "complete", "failed", "usage")
+    __slots__ = ("_edge", "_pending", "complete", "failed", "usage")
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._pending: list[bytes] = []
+        self._edge = b""
         self.complete = False
         self.failed = False
         self.usage: Mapping[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        buffer = self._tail + chunk
+        # An event split over many chunks is joined once, when its end arrives, not at every chunk: only the
+        # seam (the last bytes so far and the new chunk) is searched for the blank line that ends an event.
+        seam = self._edge + chunk
+        if b"\r" in seam:
+            seam = seam.replace(b"\r\n", b"\n")
+        self._edge = (self._edge + chunk)[-3:]
+        if b"\n\n" not in seam:
+            self._pending.append(chunk)
+            return
+        buffer = b"".join(self._pending) + chunk
         # Normalising CRLF keeps event splitting simple; the bytes relayed and stored stay untouched.
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        *events, self._tail = buffer.split(b"\n\n")
+        *events, tail = buffer.split(b"\n\n")
+        self._pending = [tail] if tail else []
         for event in events:
             self._inspect(event)
 

@@ -68,3 +68,24 @@ def test_responses_stream_is_incomplete_when_response_failed() -> None:
 def test_comments_and_multiline_data_are_handled_when_present() -> None:
     recorder = feed_in(b": keep-alive\n\ndata: [DO\n\ndata: [DONE]\n\n", 3)
     assert recorder.complete
+
+
+class CountingBytes(bytes):
+    """A chunk that counts the bytes copied when something is prepended to it with ``+``."""
+
+    copied = 0
+
+    def __radd__(self, other: bytes) -> bytes:
+        CountingBytes.copied += len(other) + len(self)
+        return bytes(other) + bytes(self)
+
+
+def test_work_is_linear_when_one_event_spans_many_chunks() -> None:
+    event = b'data: {"choices":[{"delta":{"content":"' + b"x" * 200_000 + b'"}}]}\n\ndata: [DONE]\n\n'
+    recorder = SseRecorder()
+    CountingBytes.copied = 0
+    for i in range(0, len(event), 7):
+        recorder.feed(CountingBytes(event[i : i + 7]))
+    assert recorder.complete
+    # Re-joining the buffered part at every chunk would copy about len(event)**2 / 14 bytes.
+    assert CountingBytes.copied < 4 * len(event)
