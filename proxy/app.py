@@ -64,7 +64,7 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
-    app[FLIGHTS] = Flights(app[SLOTS])
+    app[FLIGHTS] = Flights(app[SLOTS], settings.cache.max_entry_bytes)
     app[KEYER] = Keyer(
         settings,
         enabled=settings.cache.backend != "off",

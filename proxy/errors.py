@@ -67,6 +67,12 @@ class Overloaded(ProxyError):
     retry_after_s = 1
 
 
+class InternalError(ProxyError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"

@@ -1,23 +1,26 @@
-"""Single-flight: one upstream exchange, recorded as it arrives and relayed live to every identical request."""
+"""Single-flight: one answer, recorded as it arrives and relayed live to every identical request."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from contextlib import aclosing, nullcontext
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from .entry import Recording
-from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .errors import InternalError, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .sse import SseRecorder
 from .upstream import CallSlots, relay_headers
 
 log = logging.getLogger(__name__)
 
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
+# Receives the finished recording and the shortest TTL any participant asked for.
+OnFinish = Callable[[Recording, int], None]
 
 
 def cut_off(request: web.Request) -> None:
@@ -27,34 +30,55 @@ def cut_off(request: web.Request) -> None:
         request.transport.close()
 
 
-class Flight:
-    """One upstream call whose response is recorded chunk by chunk and shared by its consumers.
+@dataclass(frozen=True, slots=True)
+class Start:
+    """How an answer begins: its status, the headers to relay, and whether it is a Server-Sent Events stream."""
 
-    A background task reads the upstream; each consumer (:meth:`respond`) writes what has arrived so far and
-    then follows live, so a client that joins late still gets every byte, and a stream reaches every client
-    as it arrives. The task is cancelled when the last consumer leaves before the upstream finished: nobody
-    is left to pay for. Once the upstream's answer has been read to its end, *on_finish* receives the
-    :class:`Recording`; *on_close* runs when the flight can no longer be joined.
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    is_stream: bool
+
+
+class Flight:
+    """One answer whose chunks are recorded as they arrive and shared by its consumers.
+
+    The source is an upstream call (:meth:`started_by`) or another replica's flight (:meth:`fed_by`), read
+    by a background task. Each consumer (:meth:`respond`) writes what has arrived so far and then follows
+    live, so a client that joins late still gets every byte, and a stream reaches every client as it
+    arrives. The task is cancelled when the last consumer leaves before the end: nobody is left to pay for.
+
+    Memory: chunks are kept for late joiners and the store only while the flight is *joinable* (it has a
+    key) and its answer may still be stored (*ttl_s* set, at most *max_kept_bytes*); otherwise only the
+    chunks some consumer has yet to write are kept. Past *max_kept_bytes* the flight stops being joinable.
+    Once the answer has been read to its end, *on_finish* receives the :class:`Recording`; *on_close* runs
+    when the flight can no longer be joined.
     """
 
     def __init__(
         self,
         key: str | None,
-        on_finish: Callable[[Recording], None] | None = None,
+        *,
+        ttl_s: int | None = None,
+        on_finish: OnFinish | None = None,
         on_close: Callable[[Flight], None] | None = None,
         slots: CallSlots | None = None,
+        max_kept_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.key = key
+        self.ttl_s = ttl_s
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.headers: tuple[tuple[str, str], ...] = ()
         self.is_stream = False
-        self.chunks: list[bytes] = []
         self.body = b""
         self.started = False
         self.finished = False
         self.complete = False
         self.error: ProxyError | None = None
-        self.consumers = 0
+        self._chunks: list[bytes] = []
+        self._first = 0  # index, in the whole answer, of _chunks[0]
+        self._kept_bytes = 0
+        self._max_kept_bytes = max_kept_bytes
+        self._positions: dict[object, int] = {}
         self._recorder: SseRecorder | None = None
         self._on_finish = on_finish
         self._on_close = on_close
@@ -62,73 +86,120 @@ class Flight:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def consumers(self) -> int:
+        return len(self._positions)
+
+    @property
+    def kept_chunks(self) -> int:
+        """Chunks held in memory now (for tests and metrics)."""
+        return len(self._chunks)
+
     def started_by(self, opener: Opener) -> Flight:
         """Begin the upstream call in the background; returns ``self``."""
-        self._task = asyncio.get_running_loop().create_task(self._drive(opener))
+        self._task = asyncio.get_running_loop().create_task(self._drive(self._from_upstream(opener)))
         return self
 
+    def fed_by(self, source: AsyncGenerator[Start | bytes, None]) -> Flight:
+        """Relay *source* (a :class:`Start`, then chunks; it ends normally only when the answer is whole, and
+        raises :class:`ProxyError` otherwise); returns ``self``."""
+        self._task = asyncio.get_running_loop().create_task(self._drive(source))
+        return self
+
+    def join_ttl(self, ttl_s: int) -> None:
+        """A request with its own TTL joined: the shortest one asked for wins."""
+        self.ttl_s = ttl_s if self.ttl_s is None else min(self.ttl_s, ttl_s)
+
     def recording(self) -> Recording:
-        """What the upstream sent, as a :class:`Recording`."""
+        """What the source sent, as a :class:`Recording` (whole only if it was kept)."""
         recorder = self._recorder
         return Recording(
             status=self.status,
-            headers=tuple(self.headers),
-            body=b"".join(self.chunks) if self.is_stream else self.body,
+            headers=self.headers,
+            body=b"".join(self._chunks) if self.is_stream else self.body,
             is_stream=self.is_stream,
             finished=self.complete and (recorder is None or recorder.complete),
             usage=recorder.usage if recorder is not None else None,
         )
 
-    async def _drive(self, opener: Opener) -> None:
+    async def _from_upstream(self, opener: Opener) -> AsyncGenerator[Start | bytes, None]:
+        with self._slots or nullcontext():
+            response = await opener()
+            try:
+                yield Start(response.status, tuple(relay_headers(response.headers)), _is_stream(response))
+                async for chunk in response.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                response.close()
+                log.warning("upstream broke off mid-response status=%s error=%r", response.status, exc)
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout("upstream went silent mid-response") from None
+                raise UpstreamUnreachable("upstream response broke off") from None
+            except BaseException:
+                response.close()  # cancelled, or abandoned half-read: the connection cannot be reused
+                raise
+            response.release()  # read to its end: the connection goes back to the pool
+
+    async def _drive(self, source: AsyncGenerator[Start | bytes, None]) -> None:
         try:
-            with self._slots or nullcontext():
-                try:
-                    response = await opener()
-                except ProxyError as exc:
-                    self.error = exc
-                    return
-                try:
-                    await self._read(response)
-                finally:
-                    if self.complete:
-                        response.release()
+            async with aclosing(source):
+                async for item in source:
+                    if isinstance(item, Start):
+                        self._begin(item)
                     else:
-                        response.close()
-        except ProxyError as exc:  # no slot free
+                        self._add(item)
+            if not self.is_stream:
+                # A plain answer is served whole: joined once here for every consumer and the store.
+                self.body, self._chunks = b"".join(self._chunks), []
+            self.complete = self.started
+        except ProxyError as exc:
             self.error = exc
+        except Exception:
+            # A bug of the proxy's own: the client gets a 500 in OpenAI's shape, the log the traceback.
+            log.exception("flight failed key=%s", self.key or "-")
+            self.error = InternalError("The proxy failed to handle this request.")
         finally:
             self.finished = True
             self._notify()
             if self._on_close is not None:
                 self._on_close(self)
-        if self.complete and self._on_finish is not None:
-            self._on_finish(self.recording())
+        if self.complete and self._on_finish is not None and self.ttl_s is not None:
+            try:
+                self._on_finish(self.recording(), self.ttl_s)
+            except Exception:
+                log.exception("storing a finished answer failed key=%s", self.key or "-")
 
-    async def _read(self, response: aiohttp.ClientResponse) -> None:
-        self.status = response.status
-        self.headers = relay_headers(response.headers)
-        self.is_stream = response.content_type == "text/event-stream"
-        recorder = self._recorder = SseRecorder() if self.is_stream else None
+    def _begin(self, start: Start) -> None:
+        self.status, self.headers, self.is_stream = start.status, start.headers, start.is_stream
+        if self.is_stream:
+            self._recorder = SseRecorder()
         self.started = True
         self._notify()
-        try:
-            async for chunk in response.content.iter_any():
-                if recorder is not None:
-                    recorder.feed(chunk)
-                self.chunks.append(chunk)
-                self._notify()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Consumers see a truncated response; nothing is stored.
-            log.warning("upstream broke off mid-response status=%s error=%r", self.status, exc)
-            if isinstance(exc, TimeoutError):
-                self.error = UpstreamTimeout("upstream went silent mid-response")
-            else:
-                self.error = UpstreamUnreachable("upstream response broke off")
-            return
-        if not self.is_stream:
-            # A plain answer is served whole: joined once here for every consumer and the store.
-            self.body = b"".join(self.chunks)
-        self.complete = True
+
+    def _add(self, chunk: bytes) -> None:
+        if self._recorder is not None:
+            self._recorder.feed(chunk)
+        self._chunks.append(chunk)
+        self._kept_bytes += len(chunk)
+        if self._kept_bytes > self._max_kept_bytes and self.is_stream and self._keeps_all():
+            # Too large to store: stop keeping it for the store and for late joiners.
+            self.ttl_s = None
+            if self._on_close is not None:
+                self._on_close(self)
+            self.key = None
+        if not self._keeps_all():
+            self._trim()
+        self._notify()
+
+    def _keeps_all(self) -> bool:
+        return not self.is_stream or (self.key is not None or self.ttl_s is not None)
+
+    def _trim(self) -> None:
+        done = min(self._positions.values(), default=self._first + len(self._chunks)) - self._first
+        if done > 0:
+            self._kept_bytes -= sum(len(chunk) for chunk in self._chunks[:done])
+            del self._chunks[:done]
+            self._first += done
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -136,14 +207,15 @@ class Flight:
 
     async def respond(self, request: web.Request, extra_headers: Iterable[tuple[str, str]]) -> web.StreamResponse:
         """Answer one client from this flight; raise the flight's :class:`ProxyError` if it never started."""
-        self.consumers += 1
+        me = object()
+        self._positions[me] = self._first
         try:
             while not self.started and not self.finished:
                 await self._changed.wait()
             if not self.started:
                 raise self.error or UpstreamUnreachable("upstream call was abandoned")
             if self.is_stream:
-                return await self._stream(request, extra_headers)
+                return await self._stream(request, extra_headers, me)
             while not self.finished:
                 await self._changed.wait()
             if not self.complete:
@@ -152,23 +224,28 @@ class Flight:
             _set_headers(response, self.headers, extra_headers)
             return response
         finally:
-            self.consumers -= 1
-            if self.consumers == 0 and not self.finished and self._task is not None:
+            del self._positions[me]
+            if not self._positions and not self.finished and self._task is not None:
                 self._task.cancel()
                 # Forget it now, not when the task unwinds: a request arriving meanwhile must start afresh.
                 if self._on_close is not None:
                     self._on_close(self)
 
-    async def _stream(self, request: web.Request, extra_headers: Iterable[tuple[str, str]]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, extra_headers: Iterable[tuple[str, str]], me: object
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=self.status)
         _set_headers(response, self.headers, extra_headers)
         await response.prepare(request)
-        sent = 0
         while True:
-            if sent < len(self.chunks):
-                upto = len(self.chunks)
-                pending = self.chunks[sent] if upto - sent == 1 else b"".join(self.chunks[sent:upto])
-                sent = upto
+            sent = self._positions[me]
+            upto = self._first + len(self._chunks)
+            if sent < upto:
+                start = sent - self._first
+                pending = self._chunks[start] if upto - sent == 1 else b"".join(self._chunks[start:])
+                self._positions[me] = upto
+                if not self._keeps_all():
+                    self._trim()
                 await response.write(pending)
                 continue
             if self.finished:
@@ -179,6 +256,10 @@ class Flight:
         else:
             cut_off(request)
         return response
+
+
+def _is_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
 
 
 def _set_headers(
@@ -194,22 +275,41 @@ def _set_headers(
 class Flights:
     """The flights in progress, by cache key: identical concurrent requests share one upstream call."""
 
-    def __init__(self, slots: CallSlots | None = None) -> None:
+    def __init__(self, slots: CallSlots | None = None, max_kept_bytes: int = 8 * 1024 * 1024) -> None:
         self._by_key: dict[str, Flight] = {}
         self.slots = slots
+        self._max_kept_bytes = max_kept_bytes
 
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def join(self, key: str, opener: Opener, on_finish: Callable[[Recording], None] | None) -> tuple[Flight, bool]:
-        """The flight for *key*, started with *opener* when none is in progress; the bool is ``True``
-        for the client that started it."""
+    def get(self, key: str) -> Flight | None:
+        """The joinable flight for *key*, if one is in progress."""
         flight = self._by_key.get(key)
-        if flight is not None and not flight.finished:
-            return flight, False
-        flight = Flight(key, on_finish, self._forget, self.slots)
+        return flight if flight is not None and not flight.finished else None
+
+    def start(self, key: str, ttl_s: int, on_finish: OnFinish | None) -> Flight:
+        """A new joinable flight for *key*, not started yet: call :meth:`Flight.started_by` or
+        :meth:`Flight.fed_by`."""
+        flight = Flight(
+            key,
+            ttl_s=ttl_s,
+            on_finish=on_finish,
+            on_close=self._forget,
+            slots=self.slots,
+            max_kept_bytes=self._max_kept_bytes,
+        )
         self._by_key[key] = flight
-        return flight.started_by(opener), True
+        return flight
+
+    def join(self, key: str, opener: Opener, ttl_s: int, on_finish: OnFinish | None) -> tuple[Flight, bool]:
+        """The flight for *key*, started with *opener* when none is in progress; the bool is ``True`` for the
+        request that started it. A joiner's TTL counts: the shortest wins."""
+        flight = self.get(key)
+        if flight is not None:
+            flight.join_ttl(ttl_s)
+            return flight, False
+        return self.start(key, ttl_s, on_finish).started_by(opener), True
 
     def _forget(self, flight: Flight) -> None:
         if flight.key is not None and self._by_key.get(flight.key) is flight:

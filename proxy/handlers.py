@@ -76,17 +76,20 @@ async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) ->
     app = request.app
     plan = keyed.plan
     opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
-    slots = app[SLOTS]
+    slots, max_kept = app[SLOTS], app[SETTINGS].cache.max_entry_bytes
     if keyed.key is None:
-        flight, outcome = Flight(None, slots=slots).started_by(opener), "BYPASS"
+        flight, outcome = Flight(None, slots=slots, max_kept_bytes=max_kept).started_by(opener), "BYPASS"
     else:
         on_finish = partial(_store, app, keyed) if plan.store else None
         if plan.lookup and plan.store:
-            flight, leader = app[FLIGHTS].join(keyed.key, opener, on_finish)
+            flight, leader = app[FLIGHTS].join(keyed.key, opener, plan.ttl_s, on_finish)
         else:
-            flight, leader = Flight(None, on_finish, slots=slots).started_by(opener), True
-        # A request that joined a call in flight made no upstream call of its own.
-        outcome = ("MISS" if plan.store else "BYPASS") if leader else "HIT"
+            ttl_s = plan.ttl_s if plan.store else None
+            flight = Flight(None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept)
+            flight, leader = flight.started_by(opener), True
+        # A request that joined a call in flight made no upstream call of its own, and its answer (perhaps an
+        # error) comes from no cache: COALESCED, never HIT.
+        outcome = ("MISS" if plan.store else "BYPASS") if leader else "COALESCED"
         if not leader:
             app[METRICS].coalesced += 1
         client = request.get(CLIENT)
@@ -104,10 +107,10 @@ async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) ->
     return await flight.respond(request, headers)
 
 
-def _store(app: web.Application, keyed: Keyed, recording: Recording) -> None:
+def _store(app: web.Application, keyed: Keyed, recording: Recording, ttl_s: int) -> None:
     assert keyed.key is not None
     max_entry_bytes = app[SETTINGS].cache.max_entry_bytes
-    entry = entry_for(recording, ttl_s=keyed.plan.ttl_s, max_entry_bytes=max_entry_bytes, now=time.time())
+    entry = entry_for(recording, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes, now=time.time())
     if entry is None:
         log.debug(
             "answer not stored key=%s status=%d stream=%s finished=%s bytes=%d",

@@ -323,7 +323,7 @@ async def test_identical_concurrent_requests_share_one_upstream_call_when_in_fli
     completions = [raw.parse() for raw in raws]
     assert len({c.id for c in completions}) == 1
     assert {c.choices[0].message.content for c in completions} == {"echo: slow concurrent question"}
-    assert sorted(raw.headers["X-Cache"] for raw in raws) == ["HIT"] * 9 + ["MISS"]
+    assert sorted(raw.headers["X-Cache"] for raw in raws) == ["COALESCED"] * 9 + ["MISS"]
     assert proxy.upstream_responses() - before == 1
 
 
@@ -340,7 +340,7 @@ async def test_identical_concurrent_streams_share_one_upstream_call_when_in_flig
     results = await asyncio.gather(*(one() for _ in range(5)))
     outcomes = sorted(outcome for outcome, _ in results)
     streams = [chunks for _, chunks in results]
-    assert outcomes == ["HIT"] * 4 + ["MISS"]
+    assert outcomes == ["COALESCED"] * 4 + ["MISS"]
     for chunks in streams:
         _assert_same_stream(streams[0], chunks, content, include_usage=True)
     assert proxy.upstream_responses() - before == 1
