@@ -145,6 +145,20 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if and (eq .Values.mode "sidecar") .Values.ingress.enabled }}
 {{- fail "ingress needs mode=standalone; expose your application with its own Ingress" }}
 {{- end }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if contains "*" .host }}
+{{- $domain := trimPrefix "*" .host }}
+{{- $named := false }}
+{{- range $.Values.server.allowedHosts }}
+{{- if hasSuffix $domain . }}{{ $named = true }}{{ end }}
+{{- end }}
+{{- if not $named }}
+{{- fail (printf "ingress host %s is a wildcard, which the proxy cannot match: list the names clients use under it in server.allowedHosts" .host) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -155,6 +169,29 @@ and every secret reach the proxy as environment variables, so nothing secret can
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.cache "backend" (include "llm-cache-proxy.cacheBackend" .) }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Host names the proxy answers besides localhost and IP addresses (PROXY_ALLOWED_HOSTS), comma-separated. Standalone:
+the Service's names, every ingress host without a wildcard, then server.allowedHosts; bound to 0.0.0.0, the proxy
+checks Host names only once this list is set. Sidecar: server.allowedHosts only, since the proxy listens on
+127.0.0.1, where it checks Host names anyway and its application calls it by address.
+*/}}
+{{- define "llm-cache-proxy.allowedHosts" -}}
+{{- $hosts := list }}
+{{- if ne .Values.mode "sidecar" }}
+{{- $service := include "llm-cache-proxy.fullname" . }}
+{{- $namespaced := printf "%s.%s" $service .Release.Namespace }}
+{{- $hosts = list $service $namespaced (printf "%s.svc" $namespaced) (printf "%s.svc.%s" $namespaced .Values.clusterDomain) }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if and .host (not (contains "*" .host)) }}
+{{- $hosts = append $hosts .host }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- concat $hosts .Values.server.allowedHosts | uniq | join "," }}
 {{- end }}
 
 {{- define "llm-cache-proxy.listenHost" -}}
@@ -209,6 +246,14 @@ Arguments: root, native (bool).
       value: {{ $values.containerPort | quote }}
     - name: PROXY_CONFIG
       value: /etc/llm-cache-proxy/proxy.yaml
+    {{- with include "llm-cache-proxy.allowedHosts" $root }}
+    - name: PROXY_ALLOWED_HOSTS
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $values.server.allowedOrigins }}
+    - name: PROXY_ALLOWED_ORIGINS
+      value: {{ join "," . | quote }}
+    {{- end }}
     {{- if or $values.upstream.existingSecret $values.upstream.apiKey }}
     - name: OPENAI_API_KEY
       valueFrom:

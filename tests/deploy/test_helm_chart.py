@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from proxy.guards import Screen
 from proxy.loader import load_settings
 
 from .support import (
@@ -58,8 +59,26 @@ EXPECTED_KINDS = {
         "Ingress",
         "ServiceMonitor",
     ],
+    "security": ["ServiceAccount", "ConfigMap", "Service", "Deployment", "Ingress"],
 }
 CI_IDS = [p.name for p in CI_VALUES]
+# The names of the proxy's Service, which it answers in standalone mode.
+SERVICE_HOSTS = [
+    FULLNAME,
+    f"{FULLNAME}.{NAMESPACE}",
+    f"{FULLNAME}.{NAMESPACE}.svc",
+    f"{FULLNAME}.{NAMESPACE}.svc.cluster.local",
+]
+# PROXY_ALLOWED_HOSTS of each ci values file; None where it is unset (a sidecar on 127.0.0.1 with no names).
+ALLOWED_HOSTS: dict[str, list[str] | None] = {
+    "default": SERVICE_HOSTS,
+    "bundled-redis": SERVICE_HOSTS,
+    "external-redis": SERVICE_HOSTS,
+    "standalone-full": [*SERVICE_HOSTS, "llm.example.com"],
+    "security": [*SERVICE_HOSTS, "llm.internal.example.com", "llm-proxy.example.net"],
+    "sidecar-native": None,
+    "sidecar-legacy": None,
+}
 
 
 def secret_values(values: Mapping[str, Any]) -> list[str]:
@@ -97,6 +116,12 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"redis": {"tls": {"checkHostname": "no"}}}, "/redis/tls/checkHostname"),
         ({"redis": {"tls": {"caFile": "/ca.pem"}}}, "'caFile'"),
         ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
+        ({"server": {"allowedHosts": ["*.example.com"]}}, "/server/allowedHosts/0"),
+        ({"server": {"allowedHosts": ["llm.example.com:443"]}}, "/server/allowedHosts/0"),
+        ({"server": {"allowedOrigins": ["https://chat.example.com/"]}}, "/server/allowedOrigins/0"),
+        ({"server": {"allowedOrigins": "https://chat.example.com"}}, "/server/allowedOrigins"),
+        ({"config": {"server": {"allowed_hosts": ["llm.example.com"]}}}, "'allowed_hosts'"),
+        ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
@@ -269,11 +294,11 @@ def test_proxy_accepts_the_config_map_when_using_ci_values(
     proxy = proxy_container(result.one("Deployment"))
     # Literal values as the container sees them; secrets as stand-ins for what the kubelet resolves.
     env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
-    for name, value in env.items():
-        if name.startswith("REDIS_TLS_") and name.endswith("_FILE"):
+    for variable, value in env.items():
+        if variable.startswith("REDIS_TLS_") and variable.endswith("_FILE"):
             # A file of the mounted Secret: the proxy checks at startup that it can read it.
             (tmp_path / Path(value).name).write_text("PEM", encoding="utf-8")
-            env[name] = str(tmp_path / Path(value).name)
+            env[variable] = str(tmp_path / Path(value).name)
     text = result.one("ConfigMap")["data"]["proxy.yaml"]
     (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
     settings = load_settings(str(tmp_path / "proxy.yaml"), env=env)
@@ -281,10 +306,82 @@ def test_proxy_accepts_the_config_map_when_using_ci_values(
     assert settings.server.port == int(env["PROXY_PORT"])
     assert settings.cache.backend == yaml.safe_load(text)["cache"]["backend"]
     assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
+    assert settings.server.allowed_hosts == tuple(ALLOWED_HOSTS[name] or ())
+    assert settings.server.allowed_origins == tuple(result.values.get("server", {}).get("allowedOrigins", []))
     if settings.cache.backend == "redis":
         assert settings.redis.url == env["REDIS_URL"]
         assert settings.redis.username == env.get("REDIS_USERNAME")
         assert settings.redis.tls_ca_file == env.get("REDIS_TLS_CA_FILE")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_proxy_answers_its_own_host_names_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
+    env = env_of(proxy_container(rendered[name].one("Deployment")))
+    expected = ALLOWED_HOSTS[name]
+    if expected is None:
+        assert "PROXY_ALLOWED_HOSTS" not in env
+    else:
+        assert env["PROXY_ALLOWED_HOSTS"]["value"].split(",") == expected
+    origins = rendered[name].values.get("server", {}).get("allowedOrigins")
+    assert env.get("PROXY_ALLOWED_ORIGINS", {}).get("value") == (",".join(origins) if origins else None)
+
+
+@pytest.mark.parametrize("name", ["standalone-full", "security"])
+def test_ingress_hosts_are_answered_when_the_ingress_is_enabled(
+    rendered: dict[str, Render], name: str, tmp_path: Path
+) -> None:
+    result = rendered[name]
+    hosts = [rule["host"] for rule in result.one("Ingress")["spec"]["rules"]]
+    env = {e["name"]: e.get("value", "") for e in proxy_container(result.one("Deployment"))["env"]}
+    assert hosts and set(hosts) <= set(env["PROXY_ALLOWED_HOSTS"].split(","))
+    (tmp_path / "proxy.yaml").write_text(result.one("ConfigMap")["data"]["proxy.yaml"], encoding="utf-8")
+    screen = Screen(load_settings(str(tmp_path / "proxy.yaml"), env=env).server)
+    # As bound in the pod (0.0.0.0), the proxy checks Host names because the chart listed some.
+    assert screen.checks_host
+    answered = [*hosts, f"{FULLNAME}:8080", f"{FULLNAME}.{NAMESPACE}.svc:8080", "10.244.1.7:8080", "[fd00::7]:8080"]
+    assert all(screen.host_allowed(host) for host in answered)
+    assert not screen.host_allowed("attacker.example:8080")
+
+
+def test_helm_test_and_notes_name_hosts_the_proxy_answers(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    allowed = env_of(proxy_container(result.one("Deployment")))["PROXY_ALLOWED_HOSTS"]["value"].split(",")
+    (pod,) = result.hooks
+    urls = [pod["spec"]["containers"][0]["command"][-1], *re.findall(r"OPENAI_BASE_URL=(\S+)", result.notes)]
+    assert len(urls) == 3
+    assert [re.sub(r"^https?://([^:/]+).*$", r"\1", url) in allowed for url in urls] == [True] * 3
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"mode": "sidecar", "app": {"image": {"repository": "app"}}, "server": {"allowedHosts": ["llm-proxy"]}},
+            "llm-proxy",
+        ),
+        (
+            {"fullnameOverride": "llm", "clusterDomain": "corp.internal"},
+            f"llm,llm.{NAMESPACE},llm.{NAMESPACE}.svc,llm.{NAMESPACE}.svc.corp.internal",
+        ),
+        (
+            {
+                "ingress": {
+                    "enabled": True,
+                    "hosts": [
+                        {"host": "*.llm.example.com", "paths": [{"path": "/"}]},
+                        {"host": "llm.example.com", "paths": [{"path": "/"}]},
+                    ],
+                },
+                "server": {"allowedHosts": ["team-a.llm.example.com", "llm.example.com"]},
+            },
+            ",".join([*SERVICE_HOSTS, "llm.example.com", "team-a.llm.example.com"]),
+        ),
+    ],
+)
+def test_allowed_hosts_follow_the_values_when_set(render: RenderFn, values: dict[str, Any], expected: str) -> None:
+    (deployment,) = render(values).of_kind("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["PROXY_ALLOWED_HOSTS"]["value"] == expected
 
 
 def test_checksum_changes_when_config_changes(render: RenderFn) -> None:
@@ -492,6 +589,17 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
             "needs mode=standalone",
         ),
         ({"mode": "sidecar"}, "app.image.repository is required"),
+        (
+            {"ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]}},
+            "ingress host *.llm.example.com is a wildcard",
+        ),
+        (
+            {
+                "ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]},
+                "server": {"allowedHosts": ["llm.example.com"]},
+            },
+            "list the names clients use under it in server.allowedHosts",
+        ),
     ],
 )
 def test_render_fails_with_a_clear_message_when_values_conflict(
