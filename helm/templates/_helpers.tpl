@@ -84,9 +84,37 @@ Names of the bundled Redis objects and of the Secret the chart creates.
 Non-empty when the chart has to create its Secret, i.e. a secret value was given without an existingSecret.
 */}}
 {{- define "llm-cache-proxy.createSecret" -}}
-{{- if or (and .Values.upstream.apiKey (not .Values.upstream.existingSecret)) (and .Values.redis.password (not .Values.redis.existingSecret)) (and .Values.auth.proxyApiKeys (not .Values.auth.existingSecret)) -}}
+{{- $values := .Values }}
+{{- $given := list
+  (and $values.upstream.apiKey (not $values.upstream.existingSecret))
+  (and $values.redis.password (not $values.redis.existingSecret))
+  (and $values.auth.proxyApiKeys (not $values.auth.existingSecret))
+  (and $values.encryption.key (not $values.encryption.existingSecret))
+  (and $values.encryption.oldKeys.keys (not $values.encryption.oldKeys.existingSecret))
+  (and $values.cacheKeySecret.value (not $values.cacheKeySecret.existingSecret)) }}
+{{- if compact $given -}}
 true
 {{- end }}
+{{- end }}
+
+{{/*
+Where one secret comes from, as the name and key of a secretKeyRef: existingSecret when set, else the chart's Secret
+when the value is given; nothing when neither is. Arguments (a list): root, the group of values with existingSecret
+and existingSecretKey, the value itself, and its key in the chart's Secret.
+*/}}
+{{- define "llm-cache-proxy.secretRef" -}}
+{{- $group := index . 1 }}
+{{- if $group.existingSecret -}}
+name: {{ $group.existingSecret }}
+key: {{ $group.existingSecretKey }}
+{{- else if index . 2 -}}
+name: {{ include "llm-cache-proxy.secretName" (index . 0) }}
+key: {{ index . 3 }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-cache-proxy.encryptionKeyRef" -}}
+{{- include "llm-cache-proxy.secretRef" (list . .Values.encryption .Values.encryption.key "encryption-key") }}
 {{- end }}
 
 {{/*
@@ -131,6 +159,9 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- end }}
 {{- if and (include "llm-cache-proxy.redisTls" .) (not (hasPrefix "rediss://" (include "llm-cache-proxy.redisUrl" .))) }}
 {{- fail "redis.tls.existingSecret needs a rediss:// redis.url (the bundled Redis has no TLS)" }}
+{{- end }}
+{{- if and (or .Values.encryption.oldKeys.existingSecret .Values.encryption.oldKeys.keys) (not (include "llm-cache-proxy.encryptionKeyRef" .)) }}
+{{- fail "encryption.oldKeys only serve to read entries after a rotation: set encryption.key or encryption.existingSecret too" }}
 {{- end }}
 {{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
 {{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
@@ -316,6 +347,23 @@ Arguments: root, native (bool).
           key: proxy-api-keys
           {{- end }}
     {{- end }}
+    {{- if include "llm-cache-proxy.encryptionKeyRef" $root }}
+    # Read from the mounted Secret below, so that the key stays out of the environment.
+    - name: CACHE_ENCRYPTION_KEY_FILE
+      value: /etc/cache-encryption/key
+    {{- end }}
+    {{- with include "llm-cache-proxy.secretRef" (list $root $values.encryption.oldKeys $values.encryption.oldKeys.keys "encryption-old-keys") }}
+    - name: CACHE_ENCRYPTION_OLD_KEYS
+      valueFrom:
+        secretKeyRef:
+          {{- . | nindent 10 }}
+    {{- end }}
+    {{- with include "llm-cache-proxy.secretRef" (list $root $values.cacheKeySecret $values.cacheKeySecret.value "cache-key-secret") }}
+    - name: CACHE_KEY_SECRET
+      valueFrom:
+        secretKeyRef:
+          {{- . | nindent 10 }}
+    {{- end }}
     {{- with $values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -355,6 +403,11 @@ Arguments: root, native (bool).
     {{- if include "llm-cache-proxy.redisTls" $root }}
     - name: llm-cache-proxy-redis-tls
       mountPath: /etc/redis-tls
+      readOnly: true
+    {{- end }}
+    {{- if include "llm-cache-proxy.encryptionKeyRef" $root }}
+    - name: llm-cache-proxy-encryption
+      mountPath: /etc/cache-encryption
       readOnly: true
     {{- end }}
     {{- with $values.volumeMounts }}

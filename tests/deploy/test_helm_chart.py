@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from proxy.config import Settings
 from proxy.guards import Screen
 from proxy.loader import load_settings
 
@@ -27,7 +28,9 @@ from .support import (
     load_values,
     pod_spec,
     proxy_container,
+    proxy_environment,
     render_chart,
+    secret_value,
 )
 
 pytestmark = pytest.mark.deploy
@@ -81,10 +84,30 @@ ALLOWED_HOSTS: dict[str, list[str] | None] = {
 }
 
 
+# Every secret given as a value, as for a trial: the chart puts them all in its own Secret.
+TRIAL_SECRETS: dict[str, Any] = {
+    "upstream": {"apiKey": "sk-trial-upstream-key"},
+    "redis": {"url": "redis://cache:6379/0", "password": "trial-redis-password"},
+    "auth": {"proxyApiKeys": ["trial-client-key-one", "trial-client-key-two"]},
+    "encryption": {
+        "key": "trial-encryption-key-0123456789abcdef",
+        "oldKeys": {"keys": ["trial-old-key-one-0123456789abcdef", "trial-old-key-two-0123456789abcdef"]},
+    },
+    "cacheKeySecret": {"value": "trial-cache-key-secret"},
+}
+
+
 def secret_values(values: Mapping[str, Any]) -> list[str]:
     """Every secret a values file hands to the chart."""
-    found = [values.get("upstream", {}).get("apiKey", ""), values.get("redis", {}).get("password", "")]
+    encryption = values.get("encryption", {})
+    found = [
+        values.get("upstream", {}).get("apiKey", ""),
+        values.get("redis", {}).get("password", ""),
+        encryption.get("key", ""),
+        values.get("cacheKeySecret", {}).get("value", ""),
+    ]
     found += values.get("auth", {}).get("proxyApiKeys", [])
+    found += encryption.get("oldKeys", {}).get("keys", [])
     return [s for s in found if s]
 
 
@@ -122,14 +145,25 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"server": {"allowedOrigins": "https://chat.example.com"}}, "/server/allowedOrigins"),
         ({"config": {"server": {"allowed_hosts": ["llm.example.com"]}}}, "'allowed_hosts'"),
         ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
+        ({"encryption": {"key": "hunter2-too-short"}}, "/encryption/key"),
+        ({"encryption": {"key": "hunter2,hunter2,hunter2,hunter2,hunter2"}}, "/encryption/key"),
+        ({"encryption": {"oldKeys": {"keys": ["hunter2"]}}}, "/encryption/oldKeys/keys/0"),
+        ({"encryption": {"oldKeys": ["hunter2-hunter2-hunter2-hunter2-hunter2"]}}, "/encryption/oldKeys"),
+        ({"cacheKeySecret": {"value": "hunter2"}}, "/cacheKeySecret/value"),
+        ({"cacheKeySecret": "hunter2-hunter2-hunter2"}, "/cacheKeySecret"),
+        ({"config": {"cache": {"encryption_key": "hunter2-hunter2-hunter2-hunter2-hunter2"}}}, "'encryption_key'"),
+        ({"config": {"cache": {"key_secret": "hunter2-hunter2"}}}, "'key_secret'"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
     with helm.Chart.load(str(CHART_DIR)) as chart:
-        with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        with pytest.raises(helm.HelmValuesError, match=re.escape(where)) as caught:
             chart.validate_schema(values)
         with pytest.raises(helm.HelmValuesError):
             chart.render(values, name="rel", namespace=NAMESPACE)
+    # Helm quotes a value that fails a pattern, so secrets are checked by length only.
+    if where.startswith(("/encryption", "/cacheKeySecret")):
+        assert "hunter2" not in str(caught.value)
 
 
 def test_every_value_is_documented_when_reading_values_yaml() -> None:
@@ -290,28 +324,45 @@ def test_proxy_reads_the_mounted_config_map_when_using_ci_values(rendered: dict[
 def test_proxy_accepts_the_config_map_when_using_ci_values(
     rendered: dict[str, Render], name: str, tmp_path: Path
 ) -> None:
-    result = rendered[name]
-    proxy = proxy_container(result.one("Deployment"))
-    # Literal values as the container sees them; secrets as stand-ins for what the kubelet resolves.
-    env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
-    for variable, value in env.items():
-        if variable.startswith("REDIS_TLS_") and variable.endswith("_FILE"):
-            # A file of the mounted Secret: the proxy checks at startup that it can read it.
-            (tmp_path / Path(value).name).write_text("PEM", encoding="utf-8")
-            env[variable] = str(tmp_path / Path(value).name)
+    check_settings_arrive(rendered[name], tmp_path)
+
+
+def test_proxy_accepts_the_config_map_when_every_secret_is_a_value(render: RenderFn, tmp_path: Path) -> None:
+    settings = check_settings_arrive(render(TRIAL_SECRETS), tmp_path)
+    assert settings.cache.encryption_key == TRIAL_SECRETS["encryption"]["key"]
+    assert settings.cache.encryption_old_keys == tuple(TRIAL_SECRETS["encryption"]["oldKeys"]["keys"])
+    assert settings.cache.key_secret == TRIAL_SECRETS["cacheKeySecret"]["value"]
+    assert settings.redis.password == TRIAL_SECRETS["redis"]["password"]
+    assert settings.auth.proxy_api_keys == tuple(TRIAL_SECRETS["auth"]["proxyApiKeys"])
+
+
+def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
+    """Load the proxy's settings from the rendered ConfigMap and environment, and check that each value arrives."""
+    env = proxy_environment(result, tmp_path / "secrets")
     text = result.one("ConfigMap")["data"]["proxy.yaml"]
     (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
     settings = load_settings(str(tmp_path / "proxy.yaml"), env=env)
+
+    def items(variable: str) -> tuple[str, ...]:
+        return tuple(env[variable].split(",")) if variable in env else ()
+
     assert settings.server.host == env["PROXY_HOST"]
     assert settings.server.port == int(env["PROXY_PORT"])
+    assert settings.server.allowed_hosts == items("PROXY_ALLOWED_HOSTS")
+    assert settings.server.allowed_origins == items("PROXY_ALLOWED_ORIGINS")
     assert settings.cache.backend == yaml.safe_load(text)["cache"]["backend"]
     assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
-    assert settings.server.allowed_hosts == tuple(ALLOWED_HOSTS[name] or ())
-    assert settings.server.allowed_origins == tuple(result.values.get("server", {}).get("allowedOrigins", []))
+    assert settings.auth.proxy_api_keys == items("PROXY_API_KEYS")
+    key_file = env.get("CACHE_ENCRYPTION_KEY_FILE")
+    assert settings.cache.encryption_key == (Path(key_file).read_text(encoding="utf-8") if key_file else None)
+    assert settings.cache.encryption_old_keys == items("CACHE_ENCRYPTION_OLD_KEYS")
+    assert settings.cache.key_secret == env.get("CACHE_KEY_SECRET")
     if settings.cache.backend == "redis":
         assert settings.redis.url == env["REDIS_URL"]
         assert settings.redis.username == env.get("REDIS_USERNAME")
+        assert settings.redis.password == env.get("REDIS_PASSWORD")
         assert settings.redis.tls_ca_file == env.get("REDIS_TLS_CA_FILE")
+    return settings
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
@@ -332,7 +383,7 @@ def test_ingress_hosts_are_answered_when_the_ingress_is_enabled(
 ) -> None:
     result = rendered[name]
     hosts = [rule["host"] for rule in result.one("Ingress")["spec"]["rules"]]
-    env = {e["name"]: e.get("value", "") for e in proxy_container(result.one("Deployment"))["env"]}
+    env = proxy_environment(result, tmp_path / "secrets")
     assert hosts and set(hosts) <= set(env["PROXY_ALLOWED_HOSTS"].split(","))
     (tmp_path / "proxy.yaml").write_text(result.one("ConfigMap")["data"]["proxy.yaml"], encoding="utf-8")
     screen = Screen(load_settings(str(tmp_path / "proxy.yaml"), env=env).server)
@@ -468,10 +519,13 @@ def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> No
     assert "sk-ignored-value" not in result.manifest
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_no_secret_value_leaves_its_secret_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
-    result = rendered[name]
+@pytest.mark.parametrize("name", [*sorted(EXPECTED_KINDS), "every secret as a value"])
+def test_no_secret_value_leaves_its_secret_when_using_ci_values(
+    rendered: dict[str, Render], render: RenderFn, name: str
+) -> None:
+    result = rendered[name] if name in rendered else render(TRIAL_SECRETS)
     secrets = secret_values(result.values)
+    assert secrets or name not in ("standalone-full", "every secret as a value")
     encoded = [base64.b64encode(s.encode()).decode() for s in secrets]
     for doc in result.docs + result.hooks:
         text = yaml.safe_dump(doc)
@@ -480,6 +534,80 @@ def test_no_secret_value_leaves_its_secret_when_using_ci_values(rendered: dict[s
         if doc["kind"] == "ConfigMap":
             assert not [e for e in encoded if e in text]
     assert not [s for s in secrets if s in result.notes]
+
+
+def test_encryption_key_is_a_mounted_file_when_it_comes_from_an_existing_secret(rendered: dict[str, Render]) -> None:
+    deployment = rendered["security"].one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["CACHE_ENCRYPTION_KEY_FILE"] == {
+        "name": "CACHE_ENCRYPTION_KEY_FILE",
+        "value": "/etc/cache-encryption/key",
+    }
+    assert "CACHE_ENCRYPTION_KEY" not in env
+    mounts = {m["name"]: m for m in proxy_container(deployment)["volumeMounts"]}
+    assert mounts["llm-cache-proxy-encryption"] == {
+        "name": "llm-cache-proxy-encryption",
+        "mountPath": "/etc/cache-encryption",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["llm-cache-proxy-encryption"]["secret"] == {
+        "secretName": "llm-cache-encryption",
+        "items": [{"key": "encryption-key", "path": "key"}],
+    }
+    assert env["CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "llm-cache-encryption",
+        "key": "cache-key-secret",
+    }
+    assert "CACHE_ENCRYPTION_OLD_KEYS" not in env
+
+
+def test_encryption_secrets_are_read_from_the_chart_secret_when_given_as_values(render: RenderFn) -> None:
+    result = render(TRIAL_SECRETS)
+    deployment = result.one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["CACHE_ENCRYPTION_KEY_FILE"]["value"] == "/etc/cache-encryption/key"
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    # Only the encryption key is mounted, not the other secrets the chart's Secret holds.
+    assert volumes["llm-cache-proxy-encryption"]["secret"] == {
+        "secretName": FULLNAME,
+        "items": [{"key": "encryption-key", "path": "key"}],
+    }
+    assert env["CACHE_ENCRYPTION_OLD_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": FULLNAME,
+        "key": "encryption-old-keys",
+    }
+    assert env["CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "cache-key-secret"}
+    encryption = TRIAL_SECRETS["encryption"]
+    assert secret_value(result, FULLNAME, "encryption-key") == encryption["key"]
+    assert secret_value(result, FULLNAME, "encryption-old-keys") == ",".join(encryption["oldKeys"]["keys"])
+    assert secret_value(result, FULLNAME, "cache-key-secret") == TRIAL_SECRETS["cacheKeySecret"]["value"]
+    assert "checksum/secret" in deployment["spec"]["template"]["metadata"]["annotations"]
+    for doc in result.docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_old_keys_come_from_their_own_secret_when_one_is_named(render: RenderFn) -> None:
+    values = {
+        "encryption": {
+            "key": TRIAL_SECRETS["encryption"]["key"],
+            "oldKeys": {"existingSecret": "rotation", "existingSecretKey": "previous"},
+        }
+    }
+    result = render(values)
+    env = env_of(proxy_container(result.one("Deployment")))
+    assert env["CACHE_ENCRYPTION_OLD_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "rotation", "key": "previous"}
+    assert set(result.one("Secret")["data"]) == {"encryption-key"}
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED_KINDS) - {"security"}))
+def test_nothing_is_encrypted_when_no_key_is_set(rendered: dict[str, Render], name: str) -> None:
+    deployment = rendered[name].one("Deployment")
+    assert (
+        not {"CACHE_ENCRYPTION_KEY_FILE", "CACHE_ENCRYPTION_OLD_KEYS", "CACHE_KEY_SECRET"}
+        & env_of(proxy_container(deployment)).keys()
+    )
+    assert "llm-cache-proxy-encryption" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
 
 
 def test_bundled_redis_runs_beside_the_proxy_when_enabled(rendered: dict[str, Render]) -> None:
@@ -589,6 +717,14 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
             "needs mode=standalone",
         ),
         ({"mode": "sidecar"}, "app.image.repository is required"),
+        (
+            {"encryption": {"oldKeys": {"keys": ["hunter2-hunter2-hunter2-hunter2-hunter2"]}}},
+            "set encryption.key or encryption.existingSecret too",
+        ),
+        (
+            {"encryption": {"oldKeys": {"existingSecret": "rotation"}}},
+            "set encryption.key or encryption.existingSecret",
+        ),
         (
             {"ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]}},
             "ingress host *.llm.example.com is a wildcard",
