@@ -163,6 +163,18 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if and (or .Values.encryption.oldKeys.existingSecret .Values.encryption.oldKeys.keys) (not (include "llm-cache-proxy.encryptionKeyRef" .)) }}
 {{- fail "encryption.oldKeys only serve to read entries after a rotation: set encryption.key or encryption.existingSecret too" }}
 {{- end }}
+{{- $names := list }}
+{{- $hashes := list }}
+{{- range .Values.auth.clientKeys }}
+{{- $names = append $names .name }}
+{{- $hashes = append $hashes (lower .keySha256) }}
+{{- end }}
+{{- if ne (len $names) (len (uniq $names)) }}
+{{- fail "auth.clientKeys: every name must be different" }}
+{{- end }}
+{{- if ne (len $hashes) (len (uniq $hashes)) }}
+{{- fail "auth.clientKeys: every keySha256 must be different" }}
+{{- end }}
 {{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
 {{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
 {{- end }}
@@ -193,12 +205,24 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- end }}
 
 {{/*
-proxy.yaml as mounted into the pod. It is built from .Values.config only: the listen address, the Redis URL
-and every secret reach the proxy as environment variables, so nothing secret can end up in the ConfigMap.
+proxy.yaml as mounted into the pod. It is built from .Values.config and the hashes of auth.clientKeys only: the
+listen address, the Redis URL and every secret reach the proxy as environment variables or files of Secrets, so
+nothing secret can end up in the ConfigMap.
 */}}
 {{- define "llm-cache-proxy.proxyConfig" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.cache "backend" (include "llm-cache-proxy.cacheBackend" .) }}
+{{- with .Values.auth.clientKeys }}
+{{- $keys := list }}
+{{- range . }}
+{{- $key := dict "name" .name "key" (printf "sha256:%s" (lower .keySha256)) }}
+{{- with .namespace }}
+{{- $_ := set $key "namespace" . }}
+{{- end }}
+{{- $keys = append $keys $key }}
+{{- end }}
+{{- $_ := set $config "auth" (dict "client_keys" $keys) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 

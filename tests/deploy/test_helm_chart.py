@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from .support import (
     CI_VALUES,
     FULLNAME,
     NAMESPACE,
+    ROOT,
     Render,
     env_of,
     load_values,
@@ -84,6 +89,8 @@ ALLOWED_HOSTS: dict[str, list[str] | None] = {
 }
 
 
+# The keys whose hashes helm/ci/security-values.yaml lists, as the clients send them.
+SECURITY_CLIENT_KEYS = {"team-a": "ci-security-team-a-key", "team-b": "ci-security-team-b-key"}
 # Every secret given as a value, as for a trial: the chart puts them all in its own Secret.
 TRIAL_SECRETS: dict[str, Any] = {
     "upstream": {"apiKey": "sk-trial-upstream-key"},
@@ -153,6 +160,12 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"cacheKeySecret": "hunter2-hunter2-hunter2"}, "/cacheKeySecret"),
         ({"config": {"cache": {"encryption_key": "hunter2-hunter2-hunter2-hunter2-hunter2"}}}, "'encryption_key'"),
         ({"config": {"cache": {"key_secret": "hunter2-hunter2"}}}, "'key_secret'"),
+        ({"auth": {"clientKeys": [{"name": "a", "key": "hunter2"}]}}, "'key'"),
+        ({"auth": {"clientKeys": [{"name": "a", "keySha256": "hunter2"}]}}, "/auth/clientKeys/0/keySha256"),
+        ({"auth": {"clientKeys": [{"name": "a", "keySha256": "sha256:" + "0" * 57}]}}, "/auth/clientKeys/0/keySha256"),
+        ({"auth": {"clientKeys": [{"keySha256": "0" * 64}]}}, "'name'"),
+        ({"auth": {"clientKeys": [{"name": "team a", "keySha256": "0" * 64}]}}, "/auth/clientKeys/0/name"),
+        ({"config": {"auth": {"client_keys": [{"name": "a", "key": "hunter2"}]}}}, "'auth'"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
@@ -162,7 +175,7 @@ def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any],
         with pytest.raises(helm.HelmValuesError):
             chart.render(values, name="rel", namespace=NAMESPACE)
     # Helm quotes a value that fails a pattern, so secrets are checked by length only.
-    if where.startswith(("/encryption", "/cacheKeySecret")):
+    if where.startswith(("/encryption", "/cacheKeySecret", "/auth")) or where == "'key'":
         assert "hunter2" not in str(caught.value)
 
 
@@ -357,6 +370,10 @@ def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
     assert settings.cache.encryption_key == (Path(key_file).read_text(encoding="utf-8") if key_file else None)
     assert settings.cache.encryption_old_keys == items("CACHE_ENCRYPTION_OLD_KEYS")
     assert settings.cache.key_secret == env.get("CACHE_KEY_SECRET")
+    client_keys = result.values.get("auth", {}).get("clientKeys", [])
+    assert [(k.name, k.digest.hex(), k.namespace) for k in settings.auth.client_keys] == [
+        (k["name"], k["keySha256"].lower(), k.get("namespace")) for k in client_keys
+    ]
     if settings.cache.backend == "redis":
         assert settings.redis.url == env["REDIS_URL"]
         assert settings.redis.username == env.get("REDIS_USERNAME")
@@ -610,6 +627,49 @@ def test_nothing_is_encrypted_when_no_key_is_set(rendered: dict[str, Render], na
     assert "llm-cache-proxy-encryption" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
 
 
+def test_client_keys_reach_proxy_yaml_as_hashes_when_listed(rendered: dict[str, Render]) -> None:
+    result = rendered["security"]
+    config = yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])
+    assert config["auth"] == {
+        "client_keys": [
+            {
+                "name": "team-a",
+                "key": "sha256:" + hashlib.sha256(SECURITY_CLIENT_KEYS["team-a"].encode()).hexdigest(),
+                "namespace": "llm-cache-team-a",
+            },
+            {"name": "team-b", "key": "sha256:" + hashlib.sha256(SECURITY_CLIENT_KEYS["team-b"].encode()).hexdigest()},
+        ]
+    }
+    for key in SECURITY_CLIENT_KEYS.values():
+        assert key not in result.manifest
+    assert "auth.clientKeys" not in result.notes
+
+
+def test_client_keys_stay_out_of_proxy_yaml_when_none_are_listed(rendered: dict[str, Render]) -> None:
+    for name in sorted(set(EXPECTED_KINDS) - {"security"}):
+        assert "auth" not in yaml.safe_load(rendered[name].one("ConfigMap")["data"]["proxy.yaml"])
+
+
+def test_check_config_accepts_the_rendered_settings_when_locked_down(
+    rendered: dict[str, Render], tmp_path: Path
+) -> None:
+    result = rendered["security"]
+    env = proxy_environment(result, tmp_path / "secrets")
+    (tmp_path / "proxy.yaml").write_text(result.one("ConfigMap")["data"]["proxy.yaml"], encoding="utf-8")
+    env |= {"PROXY_CONFIG": str(tmp_path / "proxy.yaml"), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line.partition("  # ")[0].split(" = ", 1) for line in done.stdout.splitlines() if " = " in line]
+    shown = {key.strip(): value for key, value in lines}
+    assert shown["server.allowed_hosts"] == env["PROXY_ALLOWED_HOSTS"]
+    assert shown["server.allowed_origins"] == "https://chat.example.com"
+    assert shown["auth.client_keys"] == "team-a,team-b"
+    assert shown["cache.encryption_key"] == shown["cache.key_secret"] == "(set, hidden)"
+    assert "stand-in" not in done.stdout
+
+
 def test_bundled_redis_runs_beside_the_proxy_when_enabled(rendered: dict[str, Render]) -> None:
     result = rendered["bundled-redis"]
     redis_name = f"{FULLNAME}-redis"
@@ -724,6 +784,14 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
         (
             {"encryption": {"oldKeys": {"existingSecret": "rotation"}}},
             "set encryption.key or encryption.existingSecret",
+        ),
+        (
+            {"auth": {"clientKeys": [{"name": "a", "keySha256": "ab" * 32}, {"name": "a", "keySha256": "cd" * 32}]}},
+            "auth.clientKeys: every name must be different",
+        ),
+        (
+            {"auth": {"clientKeys": [{"name": "a", "keySha256": "ab" * 32}, {"name": "b", "keySha256": "AB" * 32}]}},
+            "auth.clientKeys: every keySha256 must be different",
         ),
         (
             {"ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]}},
