@@ -530,10 +530,31 @@ def test_no_certificate_is_mounted_when_redis_tls_is_not_configured(rendered: di
         assert not [n for n in env_of(proxy_container(deployment)) if n.startswith("REDIS_TLS_")]
 
 
-def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> None:
-    result = render({"upstream": {"apiKey": "sk-ignored-value", "existingSecret": "llm-keys"}})
+@pytest.mark.parametrize(
+    ("values", "ref"),
+    [
+        ({"upstream": {"apiKey": "sk-ignored-value", "existingSecret": "llm-keys"}}, "OPENAI_API_KEY"),
+        (
+            {"encryption": {"key": "ignored-value-0123456789abcdef0123456789", "existingSecret": "enc"}},
+            "CACHE_ENCRYPTION_KEY_FILE",
+        ),
+        (
+            {
+                "encryption": {
+                    "existingSecret": "enc",
+                    "oldKeys": {"keys": ["ignored-value-0123456789abcdef0123456789"], "existingSecret": "enc"},
+                }
+            },
+            "CACHE_ENCRYPTION_OLD_KEYS",
+        ),
+        ({"cacheKeySecret": {"value": "ignored-value-0123", "existingSecret": "enc"}}, "CACHE_KEY_SECRET"),
+    ],
+)
+def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn, values: dict[str, Any], ref: str) -> None:
+    result = render(values)
     assert result.of_kind("Secret") == []
-    assert "sk-ignored-value" not in result.manifest
+    assert "ignored-value" not in result.manifest
+    assert ref in env_of(proxy_container(result.one("Deployment")))
 
 
 @pytest.mark.parametrize("name", [*sorted(EXPECTED_KINDS), "every secret as a value"])
