@@ -84,9 +84,37 @@ Names of the bundled Redis objects and of the Secret the chart creates.
 Non-empty when the chart has to create its Secret, i.e. a secret value was given without an existingSecret.
 */}}
 {{- define "llm-cache-proxy.createSecret" -}}
-{{- if or (and .Values.upstream.apiKey (not .Values.upstream.existingSecret)) (and .Values.redis.password (not .Values.redis.existingSecret)) (and .Values.auth.proxyApiKeys (not .Values.auth.existingSecret)) -}}
+{{- $values := .Values }}
+{{- $given := list
+  (and $values.upstream.apiKey (not $values.upstream.existingSecret))
+  (and $values.redis.password (not $values.redis.existingSecret))
+  (and $values.auth.proxyApiKeys (not $values.auth.existingSecret))
+  (and $values.encryption.key (not $values.encryption.existingSecret))
+  (and $values.encryption.oldKeys.keys (not $values.encryption.oldKeys.existingSecret))
+  (and $values.cacheKeySecret.value (not $values.cacheKeySecret.existingSecret)) }}
+{{- if compact $given -}}
 true
 {{- end }}
+{{- end }}
+
+{{/*
+Where one secret comes from, as the name and key of a secretKeyRef: existingSecret when set, else the chart's Secret
+when the value is given; nothing when neither is. Arguments (a list): root, the group of values with existingSecret
+and existingSecretKey, the value itself, and its key in the chart's Secret.
+*/}}
+{{- define "llm-cache-proxy.secretRef" -}}
+{{- $group := index . 1 }}
+{{- if $group.existingSecret -}}
+name: {{ $group.existingSecret }}
+key: {{ $group.existingSecretKey }}
+{{- else if index . 2 -}}
+name: {{ include "llm-cache-proxy.secretName" (index . 0) }}
+key: {{ index . 3 }}
+{{- end }}
+{{- end }}
+
+{{- define "llm-cache-proxy.encryptionKeyRef" -}}
+{{- include "llm-cache-proxy.secretRef" (list . .Values.encryption .Values.encryption.key "encryption-key") }}
 {{- end }}
 
 {{/*
@@ -132,6 +160,21 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if and (include "llm-cache-proxy.redisTls" .) (not (hasPrefix "rediss://" (include "llm-cache-proxy.redisUrl" .))) }}
 {{- fail "redis.tls.existingSecret needs a rediss:// redis.url (the bundled Redis has no TLS)" }}
 {{- end }}
+{{- if and (or .Values.encryption.oldKeys.existingSecret .Values.encryption.oldKeys.keys) (not (include "llm-cache-proxy.encryptionKeyRef" .)) }}
+{{- fail "encryption.oldKeys only serve to read entries after a rotation: set encryption.key or encryption.existingSecret too" }}
+{{- end }}
+{{- $names := list }}
+{{- $hashes := list }}
+{{- range .Values.auth.clientKeys }}
+{{- $names = append $names .name }}
+{{- $hashes = append $hashes (lower .keySha256) }}
+{{- end }}
+{{- if ne (len $names) (len (uniq $names)) }}
+{{- fail "auth.clientKeys: every name must be different" }}
+{{- end }}
+{{- if ne (len $hashes) (len (uniq $hashes)) }}
+{{- fail "auth.clientKeys: every keySha256 must be different" }}
+{{- end }}
 {{- if regexMatch "^[a-z]+://[^/@]*:[^/@]*@" .Values.redis.url }}
 {{- fail "redis.url must not carry a password: set redis.password or redis.existingSecret instead" }}
 {{- end }}
@@ -145,16 +188,65 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if and (eq .Values.mode "sidecar") .Values.ingress.enabled }}
 {{- fail "ingress needs mode=standalone; expose your application with its own Ingress" }}
 {{- end }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if contains "*" .host }}
+{{- $domain := trimPrefix "*" .host }}
+{{- $named := false }}
+{{- range $.Values.server.allowedHosts }}
+{{- if hasSuffix $domain . }}{{ $named = true }}{{ end }}
+{{- end }}
+{{- if not $named }}
+{{- fail (printf "ingress host %s is a wildcard, which the proxy cannot match: list the names clients use under it in server.allowedHosts" .host) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
-proxy.yaml as mounted into the pod. It is built from .Values.config only: the listen address, the Redis URL
-and every secret reach the proxy as environment variables, so nothing secret can end up in the ConfigMap.
+proxy.yaml as mounted into the pod. It is built from .Values.config and the hashes of auth.clientKeys only: the
+listen address, the Redis URL and every secret reach the proxy as environment variables or files of Secrets, so
+nothing secret can end up in the ConfigMap.
 */}}
 {{- define "llm-cache-proxy.proxyConfig" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.cache "backend" (include "llm-cache-proxy.cacheBackend" .) }}
+{{- with .Values.auth.clientKeys }}
+{{- $keys := list }}
+{{- range . }}
+{{- $key := dict "name" .name "key" (printf "sha256:%s" (lower .keySha256)) }}
+{{- with .namespace }}
+{{- $_ := set $key "namespace" . }}
+{{- end }}
+{{- $keys = append $keys $key }}
+{{- end }}
+{{- $_ := set $config "auth" (dict "client_keys" $keys) }}
+{{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Host names the proxy answers besides localhost and IP addresses (PROXY_ALLOWED_HOSTS), comma-separated. Standalone:
+the Service's names, every ingress host without a wildcard, then server.allowedHosts; bound to 0.0.0.0, the proxy
+checks Host names only once this list is set. Sidecar: server.allowedHosts only, since the proxy listens on
+127.0.0.1, where it checks Host names anyway and its application calls it by address.
+*/}}
+{{- define "llm-cache-proxy.allowedHosts" -}}
+{{- $hosts := list }}
+{{- if ne .Values.mode "sidecar" }}
+{{- $service := include "llm-cache-proxy.fullname" . }}
+{{- $namespaced := printf "%s.%s" $service .Release.Namespace }}
+{{- $hosts = list $service $namespaced (printf "%s.svc" $namespaced) (printf "%s.svc.%s" $namespaced .Values.clusterDomain) }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- if and .host (not (contains "*" .host)) }}
+{{- $hosts = append $hosts .host }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- concat $hosts .Values.server.allowedHosts | uniq | join "," }}
 {{- end }}
 
 {{- define "llm-cache-proxy.listenHost" -}}
@@ -209,6 +301,14 @@ Arguments: root, native (bool).
       value: {{ $values.containerPort | quote }}
     - name: PROXY_CONFIG
       value: /etc/llm-cache-proxy/proxy.yaml
+    {{- with include "llm-cache-proxy.allowedHosts" $root }}
+    - name: PROXY_ALLOWED_HOSTS
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $values.server.allowedOrigins }}
+    - name: PROXY_ALLOWED_ORIGINS
+      value: {{ join "," . | quote }}
+    {{- end }}
     {{- if or $values.upstream.existingSecret $values.upstream.apiKey }}
     - name: OPENAI_API_KEY
       valueFrom:
@@ -271,6 +371,23 @@ Arguments: root, native (bool).
           key: proxy-api-keys
           {{- end }}
     {{- end }}
+    {{- if include "llm-cache-proxy.encryptionKeyRef" $root }}
+    # Read from the mounted Secret below, so that the key stays out of the environment.
+    - name: CACHE_ENCRYPTION_KEY_FILE
+      value: /etc/cache-encryption/key
+    {{- end }}
+    {{- with include "llm-cache-proxy.secretRef" (list $root $values.encryption.oldKeys $values.encryption.oldKeys.keys "encryption-old-keys") }}
+    - name: CACHE_ENCRYPTION_OLD_KEYS
+      valueFrom:
+        secretKeyRef:
+          {{- . | nindent 10 }}
+    {{- end }}
+    {{- with include "llm-cache-proxy.secretRef" (list $root $values.cacheKeySecret $values.cacheKeySecret.value "cache-key-secret") }}
+    - name: CACHE_KEY_SECRET
+      valueFrom:
+        secretKeyRef:
+          {{- . | nindent 10 }}
+    {{- end }}
     {{- with $values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -310,6 +427,11 @@ Arguments: root, native (bool).
     {{- if include "llm-cache-proxy.redisTls" $root }}
     - name: llm-cache-proxy-redis-tls
       mountPath: /etc/redis-tls
+      readOnly: true
+    {{- end }}
+    {{- if include "llm-cache-proxy.encryptionKeyRef" $root }}
+    - name: llm-cache-proxy-encryption
+      mountPath: /etc/cache-encryption
       readOnly: true
     {{- end }}
     {{- with $values.volumeMounts }}

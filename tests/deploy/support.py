@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -76,6 +77,41 @@ def proxy_container(workload: Mapping[str, Any]) -> dict[str, Any]:
 
 def env_of(container: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_value(result: Render, name: str, key: str) -> str:
+    """What the kubelet reads from key *key* of Secret *name*: the chart's own Secret is in the render; a Secret
+    the user manages is not, so it gets a stand-in that fits any of the proxy's secrets (long, no commas)."""
+    if name == FULLNAME:
+        encoded: str = result.one("Secret")["data"][key]
+        return base64.b64decode(encoded).decode()
+    return f"stand-in-{name}-{key}-0123456789abcdef0123456789abcdef"
+
+
+def proxy_environment(result: Render, files: Path) -> dict[str, str]:
+    """The proxy container's environment as the kubelet sets it: literal values as they are, secretKeyRefs
+    resolved with :func:`secret_value`. The files of mounted Secrets that variables point at are written under
+    *files*, and the variables changed to point there."""
+    deployment = result.one("Deployment")
+    container = proxy_container(deployment)
+    env = {
+        name: e["value"] if "value" in e else secret_value(result, **e["valueFrom"]["secretKeyRef"])
+        for name, e in env_of(container).items()
+    }
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        keys = {item["path"]: item["key"] for item in secret.get("items", [])}
+        for name, value in env.items():
+            if value.startswith(mount["mountPath"] + "/"):
+                path = value.removeprefix(mount["mountPath"] + "/")
+                copy = files / mount["name"] / path
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_text(secret_value(result, secret["secretName"], keys.get(path, path)), encoding="utf-8")
+                env[name] = str(copy)
+    return env
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from proxy.config import Settings
+from proxy.guards import Screen
 from proxy.loader import load_settings
 
 from .support import (
@@ -21,12 +27,15 @@ from .support import (
     CI_VALUES,
     FULLNAME,
     NAMESPACE,
+    ROOT,
     Render,
     env_of,
     load_values,
     pod_spec,
     proxy_container,
+    proxy_environment,
     render_chart,
+    secret_value,
 )
 
 pytestmark = pytest.mark.deploy
@@ -58,14 +67,54 @@ EXPECTED_KINDS = {
         "Ingress",
         "ServiceMonitor",
     ],
+    "security": ["ServiceAccount", "ConfigMap", "Service", "Deployment", "Ingress"],
 }
 CI_IDS = [p.name for p in CI_VALUES]
+# The names of the proxy's Service, which it answers in standalone mode.
+SERVICE_HOSTS = [
+    FULLNAME,
+    f"{FULLNAME}.{NAMESPACE}",
+    f"{FULLNAME}.{NAMESPACE}.svc",
+    f"{FULLNAME}.{NAMESPACE}.svc.cluster.local",
+]
+# PROXY_ALLOWED_HOSTS of each ci values file; None where it is unset (a sidecar on 127.0.0.1 with no names).
+ALLOWED_HOSTS: dict[str, list[str] | None] = {
+    "default": SERVICE_HOSTS,
+    "bundled-redis": SERVICE_HOSTS,
+    "external-redis": SERVICE_HOSTS,
+    "standalone-full": [*SERVICE_HOSTS, "llm.example.com"],
+    "security": [*SERVICE_HOSTS, "llm.internal.example.com", "llm-proxy.example.net"],
+    "sidecar-native": None,
+    "sidecar-legacy": None,
+}
+
+
+# The keys whose hashes helm/ci/security-values.yaml lists, as the clients send them.
+SECURITY_CLIENT_KEYS = {"team-a": "ci-security-team-a-key", "team-b": "ci-security-team-b-key"}
+# Every secret given as a value, as for a trial: the chart puts them all in its own Secret.
+TRIAL_SECRETS: dict[str, Any] = {
+    "upstream": {"apiKey": "sk-trial-upstream-key"},
+    "redis": {"url": "redis://cache:6379/0", "password": "trial-redis-password"},
+    "auth": {"proxyApiKeys": ["trial-client-key-one", "trial-client-key-two"]},
+    "encryption": {
+        "key": "trial-encryption-key-0123456789abcdef",
+        "oldKeys": {"keys": ["trial-old-key-one-0123456789abcdef", "trial-old-key-two-0123456789abcdef"]},
+    },
+    "cacheKeySecret": {"value": "trial-cache-key-secret"},
+}
 
 
 def secret_values(values: Mapping[str, Any]) -> list[str]:
     """Every secret a values file hands to the chart."""
-    found = [values.get("upstream", {}).get("apiKey", ""), values.get("redis", {}).get("password", "")]
+    encryption = values.get("encryption", {})
+    found = [
+        values.get("upstream", {}).get("apiKey", ""),
+        values.get("redis", {}).get("password", ""),
+        encryption.get("key", ""),
+        values.get("cacheKeySecret", {}).get("value", ""),
+    ]
     found += values.get("auth", {}).get("proxyApiKeys", [])
+    found += encryption.get("oldKeys", {}).get("keys", [])
     return [s for s in found if s]
 
 
@@ -97,14 +146,37 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"redis": {"tls": {"checkHostname": "no"}}}, "/redis/tls/checkHostname"),
         ({"redis": {"tls": {"caFile": "/ca.pem"}}}, "'caFile'"),
         ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
+        ({"server": {"allowedHosts": ["*.example.com"]}}, "/server/allowedHosts/0"),
+        ({"server": {"allowedHosts": ["llm.example.com:443"]}}, "/server/allowedHosts/0"),
+        ({"server": {"allowedOrigins": ["https://chat.example.com/"]}}, "/server/allowedOrigins/0"),
+        ({"server": {"allowedOrigins": "https://chat.example.com"}}, "/server/allowedOrigins"),
+        ({"config": {"server": {"allowed_hosts": ["llm.example.com"]}}}, "'allowed_hosts'"),
+        ({"clusterDomain": "cluster.local."}, "/clusterDomain"),
+        ({"encryption": {"key": "hunter2-too-short"}}, "/encryption/key"),
+        ({"encryption": {"key": "hunter2,hunter2,hunter2,hunter2,hunter2"}}, "/encryption/key"),
+        ({"encryption": {"oldKeys": {"keys": ["hunter2"]}}}, "/encryption/oldKeys/keys/0"),
+        ({"encryption": {"oldKeys": ["hunter2-hunter2-hunter2-hunter2-hunter2"]}}, "/encryption/oldKeys"),
+        ({"cacheKeySecret": {"value": "hunter2"}}, "/cacheKeySecret/value"),
+        ({"cacheKeySecret": "hunter2-hunter2-hunter2"}, "/cacheKeySecret"),
+        ({"config": {"cache": {"encryption_key": "hunter2-hunter2-hunter2-hunter2-hunter2"}}}, "'encryption_key'"),
+        ({"config": {"cache": {"key_secret": "hunter2-hunter2"}}}, "'key_secret'"),
+        ({"auth": {"clientKeys": [{"name": "a", "key": "hunter2"}]}}, "'key'"),
+        ({"auth": {"clientKeys": [{"name": "a", "keySha256": "hunter2"}]}}, "/auth/clientKeys/0/keySha256"),
+        ({"auth": {"clientKeys": [{"name": "a", "keySha256": "sha256:" + "0" * 57}]}}, "/auth/clientKeys/0/keySha256"),
+        ({"auth": {"clientKeys": [{"keySha256": "0" * 64}]}}, "'name'"),
+        ({"auth": {"clientKeys": [{"name": "team a", "keySha256": "0" * 64}]}}, "/auth/clientKeys/0/name"),
+        ({"config": {"auth": {"client_keys": [{"name": "a", "key": "hunter2"}]}}}, "'auth'"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
     with helm.Chart.load(str(CHART_DIR)) as chart:
-        with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        with pytest.raises(helm.HelmValuesError, match=re.escape(where)) as caught:
             chart.validate_schema(values)
         with pytest.raises(helm.HelmValuesError):
             chart.render(values, name="rel", namespace=NAMESPACE)
+    # Helm quotes a value that fails a pattern, so secrets are checked by length only.
+    if where.startswith(("/encryption", "/cacheKeySecret", "/auth")) or where == "'key'":
+        assert "hunter2" not in str(caught.value)
 
 
 def test_every_value_is_documented_when_reading_values_yaml() -> None:
@@ -265,26 +337,119 @@ def test_proxy_reads_the_mounted_config_map_when_using_ci_values(rendered: dict[
 def test_proxy_accepts_the_config_map_when_using_ci_values(
     rendered: dict[str, Render], name: str, tmp_path: Path
 ) -> None:
-    result = rendered[name]
-    proxy = proxy_container(result.one("Deployment"))
-    # Literal values as the container sees them; secrets as stand-ins for what the kubelet resolves.
-    env = {n: e.get("value", f"secret-{n.lower()}") for n, e in env_of(proxy).items()}
-    for name, value in env.items():
-        if name.startswith("REDIS_TLS_") and name.endswith("_FILE"):
-            # A file of the mounted Secret: the proxy checks at startup that it can read it.
-            (tmp_path / Path(value).name).write_text("PEM", encoding="utf-8")
-            env[name] = str(tmp_path / Path(value).name)
+    check_settings_arrive(rendered[name], tmp_path)
+
+
+def test_proxy_accepts_the_config_map_when_every_secret_is_a_value(render: RenderFn, tmp_path: Path) -> None:
+    settings = check_settings_arrive(render(TRIAL_SECRETS), tmp_path)
+    assert settings.cache.encryption_key == TRIAL_SECRETS["encryption"]["key"]
+    assert settings.cache.encryption_old_keys == tuple(TRIAL_SECRETS["encryption"]["oldKeys"]["keys"])
+    assert settings.cache.key_secret == TRIAL_SECRETS["cacheKeySecret"]["value"]
+    assert settings.redis.password == TRIAL_SECRETS["redis"]["password"]
+    assert settings.auth.proxy_api_keys == tuple(TRIAL_SECRETS["auth"]["proxyApiKeys"])
+
+
+def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
+    """Load the proxy's settings from the rendered ConfigMap and environment, and check that each value arrives."""
+    env = proxy_environment(result, tmp_path / "secrets")
     text = result.one("ConfigMap")["data"]["proxy.yaml"]
     (tmp_path / "proxy.yaml").write_text(text, encoding="utf-8")
     settings = load_settings(str(tmp_path / "proxy.yaml"), env=env)
+
+    def items(variable: str) -> tuple[str, ...]:
+        return tuple(env[variable].split(",")) if variable in env else ()
+
     assert settings.server.host == env["PROXY_HOST"]
     assert settings.server.port == int(env["PROXY_PORT"])
+    assert settings.server.allowed_hosts == items("PROXY_ALLOWED_HOSTS")
+    assert settings.server.allowed_origins == items("PROXY_ALLOWED_ORIGINS")
     assert settings.cache.backend == yaml.safe_load(text)["cache"]["backend"]
     assert settings.default_upstream.api_key == env.get("OPENAI_API_KEY")
+    assert settings.auth.proxy_api_keys == items("PROXY_API_KEYS")
+    key_file = env.get("CACHE_ENCRYPTION_KEY_FILE")
+    assert settings.cache.encryption_key == (Path(key_file).read_text(encoding="utf-8") if key_file else None)
+    assert settings.cache.encryption_old_keys == items("CACHE_ENCRYPTION_OLD_KEYS")
+    assert settings.cache.key_secret == env.get("CACHE_KEY_SECRET")
+    client_keys = result.values.get("auth", {}).get("clientKeys", [])
+    assert [(k.name, k.digest.hex(), k.namespace) for k in settings.auth.client_keys] == [
+        (k["name"], k["keySha256"].lower(), k.get("namespace")) for k in client_keys
+    ]
     if settings.cache.backend == "redis":
         assert settings.redis.url == env["REDIS_URL"]
         assert settings.redis.username == env.get("REDIS_USERNAME")
+        assert settings.redis.password == env.get("REDIS_PASSWORD")
         assert settings.redis.tls_ca_file == env.get("REDIS_TLS_CA_FILE")
+    return settings
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
+def test_proxy_answers_its_own_host_names_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
+    env = env_of(proxy_container(rendered[name].one("Deployment")))
+    expected = ALLOWED_HOSTS[name]
+    if expected is None:
+        assert "PROXY_ALLOWED_HOSTS" not in env
+    else:
+        assert env["PROXY_ALLOWED_HOSTS"]["value"].split(",") == expected
+    origins = rendered[name].values.get("server", {}).get("allowedOrigins")
+    assert env.get("PROXY_ALLOWED_ORIGINS", {}).get("value") == (",".join(origins) if origins else None)
+
+
+@pytest.mark.parametrize("name", ["standalone-full", "security"])
+def test_ingress_hosts_are_answered_when_the_ingress_is_enabled(
+    rendered: dict[str, Render], name: str, tmp_path: Path
+) -> None:
+    result = rendered[name]
+    hosts = [rule["host"] for rule in result.one("Ingress")["spec"]["rules"]]
+    env = proxy_environment(result, tmp_path / "secrets")
+    assert hosts and set(hosts) <= set(env["PROXY_ALLOWED_HOSTS"].split(","))
+    (tmp_path / "proxy.yaml").write_text(result.one("ConfigMap")["data"]["proxy.yaml"], encoding="utf-8")
+    screen = Screen(load_settings(str(tmp_path / "proxy.yaml"), env=env).server)
+    # As bound in the pod (0.0.0.0), the proxy checks Host names because the chart listed some.
+    assert screen.checks_host
+    answered = [*hosts, f"{FULLNAME}:8080", f"{FULLNAME}.{NAMESPACE}.svc:8080", "10.244.1.7:8080", "[fd00::7]:8080"]
+    assert all(screen.host_allowed(host) for host in answered)
+    assert not screen.host_allowed("attacker.example:8080")
+
+
+def test_helm_test_and_notes_name_hosts_the_proxy_answers(rendered: dict[str, Render]) -> None:
+    result = rendered["standalone-full"]
+    allowed = env_of(proxy_container(result.one("Deployment")))["PROXY_ALLOWED_HOSTS"]["value"].split(",")
+    (pod,) = result.hooks
+    urls = [pod["spec"]["containers"][0]["command"][-1], *re.findall(r"OPENAI_BASE_URL=(\S+)", result.notes)]
+    assert len(urls) == 3
+    assert [re.sub(r"^https?://([^:/]+).*$", r"\1", url) in allowed for url in urls] == [True] * 3
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"mode": "sidecar", "app": {"image": {"repository": "app"}}, "server": {"allowedHosts": ["llm-proxy"]}},
+            "llm-proxy",
+        ),
+        (
+            {"fullnameOverride": "llm", "clusterDomain": "corp.internal"},
+            f"llm,llm.{NAMESPACE},llm.{NAMESPACE}.svc,llm.{NAMESPACE}.svc.corp.internal",
+        ),
+        (
+            {
+                "ingress": {
+                    "enabled": True,
+                    "hosts": [
+                        {"host": "*.llm.example.com", "paths": [{"path": "/"}]},
+                        {"host": "llm.example.com", "paths": [{"path": "/"}]},
+                    ],
+                },
+                "server": {"allowedHosts": ["team-a.llm.example.com", "llm.example.com"]},
+            },
+            ",".join([*SERVICE_HOSTS, "llm.example.com", "team-a.llm.example.com"]),
+        ),
+    ],
+)
+def test_allowed_hosts_follow_the_values_when_set(render: RenderFn, values: dict[str, Any], expected: str) -> None:
+    (deployment,) = render(values).of_kind("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["PROXY_ALLOWED_HOSTS"]["value"] == expected
 
 
 def test_checksum_changes_when_config_changes(render: RenderFn) -> None:
@@ -365,16 +530,40 @@ def test_no_certificate_is_mounted_when_redis_tls_is_not_configured(rendered: di
         assert not [n for n in env_of(proxy_container(deployment)) if n.startswith("REDIS_TLS_")]
 
 
-def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn) -> None:
-    result = render({"upstream": {"apiKey": "sk-ignored-value", "existingSecret": "llm-keys"}})
+@pytest.mark.parametrize(
+    ("values", "ref"),
+    [
+        ({"upstream": {"apiKey": "sk-ignored-value", "existingSecret": "llm-keys"}}, "OPENAI_API_KEY"),
+        (
+            {"encryption": {"key": "ignored-value-0123456789abcdef0123456789", "existingSecret": "enc"}},
+            "CACHE_ENCRYPTION_KEY_FILE",
+        ),
+        (
+            {
+                "encryption": {
+                    "existingSecret": "enc",
+                    "oldKeys": {"keys": ["ignored-value-0123456789abcdef0123456789"], "existingSecret": "enc"},
+                }
+            },
+            "CACHE_ENCRYPTION_OLD_KEYS",
+        ),
+        ({"cacheKeySecret": {"value": "ignored-value-0123", "existingSecret": "enc"}}, "CACHE_KEY_SECRET"),
+    ],
+)
+def test_existing_secret_wins_when_a_value_is_also_given(render: RenderFn, values: dict[str, Any], ref: str) -> None:
+    result = render(values)
     assert result.of_kind("Secret") == []
-    assert "sk-ignored-value" not in result.manifest
+    assert "ignored-value" not in result.manifest
+    assert ref in env_of(proxy_container(result.one("Deployment")))
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_KINDS))
-def test_no_secret_value_leaves_its_secret_when_using_ci_values(rendered: dict[str, Render], name: str) -> None:
-    result = rendered[name]
+@pytest.mark.parametrize("name", [*sorted(EXPECTED_KINDS), "every secret as a value"])
+def test_no_secret_value_leaves_its_secret_when_using_ci_values(
+    rendered: dict[str, Render], render: RenderFn, name: str
+) -> None:
+    result = rendered[name] if name in rendered else render(TRIAL_SECRETS)
     secrets = secret_values(result.values)
+    assert secrets or name not in ("standalone-full", "every secret as a value")
     encoded = [base64.b64encode(s.encode()).decode() for s in secrets]
     for doc in result.docs + result.hooks:
         text = yaml.safe_dump(doc)
@@ -383,6 +572,123 @@ def test_no_secret_value_leaves_its_secret_when_using_ci_values(rendered: dict[s
         if doc["kind"] == "ConfigMap":
             assert not [e for e in encoded if e in text]
     assert not [s for s in secrets if s in result.notes]
+
+
+def test_encryption_key_is_a_mounted_file_when_it_comes_from_an_existing_secret(rendered: dict[str, Render]) -> None:
+    deployment = rendered["security"].one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["CACHE_ENCRYPTION_KEY_FILE"] == {
+        "name": "CACHE_ENCRYPTION_KEY_FILE",
+        "value": "/etc/cache-encryption/key",
+    }
+    assert "CACHE_ENCRYPTION_KEY" not in env
+    mounts = {m["name"]: m for m in proxy_container(deployment)["volumeMounts"]}
+    assert mounts["llm-cache-proxy-encryption"] == {
+        "name": "llm-cache-proxy-encryption",
+        "mountPath": "/etc/cache-encryption",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["llm-cache-proxy-encryption"]["secret"] == {
+        "secretName": "llm-cache-encryption",
+        "items": [{"key": "encryption-key", "path": "key"}],
+    }
+    assert env["CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "llm-cache-encryption",
+        "key": "cache-key-secret",
+    }
+    assert "CACHE_ENCRYPTION_OLD_KEYS" not in env
+
+
+def test_encryption_secrets_are_read_from_the_chart_secret_when_given_as_values(render: RenderFn) -> None:
+    result = render(TRIAL_SECRETS)
+    deployment = result.one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["CACHE_ENCRYPTION_KEY_FILE"]["value"] == "/etc/cache-encryption/key"
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    # Only the encryption key is mounted, not the other secrets the chart's Secret holds.
+    assert volumes["llm-cache-proxy-encryption"]["secret"] == {
+        "secretName": FULLNAME,
+        "items": [{"key": "encryption-key", "path": "key"}],
+    }
+    assert env["CACHE_ENCRYPTION_OLD_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": FULLNAME,
+        "key": "encryption-old-keys",
+    }
+    assert env["CACHE_KEY_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "cache-key-secret"}
+    encryption = TRIAL_SECRETS["encryption"]
+    assert secret_value(result, FULLNAME, "encryption-key") == encryption["key"]
+    assert secret_value(result, FULLNAME, "encryption-old-keys") == ",".join(encryption["oldKeys"]["keys"])
+    assert secret_value(result, FULLNAME, "cache-key-secret") == TRIAL_SECRETS["cacheKeySecret"]["value"]
+    assert "checksum/secret" in deployment["spec"]["template"]["metadata"]["annotations"]
+    for doc in result.docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_old_keys_come_from_their_own_secret_when_one_is_named(render: RenderFn) -> None:
+    values = {
+        "encryption": {
+            "key": TRIAL_SECRETS["encryption"]["key"],
+            "oldKeys": {"existingSecret": "rotation", "existingSecretKey": "previous"},
+        }
+    }
+    result = render(values)
+    env = env_of(proxy_container(result.one("Deployment")))
+    assert env["CACHE_ENCRYPTION_OLD_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "rotation", "key": "previous"}
+    assert set(result.one("Secret")["data"]) == {"encryption-key"}
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED_KINDS) - {"security"}))
+def test_nothing_is_encrypted_when_no_key_is_set(rendered: dict[str, Render], name: str) -> None:
+    deployment = rendered[name].one("Deployment")
+    assert (
+        not {"CACHE_ENCRYPTION_KEY_FILE", "CACHE_ENCRYPTION_OLD_KEYS", "CACHE_KEY_SECRET"}
+        & env_of(proxy_container(deployment)).keys()
+    )
+    assert "llm-cache-proxy-encryption" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
+
+
+def test_client_keys_reach_proxy_yaml_as_hashes_when_listed(rendered: dict[str, Render]) -> None:
+    result = rendered["security"]
+    config = yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])
+    assert config["auth"] == {
+        "client_keys": [
+            {
+                "name": "team-a",
+                "key": "sha256:" + hashlib.sha256(SECURITY_CLIENT_KEYS["team-a"].encode()).hexdigest(),
+                "namespace": "llm-cache-team-a",
+            },
+            {"name": "team-b", "key": "sha256:" + hashlib.sha256(SECURITY_CLIENT_KEYS["team-b"].encode()).hexdigest()},
+        ]
+    }
+    for key in SECURITY_CLIENT_KEYS.values():
+        assert key not in result.manifest
+    assert "auth.clientKeys" not in result.notes
+
+
+def test_client_keys_stay_out_of_proxy_yaml_when_none_are_listed(rendered: dict[str, Render]) -> None:
+    for name in sorted(set(EXPECTED_KINDS) - {"security"}):
+        assert "auth" not in yaml.safe_load(rendered[name].one("ConfigMap")["data"]["proxy.yaml"])
+
+
+def test_check_config_accepts_the_rendered_settings_when_locked_down(
+    rendered: dict[str, Render], tmp_path: Path
+) -> None:
+    result = rendered["security"]
+    env = proxy_environment(result, tmp_path / "secrets")
+    (tmp_path / "proxy.yaml").write_text(result.one("ConfigMap")["data"]["proxy.yaml"], encoding="utf-8")
+    env |= {"PROXY_CONFIG": str(tmp_path / "proxy.yaml"), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line.partition("  # ")[0].split(" = ", 1) for line in done.stdout.splitlines() if " = " in line]
+    shown = {key.strip(): value for key, value in lines}
+    assert shown["server.allowed_hosts"] == env["PROXY_ALLOWED_HOSTS"]
+    assert shown["server.allowed_origins"] == "https://chat.example.com"
+    assert shown["auth.client_keys"] == "team-a,team-b"
+    assert shown["cache.encryption_key"] == shown["cache.key_secret"] == "(set, hidden)"
+    assert "stand-in" not in done.stdout
 
 
 def test_bundled_redis_runs_beside_the_proxy_when_enabled(rendered: dict[str, Render]) -> None:
@@ -492,6 +798,33 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
             "needs mode=standalone",
         ),
         ({"mode": "sidecar"}, "app.image.repository is required"),
+        (
+            {"encryption": {"oldKeys": {"keys": ["hunter2-hunter2-hunter2-hunter2-hunter2"]}}},
+            "set encryption.key or encryption.existingSecret too",
+        ),
+        (
+            {"encryption": {"oldKeys": {"existingSecret": "rotation"}}},
+            "set encryption.key or encryption.existingSecret",
+        ),
+        (
+            {"auth": {"clientKeys": [{"name": "a", "keySha256": "ab" * 32}, {"name": "a", "keySha256": "cd" * 32}]}},
+            "auth.clientKeys: every name must be different",
+        ),
+        (
+            {"auth": {"clientKeys": [{"name": "a", "keySha256": "ab" * 32}, {"name": "b", "keySha256": "AB" * 32}]}},
+            "auth.clientKeys: every keySha256 must be different",
+        ),
+        (
+            {"ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]}},
+            "ingress host *.llm.example.com is a wildcard",
+        ),
+        (
+            {
+                "ingress": {"enabled": True, "hosts": [{"host": "*.llm.example.com", "paths": [{"path": "/"}]}]},
+                "server": {"allowedHosts": ["llm.example.com"]},
+            },
+            "list the names clients use under it in server.allowedHosts",
+        ),
     ],
 )
 def test_render_fails_with_a_clear_message_when_values_conflict(
