@@ -9,7 +9,7 @@ from typing import Any
 from . import clients, pyspy, shapes
 from .figures import CONNECTIONS, in_rounds, summarize
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, memory_kib
-from .stack import SERVERS, Bench, Running, start_aiohttp, start_proxy, start_reference
+from .stack import Bench, Running, start_aiohttp, start_baseline, start_proxy, start_reference
 from .wrk import run_wrk
 
 CHAT = "/v1/chat/completions"
@@ -27,11 +27,11 @@ def _hit_checks(bench: Bench, path: str, body: bytes, expected: bytes) -> dict[s
     """Warm every server until it answers *body* with a hit; per server, whether the hit's body equals
     *expected* and, for a server copying the subject, the headers that differ from the subject's."""
     checks: dict[str, dict[str, object]] = {}
-    for server in SERVERS:
+    for server in bench.servers:
         port = bench.ports[server.name]
         checks[server.name] = {"body_identical_to_upstream": clients.warm_until_hit(port, path, body, expected)}
-    subject = clients.request(bench.ports[SERVERS[0].name], "POST", path, body)[1]
-    for server in SERVERS:
+    subject = clients.request(bench.ports[bench.servers[0].name], "POST", path, body)[1]
+    for server in bench.servers:
         if server.copies_subject:
             theirs = clients.request(bench.ports[server.name], "POST", path, body)[1]
             checks[server.name]["headers_differing_from_proxy"] = clients.differing_headers(subject, theirs)
@@ -49,7 +49,7 @@ def _hit_rounds(bench: Bench, script: str, connections: int) -> dict[str, list[d
         run["upstream_requests"] = clients.nginx_requests(upstream) - before - 1
         return run
 
-    return in_rounds([server.name for server in SERVERS], bench.args.rounds, measure)
+    return in_rounds([server.name for server in bench.servers], bench.args.rounds, measure)
 
 
 def measure_hits(bench: Bench) -> None:
@@ -83,7 +83,7 @@ def _miss_rounds(bench: Bench, names: list[str], connections: int) -> dict[str, 
 def measure_misses(bench: Bench) -> None:
     """The miss workload against every server with a miss path and the fake upstream itself, in interleaved
     rounds; a fresh nonce per run."""
-    names = [server.name for server in SERVERS if server.serves_misses]
+    names = [server.name for server in bench.servers if server.serves_misses]
     for name in names:
         clients.expect_miss(bench.ports[name], CHAT, shapes.miss_body(f"probe-{bench.run_id}", 0))
     misses: dict[str, object] = {}
@@ -94,8 +94,9 @@ def measure_misses(bench: Bench) -> None:
 
 
 def _start_ttfb_sides(bench: Bench) -> tuple[dict[str, int], list[Running]]:
-    """A slow-to-stream upstream on the load core, then on the server core a bare relay to it and one proxy per
-    ``CACHE_BACKEND``; their ports by side (``direct``, ``relay``, backend) and every one started."""
+    """A slow-to-stream upstream on the load core, then on the server core a bare relay to it, one proxy per
+    ``CACHE_BACKEND`` and the baseline's proxy when there is one; their ports by side (``direct``, ``relay``,
+    backend, ``baseline``) and every one started."""
     upstream = start_aiohttp(bench, "fake-upstream", LOAD_CORE, "upstream")
     relay = start_aiohttp(bench, "relay-floor", SERVER_CORE, "relay", "--to", str(upstream.port))
     started, ports = [upstream, relay], {"direct": upstream.port, "relay": relay.port}
@@ -106,6 +107,10 @@ def _start_ttfb_sides(bench: Bench) -> tuple[dict[str, int], list[Running]]:
         ports[backend] = proxy.port
         if backend == "redis":
             bench.startup_s.append(proxy.startup_s)
+    if bench.baseline_src is not None:
+        baseline = start_baseline(bench, "baseline-ttfb", upstream.port)
+        started.append(baseline)
+        ports["baseline"] = baseline.port
     return ports, started
 
 
@@ -126,12 +131,15 @@ def measure_ttfb(bench: Bench) -> None:
         return [{side: shapes.miss_body(f"{nonce}-{side}", i, "chat_stream") for side in sides} for i in range(count)]
 
     pair = {"direct": ports["direct"], "proxy": ports["redis"]}
+    pair |= {"baseline": ports["baseline"]} if "baseline" in ports else {}
     new = clients.stream_ttfb(pair, bodies("new", list(pair)), kept_alive=False, warm=TTFB_WARM_ROUNDS)
     kept = clients.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=TTFB_WARM_ROUNDS)
+    kept_pair = {"direct": kept["direct"], "proxy": kept["redis"]}
+    kept_pair |= {"baseline": kept["baseline"]} if "baseline" in kept else {}
     bench.results["stream_ttfb"] = {
         "samples": samples,
         "new_connection": new,
-        "kept_alive": {"direct": kept["direct"], "proxy": kept["redis"]},
+        "kept_alive": kept_pair,
         "kept_alive_backends": kept,
     }
     for running in reversed(started):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .figures import MIB_KIB, targets, ttfb
-from .tables import hits, misses, scaling, table
+from .tables import before_after, hits, misses, scaling, table
 
 # kept-alive TTFB side -> (its name, what it adds over the side before it)
 TTFB_STEPS = (
@@ -33,6 +33,9 @@ def _ttfb_rows(t: Mapping[str, Any]) -> list[list[object]]:
         ):
             via = f"{direct[f'{m}_ms']:.2f} ms direct, {proxy[f'{m}_ms']:.2f} ms via proxy"
             rows.append([f"streamed miss, {what}", via, f"{proxy[f'{m}_added_ms']:.3f} ms added"])
+            if base := t[key].get("baseline"):
+                via = f"{base[f'{m}_ms']:.2f} ms via the baseline proxy"
+                rows.append([f"streamed miss, {what}, baseline", via, f"{base[f'{m}_added_ms']:.3f} ms added"])
     return rows
 
 
@@ -108,9 +111,12 @@ def _profile(results: Mapping[str, Any]) -> list[str]:
 
 
 def _log(results: Mapping[str, Any]) -> list[str]:
-    found = results["proxy_log"]
-    lines = [f"## Proxy log: {found['warning']} warnings, {found['error']} errors", ""]
-    return lines + [f"- `{line}`" for line in found["first"]]
+    lines: list[str] = []
+    for key, title in (("proxy_log", "Proxy log"), ("baseline_log", "Baseline proxy log")):
+        if found := results.get(key):
+            lines += ["", f"## {title}: {found['warning']} warnings, {found['error']} errors", ""]
+            lines += [f"- `{line}`" for line in found["first"]]
+    return lines[1:]
 
 
 def _targets(results: Mapping[str, Any]) -> list[str]:
@@ -130,23 +136,26 @@ def _heading(env: Mapping[str, Any]) -> list[str]:
     )
     busy = ", ".join(f"core {c} {b:.0%}" for c, b in env.get("cores_busy_before_start", {}).items())
     libraries = "".join(f", {name} {env[name]}" for name in ("aiohttp", "uvloop") if name in env)
+    base = env.get("baseline")
+    against = f" Baseline: {base['ref']} = {base['commit']}." if base else ""
     return [
         f"# Benchmark: {who} vs nginx proxy_cache",
         "",
         f"commit {env['commit']}, {env['cpu']} x{env['cores']}, Python {env['python']}{libraries}, {env['nginx']}, "
         f"{env['wrk']}, {env['redis']}; {runs}; servers on core {env['server_core']}, wrk/Redis/upstream on core "
-        f"{env['load_core']}. Busy before the run: {busy}.",
+        f"{env['load_core']}. Busy before the run: {busy}.{against}",
         "",
     ]
 
 
 SECTIONS = (
+    (("hits", "misses"), before_after),
     (("hits",), hits),
     (("misses",), misses),
     (("stream_ttfb", "working_set", "startup_s"), _other),
     (("scaling",), scaling),
     (("profile",), _profile),
-    (("proxy_log",), _log),
+    (("proxy_log", "baseline_log"), _log),
 )
 
 
@@ -158,8 +167,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     try:
         lines = _heading(results["environment"])
         for keys, render in SECTIONS:
-            if any(key in results for key in keys):
-                lines += [*render(results), ""]
+            if any(key in results for key in keys) and (section := render(results)):
+                lines += [*section, ""]
         return "\n".join(lines + _targets(results))
     except (KeyError, TypeError, ValueError) as exc:
         raise ResultsFormatError(f"cannot render these results: {type(exc).__name__} {exc}") from exc
