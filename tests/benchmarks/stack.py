@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import nginx, processes, shapes
+from .figures import HIT_WORKLOADS
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, Service
 
 HERE = Path(__file__).resolve().parent
@@ -147,13 +148,40 @@ class ServerUnderTest:
 
     The first of ``SERVERS`` is the subject; every ratio is the subject over one of the others. A server that
     answers every request from memory (the floor) has no miss path and runs only the hit workloads; one that
-    copies the subject's hit (*copies_subject*) has its headers compared with the subject's.
+    copies the subject's hit (*copies_subject*) has its headers compared with the subject's. A peer may speak
+    its own dialect of the API: *prefix* goes before every ``/v1`` path and *bodies* names the directory of
+    ``bodies/`` its requests come from. One that says nothing like ``X-Cache: HIT`` (not *marks_hits*) is known
+    to hit when the fake upstream's request counter stands still. A server a hundred times slower than the others
+    runs for *run_s* seconds, whatever ``--duration`` says, with at most *max_connections*: enough for its slow
+    answers to complete many times over, and few enough that none waits past wrk's timeout.
     """
 
     name: str
     start: Callable[[Bench, str, int], Running]
     serves_misses: bool = True
     copies_subject: bool = False
+    prefix: str = ""
+    bodies: str = ""
+    marks_hits: bool = True
+    workloads: tuple[str, ...] = HIT_WORKLOADS
+    run_s: int | None = None
+    max_connections: int | None = None
+
+    def body_name(self, name: str) -> str:
+        """The name under ``bodies/`` of this server's request *name* (``chat``, ``chat_stream``, ...)."""
+        return f"{self.bodies}/{name}" if self.bodies else name
+
+    def wrk_options(self) -> tuple[str, ...]:
+        """The ``key=value`` arguments that make the wrk scripts speak this server's dialect."""
+        return tuple(f"{key}={value}" for key, value in (("prefix", self.prefix), ("bodies", self.bodies)) if value)
+
+    def seconds(self, asked_s: int) -> int:
+        """Seconds of each of its wrk runs when *asked_s* are asked for."""
+        return self.run_s or asked_s
+
+    def connections(self, asked: int) -> int:
+        """Connections of its wrk runs when *asked* are asked for."""
+        return min(asked, self.max_connections or asked)
 
 
 SERVERS = (
@@ -191,9 +219,11 @@ def setup(bench: Bench) -> None:
     for name, starter in (("upstream", start_upstream), ("redis", start_redis)):
         running = starter(bench)
         bench.ports[name], bench.pids[name] = running.port, running.service.pid
+    started = bench.results["servers_startup_s"] = {}
     for server in bench.servers:
         running = server.start(bench, server.name, bench.ports["upstream"])
         bench.ports[server.name], bench.pids[server.name] = running.port, running.service.pid
+        started[server.name] = running.startup_s
         if server is bench.servers[0]:
             bench.startup_s.append(running.startup_s)
     bench.results["startup_s"] = bench.startup_s

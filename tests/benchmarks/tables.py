@@ -60,6 +60,12 @@ def _noise(label: str, entry: Entry) -> list[str]:
     ]
 
 
+def _capped(label: str, conns: int, entry: Entry) -> list[str]:
+    """A note when the runs of *entry* used fewer connections than their row says (a peer's cap)."""
+    used = sorted({int(run.get("connections", conns)) for run in runs_of(entry)})
+    return [f"- {label}: ran with {', '.join(map(str, used))} connections, not {conns}"] if used != [conns] else []
+
+
 def _stored(entry: Entry) -> float:
     """Redis keys added per request completed over a miss entry's rounds."""
     return float(entry["redis_keys_added"]) / max(float(entry["wrk"]["requests"]), 1.0)
@@ -87,7 +93,7 @@ def _hit_notes(workload: str, conns: int, name: str, run: Entry) -> list[str]:
     if run.get("headers_differing_from_proxy"):
         differing = ", ".join(run["headers_differing_from_proxy"])
         notes.append(f"- {workload}/{name}: headers unlike the proxy's hit: {differing}")
-    return notes + _noise(f"{workload}/{conns}/{name}", run)
+    return notes + _capped(f"{workload}/{conns}/{name}", conns, run) + _noise(f"{workload}/{conns}/{name}", run)
 
 
 def _gap_lines(results: Mapping[str, Any]) -> list[str]:
@@ -115,6 +121,8 @@ def hits(results: Mapping[str, Any]) -> list[str]:
             busy = [_per_role(run, "core_busy", name, ".0%") for run, name in pairs]
             cpu.append([workload, conns, *(_per_role(r, "cpu_us_per_request", n, ".1f") for r, n in pairs), *busy])
             notes += [line for run, name in pairs if run is not None for line in _hit_notes(workload, conns, name, run)]
+    # A workload's body checks are shared by its runs at every connection count: each said once.
+    notes = list(dict.fromkeys(notes))
     return [
         "## Cache hits",
         "",
@@ -165,6 +173,7 @@ def misses(results: Mapping[str, Any]) -> list[str]:
     itself, the latency each adds over upstream, and notes on shared cores or misses that were not stored."""
     entries, names = results["misses"], servers(results, "misses")
     notes = [line for key, run in entries.items() if not key.endswith("/upstream") for line in _noise(key, run)]
+    notes += [line for key, run in entries.items() for line in _capped(key, int(key.split("/")[1]), run)]
     for conns in CONNECTIONS:
         stored = _stored(entries[f"miss/{conns}/{names[0]}"])
         if stored < 0.9 and not results["environment"]["calibrate"]:
