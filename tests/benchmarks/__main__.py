@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import checkout, figures, phases, processes, report
+from . import checkout, figures, peers, phases, processes, report
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError
 from .stack import HERE, REPO, Bench, python_env, servers_for, setup
 
@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--log-level", default="WARNING", help="LOG_LEVEL given to the proxy (default WARNING)")
     add("--baseline", metavar="REF", help="also measure the proxy of git ref REF in the same rounds: before/after")
     add("--only", metavar="PHASES", help=f"comma-separated phases to run (default all): {','.join(PHASES)}")
+    add(
+        "--peers", metavar="NAMES", help=f"also measure these peers in the hit and miss rounds: {','.join(peers.PEERS)}"
+    )
     add("--report", type=Path, metavar="FILE.json", help="print the report of an earlier run's results and exit")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.quick else 4)
@@ -51,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.only = [name.strip() for name in args.only.split(",")] if args.only else []
     if unknown := [name for name in args.only if name not in PHASES]:
         parser.error(f"--only: unknown phase {', '.join(unknown)}; phases are {', '.join(PHASES)}")
+    args.peers = [name.strip() for name in args.peers.split(",")] if args.peers else []
+    if unknown := [name for name in args.peers if name not in peers.PEERS]:
+        parser.error(f"--peers: unknown peer {', '.join(unknown)}; peers are {', '.join(peers.PEERS)}")
     return args
 
 
@@ -199,8 +205,11 @@ def run(args: argparse.Namespace) -> int:
     os.sched_setaffinity(0, {LOAD_CORE})
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-calibrate" if args.calibrate else "")
     RESULTS.mkdir(exist_ok=True)
-    bench = Bench(args, _scratch_dir(), f"{time.time_ns():x}", RESULTS / stamp, servers=servers_for(args))
-    bench.results["environment"] = env | {"cores_busy_before_start": _busy_before_start()}
+    chosen, skipped = peers.select(args.peers)
+    env["peers"] = {server.name: peers.version(server.name) for server in chosen}
+    servers = (*servers_for(args), *chosen)
+    bench = Bench(args, _scratch_dir(), f"{time.time_ns():x}", RESULTS / stamp, servers=servers)
+    bench.results["environment"] = env | {"cores_busy_before_start": _busy_before_start(), "peers_skipped": skipped}
     print(f"scratch dir {bench.tmp}; {args.rounds} rounds of {args.duration} s wrk runs", flush=True)
     try:
         _measure(bench, baseline)

@@ -110,6 +110,26 @@ def _profile(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _peers(results: Mapping[str, Any]) -> list[str]:
+    """The peers asked for: version and start-up time of each measured, and why any was skipped."""
+    env = results["environment"]
+    measured, skipped = env.get("peers", {}), env.get("peers_skipped", {})
+    if not measured and not skipped:
+        return []
+    started = results.get("servers_startup_s", {})
+    rows = [[name, version, f"{started[name]:.2f} s" if name in started else "-"] for name, version in measured.items()]
+    lines = ["## Peers"]
+    if rows:
+        lines += [
+            "",
+            "Measured in the same rounds as nginx and the proxy (tables above). A peer without an `X-Cache` header "
+            "was checked to hit by the fake upstream's request counter standing still.",
+            "",
+            *table(["peer", "version", "process start to ready"], rows),
+        ]
+    return [*lines, "", *(f"- {name} skipped: {reason}" for name, reason in skipped.items())] if skipped else lines
+
+
 def _log(results: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     for key, title in (("proxy_log", "Proxy log"), ("baseline_log", "Baseline proxy log")):
@@ -153,6 +173,7 @@ SECTIONS = (
     (("hits",), hits),
     (("misses",), misses),
     (("stream_ttfb", "working_set", "startup_s"), _other),
+    (("environment",), _peers),
     (("scaling",), scaling),
     (("profile",), _profile),
     (("proxy_log", "baseline_log"), _log),
