@@ -12,20 +12,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import figures, phases, processes, report
+from . import checkout, figures, peers, phases, processes, report
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError
-from .stack import HERE, REPO, Bench, python_env, setup
+from .stack import HERE, REPO, Bench, python_env, servers_for, setup
 
 RESULTS = HERE / "results"
 TOOLS = ("wrk", "nginx", "redis-server", "taskset")
 INSTALL_HINT = "apt-get install -y wrk nginx-light redis-server util-linux"
 DESCRIPTION = "Measure the proxy against nginx proxy_cache, or print the report of an earlier run."
+PHASES = tuple(phase.__name__.removeprefix("measure_") for phase in phases.ALL)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -39,12 +41,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--keep", action="store_true", help="keep the scratch dir (configs and process logs)")
     add("--calibrate", action="store_true", help="a second nginx where the proxy goes: ratios should be near 1.0")
     add("--log-level", default="WARNING", help="LOG_LEVEL given to the proxy (default WARNING)")
+    add("--baseline", metavar="REF", help="also measure the proxy of git ref REF in the same rounds: before/after")
+    add("--only", metavar="PHASES", help=f"comma-separated phases to run (default all): {','.join(PHASES)}")
+    add(
+        "--peers", metavar="NAMES", help=f"also measure these peers in the hit and miss rounds: {','.join(peers.PEERS)}"
+    )
     add("--report", type=Path, metavar="FILE.json", help="print the report of an earlier run's results and exit")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.quick else 4)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    args.only = [name.strip() for name in args.only.split(",")] if args.only else []
+    if unknown := [name for name in args.only if name not in PHASES]:
+        parser.error(f"--only: unknown phase {', '.join(unknown)}; phases are {', '.join(PHASES)}")
+    args.peers = [name.strip() for name in args.peers.split(",")] if args.peers else []
+    if unknown := [name for name in args.peers if name not in peers.PEERS]:
+        parser.error(f"--peers: unknown peer {', '.join(unknown)}; peers are {', '.join(peers.PEERS)}")
     return args
+
+
+def runs_phase(args: argparse.Namespace, name: str) -> bool:
+    """Whether phase *name* runs: the phases ``--only`` lists, or else all but the profile unless ``--profile``."""
+    if args.only:
+        return name in args.only
+    return name != "profile" or bool(args.profile)
 
 
 def _output(argv: Sequence[str], **kwargs: Any) -> str:
@@ -88,6 +108,7 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
         "quick": args.quick,
         "calibrate": args.calibrate,
         "log_level": args.log_level,
+        "only": args.only,
         "server_core": SERVER_CORE,
         "load_core": LOAD_CORE,
     }
@@ -109,17 +130,31 @@ def _busy_before_start() -> dict[int, float]:
     return busy
 
 
-def _measure(bench: Bench) -> None:
-    """Start the stack, run every phase (the profile only when asked), record the proxy's RSS after each."""
-    setup(bench)
-    rss = bench.results["proxy_rss_kib"] = {"start": processes.memory_kib(bench.pids["proxy"])["VmRSS"]}
-    for phase in phases.ALL:
-        if phase is phases.measure_profile and not bench.args.profile:
-            continue
-        name = phase.__name__.removeprefix("measure_")
-        print(f"{name}:", flush=True)
-        phase(bench)
-        rss[name] = processes.memory_kib(bench.pids["proxy"])["VmRSS"]
+def _check_baseline(bench: Bench, src: Path) -> None:
+    """BenchmarkError unless the baseline checkout's own ``proxy`` is what its ``python -m proxy`` imports."""
+    found = checkout.proxy_source(src, python_env(src))
+    bench.results["environment"]["baseline"]["proxy_source"] = found
+    if not found.startswith(str(src / "proxy")):
+        raise BenchmarkError(f"python -m proxy would not run the baseline checkout's proxy: {found}")
+
+
+def _measure(bench: Bench, baseline: str | None) -> None:
+    """Check the baseline commit out when there is one, start the stack, run the phases asked for, and record the
+    proxy's RSS after each; every process is stopped before the baseline's worktree is removed."""
+    with ExitStack() as stack:
+        if baseline is not None:
+            src = bench.tmp / f"baseline-{baseline[:12]}"
+            bench.baseline_src = stack.enter_context(checkout.worktree(REPO, baseline, src))
+            _check_baseline(bench, src)
+        stack.callback(bench.stop_all)
+        setup(bench)
+        rss = bench.results["proxy_rss_kib"] = {"start": processes.memory_kib(bench.pids["proxy"])["VmRSS"]}
+        for phase in phases.ALL:
+            name = phase.__name__.removeprefix("measure_")
+            if runs_phase(bench.args, name):
+                print(f"{name}:", flush=True)
+                phase(bench)
+                rss[name] = processes.memory_kib(bench.pids["proxy"])["VmRSS"]
 
 
 def _write(bench: Bench) -> list[Path]:
@@ -134,37 +169,66 @@ def _write(bench: Bench) -> list[Path]:
     return [json_path, md_path]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure everything; 0 on success, 1 when a measurement was invalid, 2 when the machine lacks a tool or core."""
+def _unfit() -> str | None:
+    """Why this machine cannot run the benchmark (a tool or a core missing), or None."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        print(f"missing: {', '.join(missing)}. Install with: {INSTALL_HINT}", file=sys.stderr)
-        return 2
+        return f"missing: {', '.join(missing)}. Install with: {INSTALL_HINT}"
     if len(os.sched_getaffinity(0)) < 2:
-        print("needs two CPU cores (server on core 0, load on core 1)", file=sys.stderr)
-        return 2
+        return "needs two CPU cores (server on core 0, load on core 1)"
+    return None
+
+
+def _baseline(args: argparse.Namespace, env: dict[str, object]) -> str | None:
+    """The commit ``--baseline`` names, recorded in *env*; None without the option. Raises CheckoutError."""
+    if not args.baseline:
+        return None
+    commit = checkout.resolve(REPO, args.baseline)
+    env["baseline"] = {"ref": args.baseline, **checkout.describe(REPO, commit)}
+    return commit
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure everything; 0 on success, 1 when a measurement was invalid, 2 when the machine lacks a tool or core
+    or the proxy (this checkout's, or the baseline's) cannot be run."""
     env = environment(args)
-    if not str(env["proxy_source"]).startswith(str(REPO / "proxy")):
-        print(f"python -m proxy would not run this checkout's proxy: {env['proxy_source']}", file=sys.stderr)
+    problem = _unfit()
+    if problem is None and not str(env["proxy_source"]).startswith(str(REPO / "proxy")):
+        problem = f"python -m proxy would not run this checkout's proxy: {env['proxy_source']}"
+    try:
+        baseline = _baseline(args, env)
+    except checkout.CheckoutError as exc:
+        problem = problem or str(exc)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     os.sched_setaffinity(0, {LOAD_CORE})
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-calibrate" if args.calibrate else "")
     RESULTS.mkdir(exist_ok=True)
-    bench = Bench(args, _scratch_dir(), f"{time.time_ns():x}", RESULTS / stamp)
-    bench.results["environment"] = env | {"cores_busy_before_start": _busy_before_start()}
+    chosen, skipped = peers.select(args.peers)
+    env["peers"] = {server.name: peers.version(server.name) for server in chosen}
+    servers = (*servers_for(args), *chosen)
+    bench = Bench(args, _scratch_dir(), f"{time.time_ns():x}", RESULTS / stamp, servers=servers)
+    bench.results["environment"] = env | {"cores_busy_before_start": _busy_before_start(), "peers_skipped": skipped}
     print(f"scratch dir {bench.tmp}; {args.rounds} rounds of {args.duration} s wrk runs", flush=True)
     try:
-        _measure(bench)
+        _measure(bench, baseline)
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}\nlogs in {bench.tmp}", file=sys.stderr)
         return 1
     finally:
         bench.stop_all()
-        bench.results["proxy_log"] = processes.scan_logs(sorted(bench.tmp.glob("proxy*.log")))
+        for role in ("proxy", "baseline") if baseline else ("proxy",):
+            bench.results[f"{role}_log"] = processes.scan_logs(sorted(bench.tmp.glob(f"{role}*.log")))
         for cache in bench.tmp.glob("*/cache"):
             shutil.rmtree(cache, ignore_errors=True)
+    return _finish(bench)
+
+
+def _finish(bench: Bench) -> int:
+    """Write the report and results, remove the scratch dir unless ``--keep``; 0."""
     written = _write(bench)
-    if args.keep:
+    if bench.args.keep:
         print(f"\nconfigs and logs kept in {bench.tmp}")
     else:
         shutil.rmtree(bench.tmp, ignore_errors=True)

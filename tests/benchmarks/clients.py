@@ -46,21 +46,33 @@ def request(
         conn.close()
 
 
-def warm_until_hit(port: int, path: str, body: bytes, expected: bytes) -> bool:
-    """Send *body* until the answer carries ``X-Cache: HIT``; return whether the hit's body equals *expected*.
+def _post_counted(port: int, path: str, body: bytes, counter: int | None) -> tuple[int, bytes, str | None]:
+    """POST *body*; status, body and cache outcome: ``X-Cache``, or with the port of the fake upstream's nginx as
+    *counter* ``HIT`` when upstream saw no request of its own for it (``MISS`` when it saw one, else ``?``)."""
+    before = nginx_requests(counter) if counter is not None else 0
+    status, headers, payload = request(port, "POST", path, body)
+    if counter is None:
+        return status, payload, headers.get("x-cache")
+    # Each reading of the counter is one request itself.
+    reached = nginx_requests(counter) - before - 1
+    return status, payload, {0: "HIT", 1: "MISS"}.get(reached, "?")
+
+
+def warm_until_hit(port: int, path: str, body: bytes, expected: bytes, counter: int | None = None) -> bool:
+    """Send *body* until the answer is a hit (``_post_counted``); return whether the hit's body equals *expected*.
 
     Raises BenchmarkError on a non-200 or when no hit arrives within a few seconds (the store may write
     after the response, so the second request is not guaranteed to hit).
     """
     deadline = time.perf_counter() + HIT_WAIT_S
     while True:
-        status, headers, payload = request(port, "POST", path, body)
+        status, payload, outcome = _post_counted(port, path, body, counter)
         if status != 200:
             raise BenchmarkError(f"POST {path} on port {port} answered {status}: {payload[:300]!r}")
-        if headers.get("x-cache") == "HIT":
+        if outcome == "HIT":
             return payload == expected
         if time.perf_counter() > deadline:
-            raise BenchmarkError(f"POST {path} on port {port} never became a hit (X-Cache: {headers.get('x-cache')})")
+            raise BenchmarkError(f"POST {path} on port {port} never became a hit (X-Cache: {outcome})")
         time.sleep(0.01)
 
 
@@ -78,11 +90,11 @@ def differing_headers(proxy: Mapping[str, str], other: Mapping[str, str]) -> lis
     )
 
 
-def expect_miss(port: int, path: str, body: bytes) -> None:
-    """Raise BenchmarkError unless a fresh *body* is answered 200 with ``X-Cache: MISS``."""
-    status, headers, payload = request(port, "POST", path, body)
-    if status != 200 or headers.get("x-cache") != "MISS":
-        raise BenchmarkError(f"fresh body on port {port}: {status} X-Cache={headers.get('x-cache')} {payload[:200]!r}")
+def expect_miss(port: int, path: str, body: bytes, counter: int | None = None) -> None:
+    """Raise BenchmarkError unless a fresh *body* is answered 200 as a miss (``_post_counted``)."""
+    status, payload, outcome = _post_counted(port, path, body, counter)
+    if status != 200 or outcome != "MISS":
+        raise BenchmarkError(f"fresh body on port {port}: {status} X-Cache={outcome} {payload[:200]!r}")
 
 
 def _post_head(port: int, path: str, length: int, keep_alive: bool) -> bytes:
@@ -184,7 +196,8 @@ def _timings(side: str, reply: Reply, is_upstream: bool) -> tuple[float, float]:
     """First byte and first event of a complete streamed miss; BenchmarkError for anything else."""
     if reply.status != 200 or reply.first_event_s is None or b"data: [DONE]" not in reply.body:
         raise BenchmarkError(f"streamed request via {side} was not a complete stream ({reply.status})")
-    if not is_upstream and reply.headers.get("x-cache") != "MISS":
+    # A proxy with CACHE_BACKEND=off stores nothing and says BYPASS; either way the answer came from upstream.
+    if not is_upstream and reply.headers.get("x-cache") not in ("MISS", "BYPASS"):
         raise BenchmarkError(f"streamed request via {side} was not a miss (X-Cache: {reply.headers.get('x-cache')})")
     return reply.first_byte_s, reply.first_event_s
 

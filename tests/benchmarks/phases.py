@@ -9,7 +9,7 @@ from typing import Any
 from . import clients, pyspy, shapes
 from .figures import CONNECTIONS, in_rounds, summarize
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, memory_kib
-from .stack import SERVERS, Bench, Running, start_aiohttp, start_proxy, start_reference
+from .stack import Bench, Running, ServerUnderTest, start_aiohttp, start_baseline, start_proxy, start_reference
 from .wrk import run_wrk
 
 CHAT = "/v1/chat/completions"
@@ -23,79 +23,97 @@ TTFB_BACKENDS = ("redis", "memory", "off")
 TTFB_WARM_ROUNDS = 3
 
 
-def _hit_checks(bench: Bench, path: str, body: bytes, expected: bytes) -> dict[str, dict[str, object]]:
-    """Warm every server until it answers *body* with a hit; per server, whether the hit's body equals
-    *expected* and, for a server copying the subject, the headers that differ from the subject's."""
+def _hit_checks(bench: Bench, workload: str, servers: list[ServerUnderTest]) -> dict[str, dict[str, object]]:
+    """Warm each of *servers* until it answers *workload*'s body with a hit; per server, whether the hit's body
+    equals upstream's and, for a server copying the subject, the headers that differ from the subject's."""
+    _, path, body_name, expected = HIT_WORKLOADS[workload]
     checks: dict[str, dict[str, object]] = {}
-    for server in SERVERS:
-        port = bench.ports[server.name]
-        checks[server.name] = {"body_identical_to_upstream": clients.warm_until_hit(port, path, body, expected)}
-    subject = clients.request(bench.ports[SERVERS[0].name], "POST", path, body)[1]
-    for server in SERVERS:
+    for server in servers:
+        port, body = bench.ports[server.name], shapes.request_body(server.body_name(body_name))
+        counter = None if server.marks_hits else bench.ports["upstream"]
+        identical = clients.warm_until_hit(port, server.prefix + path, body, expected, counter)
+        checks[server.name] = {"body_identical_to_upstream": identical}
+    body = shapes.request_body(body_name)
+    subject = clients.request(bench.ports[bench.servers[0].name], "POST", path, body)[1]
+    for server in servers:
         if server.copies_subject:
             theirs = clients.request(bench.ports[server.name], "POST", path, body)[1]
             checks[server.name]["headers_differing_from_proxy"] = clients.differing_headers(subject, theirs)
     return checks
 
 
-def _hit_rounds(bench: Bench, script: str, connections: int) -> dict[str, list[dict[str, Any]]]:
-    upstream = bench.ports["upstream"]
+def _hit_rounds(
+    bench: Bench, script: str, connections: int, servers: list[ServerUnderTest]
+) -> dict[str, list[dict[str, Any]]]:
+    upstream, by_name = bench.ports["upstream"], {server.name: server for server in servers}
 
     def measure(name: str, _round: int) -> dict[str, Any]:
+        server = by_name[name]
         before = clients.nginx_requests(upstream)
         watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
-        run = run_wrk(script, bench.ports[name], connections, bench.args.duration, watch)
+        conns, seconds = server.connections(connections), server.seconds(bench.args.duration)
+        run = run_wrk(script, bench.ports[name], conns, seconds, watch, server.wrk_options())
         # One request is the status probe itself; anything more reached upstream during a "hit" run.
         run["upstream_requests"] = clients.nginx_requests(upstream) - before - 1
+        run["connections"] = conns
         return run
 
-    return in_rounds([server.name for server in SERVERS], bench.args.rounds, measure)
+    return in_rounds(list(by_name), bench.args.rounds, measure)
 
 
 def measure_hits(bench: Bench) -> None:
-    """Hit workloads at 64 and 1 connections against every server under test, once all answer ``X-Cache: HIT``,
-    in interleaved rounds (``figures.order``); one summary of its rounds per server."""
+    """Hit workloads at 64 and 1 connections against every server under test that serves them, once each answers
+    with a hit, in interleaved rounds (``figures.order``); one summary of its rounds per server."""
     hits: dict[str, object] = {}
-    for workload, (script, path, body_name, expected) in HIT_WORKLOADS.items():
-        checks = _hit_checks(bench, path, shapes.request_body(body_name), expected)
+    for workload, (script, *_) in HIT_WORKLOADS.items():
+        servers = [server for server in bench.servers if workload in server.workloads]
+        checks = _hit_checks(bench, workload, servers)
         for connections in CONNECTIONS:
-            for name, runs in _hit_rounds(bench, script, connections).items():
+            for name, runs in _hit_rounds(bench, script, connections, servers).items():
                 hits[f"{workload}/{connections}/{name}"] = summarize(runs, **checks[name])
     bench.results["hits"] = hits
 
 
-def _miss_rounds(bench: Bench, names: list[str], connections: int) -> dict[str, list[dict[str, Any]]]:
-    redis = bench.ports["redis"]
+def _miss_rounds(bench: Bench, servers: list[ServerUnderTest], connections: int) -> dict[str, list[dict[str, Any]]]:
+    redis, by_name = bench.ports["redis"], {server.name: server for server in servers}
 
     def measure(name: str, round_index: int) -> dict[str, Any]:
         keys_before = clients.redis_dbsize(redis)
         watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
-        nonce = f"{bench.run_id}{name}{connections}r{round_index}"
-        run = run_wrk("miss.lua", bench.ports[name], connections, bench.args.duration, watch, (nonce,))
+        nonce = f"nonce={bench.run_id}{name}{connections}r{round_index}"
+        server = by_name.get(name)
+        args = (nonce, *server.wrk_options()) if server else (nonce,)
+        conns = server.connections(connections) if server else connections
+        seconds = server.seconds(bench.args.duration) if server else bench.args.duration
+        run = run_wrk("miss.lua", bench.ports[name], conns, seconds, watch, args)
         # Requests in flight when wrk stops are still answered and stored; let those writes land.
         time.sleep(0.2)
         run["redis_keys_added"] = clients.redis_dbsize(redis) - keys_before
+        run["connections"] = conns
         return run
 
-    return in_rounds(names, bench.args.rounds, measure)
+    return in_rounds([*by_name, "upstream"], bench.args.rounds, measure)
 
 
 def measure_misses(bench: Bench) -> None:
     """The miss workload against every server with a miss path and the fake upstream itself, in interleaved
     rounds; a fresh nonce per run."""
-    names = [server.name for server in SERVERS if server.serves_misses]
-    for name in names:
-        clients.expect_miss(bench.ports[name], CHAT, shapes.miss_body(f"probe-{bench.run_id}", 0))
+    servers = [server for server in bench.servers if server.serves_misses]
+    for server in servers:
+        body = shapes.miss_body(f"probe-{bench.run_id}", 0, server.body_name("chat"))
+        counter = None if server.marks_hits else bench.ports["upstream"]
+        clients.expect_miss(bench.ports[server.name], server.prefix + CHAT, body, counter)
     misses: dict[str, object] = {}
     for connections in CONNECTIONS:
-        for name, runs in _miss_rounds(bench, [*names, "upstream"], connections).items():
+        for name, runs in _miss_rounds(bench, servers, connections).items():
             misses[f"miss/{connections}/{name}"] = summarize(runs)
     bench.results["misses"] = misses
 
 
 def _start_ttfb_sides(bench: Bench) -> tuple[dict[str, int], list[Running]]:
-    """A slow-to-stream upstream on the load core, then on the server core a bare relay to it and one proxy per
-    ``CACHE_BACKEND``; their ports by side (``direct``, ``relay``, backend) and every one started."""
+    """A slow-to-stream upstream on the load core, then on the server core a bare relay to it, one proxy per
+    ``CACHE_BACKEND`` and the baseline's proxy when there is one; their ports by side (``direct``, ``relay``,
+    backend, ``baseline``) and every one started."""
     upstream = start_aiohttp(bench, "fake-upstream", LOAD_CORE, "upstream")
     relay = start_aiohttp(bench, "relay-floor", SERVER_CORE, "relay", "--to", str(upstream.port))
     started, ports = [upstream, relay], {"direct": upstream.port, "relay": relay.port}
@@ -106,6 +124,10 @@ def _start_ttfb_sides(bench: Bench) -> tuple[dict[str, int], list[Running]]:
         ports[backend] = proxy.port
         if backend == "redis":
             bench.startup_s.append(proxy.startup_s)
+    if bench.baseline_src is not None:
+        baseline = start_baseline(bench, "baseline-ttfb", upstream.port)
+        started.append(baseline)
+        ports["baseline"] = baseline.port
     return ports, started
 
 
@@ -126,12 +148,15 @@ def measure_ttfb(bench: Bench) -> None:
         return [{side: shapes.miss_body(f"{nonce}-{side}", i, "chat_stream") for side in sides} for i in range(count)]
 
     pair = {"direct": ports["direct"], "proxy": ports["redis"]}
+    pair |= {"baseline": ports["baseline"]} if "baseline" in ports else {}
     new = clients.stream_ttfb(pair, bodies("new", list(pair)), kept_alive=False, warm=TTFB_WARM_ROUNDS)
     kept = clients.stream_ttfb(ports, bodies("kept", list(ports)), kept_alive=True, warm=TTFB_WARM_ROUNDS)
+    kept_pair = {"direct": kept["direct"], "proxy": kept["redis"]}
+    kept_pair |= {"baseline": kept["baseline"]} if "baseline" in kept else {}
     bench.results["stream_ttfb"] = {
         "samples": samples,
         "new_connection": new,
-        "kept_alive": {"direct": kept["direct"], "proxy": kept["redis"]},
+        "kept_alive": kept_pair,
         "kept_alive_backends": kept,
     }
     for running in reversed(started):
@@ -210,7 +235,7 @@ def measure_profile(bench: Bench) -> None:
         return
     seconds = min(bench.args.duration * bench.args.rounds, 10)
     profile: dict[str, object] = {}
-    for workload, script, args in (("hit", "hit.lua", ()), ("miss", "miss.lua", (f"{bench.run_id}profile",))):
+    for workload, script, args in (("hit", "hit.lua", ()), ("miss", "miss.lua", (f"nonce={bench.run_id}profile",))):
         out = bench.out_prefix.with_name(f"{bench.out_prefix.name}-profile-{workload}.txt")
         sampler = pyspy.record(py_spy, bench.pids["proxy"], seconds + 1, out, LOAD_CORE)
         time.sleep(0.5)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .figures import MIB_KIB, targets, ttfb
-from .tables import hits, misses, scaling, table
+from .tables import before_after, hits, misses, scaling, table
 
 # kept-alive TTFB side -> (its name, what it adds over the side before it)
 TTFB_STEPS = (
@@ -33,6 +33,9 @@ def _ttfb_rows(t: Mapping[str, Any]) -> list[list[object]]:
         ):
             via = f"{direct[f'{m}_ms']:.2f} ms direct, {proxy[f'{m}_ms']:.2f} ms via proxy"
             rows.append([f"streamed miss, {what}", via, f"{proxy[f'{m}_added_ms']:.3f} ms added"])
+            if base := t[key].get("baseline"):
+                via = f"{base[f'{m}_ms']:.2f} ms via the baseline proxy"
+                rows.append([f"streamed miss, {what}, baseline", via, f"{base[f'{m}_added_ms']:.3f} ms added"])
     return rows
 
 
@@ -107,10 +110,33 @@ def _profile(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _peers(results: Mapping[str, Any]) -> list[str]:
+    """The peers asked for: version and start-up time of each measured, and why any was skipped."""
+    env = results["environment"]
+    measured, skipped = env.get("peers", {}), env.get("peers_skipped", {})
+    if not measured and not skipped:
+        return []
+    started = results.get("servers_startup_s", {})
+    rows = [[name, version, f"{started[name]:.2f} s" if name in started else "-"] for name, version in measured.items()]
+    lines = ["## Peers"]
+    if rows:
+        lines += [
+            "",
+            "Measured in the same rounds as nginx and the proxy (tables above). A peer without an `X-Cache` header "
+            "was checked to hit by the fake upstream's request counter standing still.",
+            "",
+            *table(["peer", "version", "process start to ready"], rows),
+        ]
+    return [*lines, "", *(f"- {name} skipped: {reason}" for name, reason in skipped.items())] if skipped else lines
+
+
 def _log(results: Mapping[str, Any]) -> list[str]:
-    found = results["proxy_log"]
-    lines = [f"## Proxy log: {found['warning']} warnings, {found['error']} errors", ""]
-    return lines + [f"- `{line}`" for line in found["first"]]
+    lines: list[str] = []
+    for key, title in (("proxy_log", "Proxy log"), ("baseline_log", "Baseline proxy log")):
+        if found := results.get(key):
+            lines += ["", f"## {title}: {found['warning']} warnings, {found['error']} errors", ""]
+            lines += [f"- `{line}`" for line in found["first"]]
+    return lines[1:]
 
 
 def _targets(results: Mapping[str, Any]) -> list[str]:
@@ -130,23 +156,27 @@ def _heading(env: Mapping[str, Any]) -> list[str]:
     )
     busy = ", ".join(f"core {c} {b:.0%}" for c, b in env.get("cores_busy_before_start", {}).items())
     libraries = "".join(f", {name} {env[name]}" for name in ("aiohttp", "uvloop") if name in env)
+    base = env.get("baseline")
+    against = f" Baseline: {base['ref']} = {base['commit']}." if base else ""
     return [
         f"# Benchmark: {who} vs nginx proxy_cache",
         "",
         f"commit {env['commit']}, {env['cpu']} x{env['cores']}, Python {env['python']}{libraries}, {env['nginx']}, "
         f"{env['wrk']}, {env['redis']}; {runs}; servers on core {env['server_core']}, wrk/Redis/upstream on core "
-        f"{env['load_core']}. Busy before the run: {busy}.",
+        f"{env['load_core']}. Busy before the run: {busy}.{against}",
         "",
     ]
 
 
 SECTIONS = (
+    (("hits", "misses"), before_after),
     (("hits",), hits),
     (("misses",), misses),
     (("stream_ttfb", "working_set", "startup_s"), _other),
+    (("environment",), _peers),
     (("scaling",), scaling),
     (("profile",), _profile),
-    (("proxy_log",), _log),
+    (("proxy_log", "baseline_log"), _log),
 )
 
 
@@ -158,8 +188,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     try:
         lines = _heading(results["environment"])
         for keys, render in SECTIONS:
-            if any(key in results for key in keys):
-                lines += [*render(results), ""]
+            if any(key in results for key in keys) and (section := render(results)):
+                lines += [*section, ""]
         return "\n".join(lines + _targets(results))
     except (KeyError, TypeError, ValueError) as exc:
         raise ResultsFormatError(f"cannot render these results: {type(exc).__name__} {exc}") from exc

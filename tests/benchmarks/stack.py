@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import nginx, processes, shapes
-from .processes import LOAD_CORE, SERVER_CORE, Service
+from .figures import HIT_WORKLOADS
+from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, Service
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -34,6 +35,9 @@ class Bench:
     pids: dict[str, int] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     startup_s: list[float] = field(default_factory=list)
+    servers: tuple[ServerUnderTest, ...] = ()
+    # The checkout of ``--baseline REF`` whose proxy runs as the server "baseline".
+    baseline_src: Path | None = None
 
     def start(self, name: str, argv: list[str], cores: str, env: dict[str, str] | None = None) -> Service:
         service = processes.start(name, argv, cores, self.tmp, env=env, cwd=self.tmp)
@@ -59,10 +63,10 @@ class Running:
     startup_s: float
 
 
-def python_env(**extra: str) -> dict[str, str]:
-    """The runner's environment for a Python child, importing this checkout's ``proxy`` and ``tests`` first."""
+def python_env(source: Path = REPO, **extra: str) -> dict[str, str]:
+    """The runner's environment for a Python child, importing ``proxy`` and ``tests`` from *source* first."""
     env = {k: v for k, v in os.environ.items() if k not in ("PROXY_CONFIG", "PROXY_WORKERS")}
-    return {**env, "PYTHONPATH": str(REPO), **extra}
+    return {**env, "PYTHONPATH": str(source), **extra}
 
 
 def start_nginx(bench: Bench, name: str, conf: str, root: Path, cores: str, workers: int = 1) -> Service:
@@ -89,13 +93,19 @@ def start_proxy(
     workers: int = 1,
     cores: str = str(SERVER_CORE),
     backend: str = "redis",
+    source: Path = REPO,
 ) -> Running:
-    """``python -m proxy`` with ``CACHE_BACKEND=backend``, ready once ``/healthz`` answers 200; with --calibrate,
-    a second nginx reference in its place."""
+    """``python -m proxy`` of the checkout at *source* with ``CACHE_BACKEND=backend``, ready once ``/healthz``
+    answers 200; with --calibrate, a second nginx reference in its place.
+
+    Only the environment variables every version of the proxy reads are set, so that an older checkout
+    (``--baseline``) runs with the same settings as this one.
+    """
     if bench.args.calibrate:
         return start_reference(bench, name, upstream_port, workers, cores)
     port = processes.free_port()
     env = python_env(
+        source,
         PROXY_HOST="127.0.0.1",
         PROXY_PORT=str(port),
         UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
@@ -125,19 +135,53 @@ def start_floor(bench: Bench, name: str, upstream_port: int) -> Running:
     return start_aiohttp(bench, name, SERVER_CORE, "floor")
 
 
+def start_baseline(bench: Bench, name: str, upstream_port: int) -> Running:
+    """The proxy of the ``--baseline`` checkout, with the subject's settings and a cache namespace of its own."""
+    if bench.baseline_src is None:
+        raise BenchmarkError("the baseline server needs a --baseline checkout")
+    return start_proxy(bench, name, upstream_port, source=bench.baseline_src)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerUnderTest:
     """A server the workloads run against: *start(bench, name, upstream_port)* returns it ready on core 0.
 
     The first of ``SERVERS`` is the subject; every ratio is the subject over one of the others. A server that
     answers every request from memory (the floor) has no miss path and runs only the hit workloads; one that
-    copies the subject's hit (*copies_subject*) has its headers compared with the subject's.
+    copies the subject's hit (*copies_subject*) has its headers compared with the subject's. A peer may speak
+    its own dialect of the API: *prefix* goes before every ``/v1`` path and *bodies* names the directory of
+    ``bodies/`` its requests come from. One that says nothing like ``X-Cache: HIT`` (not *marks_hits*) is known
+    to hit when the fake upstream's request counter stands still. A server a hundred times slower than the others
+    runs for *run_s* seconds, whatever ``--duration`` says, with at most *max_connections*: enough for its slow
+    answers to complete many times over, and few enough that none waits past wrk's timeout.
     """
 
     name: str
     start: Callable[[Bench, str, int], Running]
     serves_misses: bool = True
     copies_subject: bool = False
+    prefix: str = ""
+    bodies: str = ""
+    marks_hits: bool = True
+    workloads: tuple[str, ...] = HIT_WORKLOADS
+    run_s: int | None = None
+    max_connections: int | None = None
+
+    def body_name(self, name: str) -> str:
+        """The name under ``bodies/`` of this server's request *name* (``chat``, ``chat_stream``, ...)."""
+        return f"{self.bodies}/{name}" if self.bodies else name
+
+    def wrk_options(self) -> tuple[str, ...]:
+        """The ``key=value`` arguments that make the wrk scripts speak this server's dialect."""
+        return tuple(f"{key}={value}" for key, value in (("prefix", self.prefix), ("bodies", self.bodies)) if value)
+
+    def seconds(self, asked_s: int) -> int:
+        """Seconds of each of its wrk runs when *asked_s* are asked for."""
+        return self.run_s or asked_s
+
+    def connections(self, asked: int) -> int:
+        """Connections of its wrk runs when *asked* are asked for."""
+        return min(asked, self.max_connections or asked)
 
 
 SERVERS = (
@@ -145,6 +189,12 @@ SERVERS = (
     ServerUnderTest("nginx", start_reference),
     ServerUnderTest("floor", start_floor, serves_misses=False, copies_subject=True),
 )
+BASELINE = ServerUnderTest("baseline", start_baseline)
+
+
+def servers_for(args: argparse.Namespace) -> tuple[ServerUnderTest, ...]:
+    """The servers this run measures: ``SERVERS``, then the baseline proxy when ``--baseline`` asks for one."""
+    return SERVERS + ((BASELINE,) if args.baseline else ())
 
 
 def start_upstream(bench: Bench) -> Running:
@@ -169,13 +219,15 @@ def setup(bench: Bench) -> None:
     for name, starter in (("upstream", start_upstream), ("redis", start_redis)):
         running = starter(bench)
         bench.ports[name], bench.pids[name] = running.port, running.service.pid
-    for server in SERVERS:
+    started = bench.results["servers_startup_s"] = {}
+    for server in bench.servers:
         running = server.start(bench, server.name, bench.ports["upstream"])
         bench.ports[server.name], bench.pids[server.name] = running.port, running.service.pid
-        if server is SERVERS[0]:
+        started[server.name] = running.startup_s
+        if server is bench.servers[0]:
             bench.startup_s.append(running.startup_s)
     bench.results["startup_s"] = bench.startup_s
     bench.results["servers"] = {
-        "hits": [server.name for server in SERVERS],
-        "misses": [server.name for server in SERVERS if server.serves_misses],
+        "hits": [server.name for server in bench.servers],
+        "misses": [server.name for server in bench.servers if server.serves_misses],
     }

@@ -60,6 +60,12 @@ def _noise(label: str, entry: Entry) -> list[str]:
     ]
 
 
+def _capped(label: str, conns: int, entry: Entry) -> list[str]:
+    """A note when the runs of *entry* used fewer connections than their row says (a peer's cap)."""
+    used = sorted({int(run.get("connections", conns)) for run in runs_of(entry)})
+    return [f"- {label}: ran with {', '.join(map(str, used))} connections, not {conns}"] if used != [conns] else []
+
+
 def _stored(entry: Entry) -> float:
     """Redis keys added per request completed over a miss entry's rounds."""
     return float(entry["redis_keys_added"]) / max(float(entry["wrk"]["requests"]), 1.0)
@@ -87,7 +93,7 @@ def _hit_notes(workload: str, conns: int, name: str, run: Entry) -> list[str]:
     if run.get("headers_differing_from_proxy"):
         differing = ", ".join(run["headers_differing_from_proxy"])
         notes.append(f"- {workload}/{name}: headers unlike the proxy's hit: {differing}")
-    return notes + _noise(f"{workload}/{conns}/{name}", run)
+    return notes + _capped(f"{workload}/{conns}/{name}", conns, run) + _noise(f"{workload}/{conns}/{name}", run)
 
 
 def _gap_lines(results: Mapping[str, Any]) -> list[str]:
@@ -115,6 +121,8 @@ def hits(results: Mapping[str, Any]) -> list[str]:
             busy = [_per_role(run, "core_busy", name, ".0%") for run, name in pairs]
             cpu.append([workload, conns, *(_per_role(r, "cpu_us_per_request", n, ".1f") for r, n in pairs), *busy])
             notes += [line for run, name in pairs if run is not None for line in _hit_notes(workload, conns, name, run)]
+    # A workload's body checks are shared by its runs at every connection count: each said once.
+    notes = list(dict.fromkeys(notes))
     return [
         "## Cache hits",
         "",
@@ -165,6 +173,7 @@ def misses(results: Mapping[str, Any]) -> list[str]:
     itself, the latency each adds over upstream, and notes on shared cores or misses that were not stored."""
     entries, names = results["misses"], servers(results, "misses")
     notes = [line for key, run in entries.items() if not key.endswith("/upstream") for line in _noise(key, run)]
+    notes += [line for key, run in entries.items() for line in _capped(key, int(key.split("/")[1]), run)]
     for conns in CONNECTIONS:
         stored = _stored(entries[f"miss/{conns}/{names[0]}"])
         if stored < 0.9 and not results["environment"]["calibrate"]:
@@ -212,3 +221,64 @@ def scaling(results: Mapping[str, Any]) -> list[str]:
         "",
         *table(["workers", "proxy req/s", "nginx req/s", "proxy/nginx", "proxy speed-up"], rows),
     ]
+
+
+def _before_after_row(entries: Mapping[str, Entry], workload: str, conns: int) -> list[object] | None:
+    top, bottom = entries.get(f"{workload}/{conns}/proxy"), entries.get(f"{workload}/{conns}/baseline")
+    if top is None or bottom is None:
+        return None
+    by_round = ratio(top, bottom)
+    cpu = " / ".join(
+        _per_role(run, "cpu_us_per_request", name, ".1f") for run, name in ((top, "proxy"), (bottom, "baseline"))
+    )
+    return [
+        workload,
+        conns,
+        _wrk(top, "requests_per_s", ".0f"),
+        _wrk(bottom, "requests_per_s", ".0f"),
+        spread(by_round, ".2f"),
+        " ".join(f"{value:.2f}" for value in by_round["rounds"]),
+        f"{_wrk(top, 'p50_ms')} / {_wrk(bottom, 'p50_ms')}",
+        cpu,
+    ]
+
+
+def before_after(results: Mapping[str, Any]) -> list[str]:
+    """This checkout's proxy over the ``--baseline`` one, round by round, for each hit workload and the misses;
+    nothing when the run had no baseline. A change to the request path is judged by these ratios: both proxies
+    ran seconds apart in every round, so the drift of the machine between rounds cancels out."""
+    base = results["environment"].get("baseline")
+    if base is None:
+        return []
+    rows = [
+        row
+        for phase, workloads in (("hits", HIT_WORKLOADS), ("misses", ("miss",)))
+        for workload in workloads
+        for conns in CONNECTIONS
+        if (row := _before_after_row(results.get(phase, {}), workload, conns)) is not None
+    ]
+    header = ["workload", "conns", "proxy req/s", "baseline req/s", "proxy/baseline", "per round"]
+    header += ["p50 ms proxy / baseline", "CPU µs/req proxy / baseline"]
+    return [
+        f"## Before/after: this checkout over {base['ref']} ({base['commit']} {base['subject']})",
+        "",
+        "req/s of the proxy over the baseline's, computed within each round (both ran in the same interleaved "
+        "rounds), then the median (min-max); below 1.00 this checkout is slower:",
+        "",
+        *table(header, rows),
+        *_ttfb_before_after(results),
+    ]
+
+
+def _ttfb_before_after(results: Mapping[str, Any]) -> list[str]:
+    stream = results.get("stream_ttfb", {})
+    lines = []
+    for label, key in (("new connection", "new_connection"), ("kept-alive", "kept_alive")):
+        sides = stream.get(key, {})
+        if "baseline" in sides:
+            proxy, base = (sides[side]["first_event_added_ms"] for side in ("proxy", "baseline"))
+            lines.append(
+                f"- streamed miss, first event added over direct, {label}: proxy {proxy:.3f} ms, baseline "
+                f"{base:.3f} ms ({proxy - base:+.3f} ms)"
+            )
+    return ["", *lines] if lines else []

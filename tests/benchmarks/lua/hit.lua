@@ -1,3 +1,6 @@
 -- The same chat completion body on every request: once warm, every request is a cache hit.
 local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
-common.post("/v1/chat/completions", "chat")
+
+function init(args)
+   common.post("/v1/chat/completions", "chat", common.options(args))
+end

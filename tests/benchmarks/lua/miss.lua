@@ -1,21 +1,9 @@
 -- A different chat body on every request: "<nonce>.<thread>-<n> " opens the last message's content.
--- Pass a nonce unique to the run (wrk ... -- <nonce>) so no earlier run has cached these bodies.
+-- Pass a nonce unique to the run (wrk ... -- nonce=<nonce>) so no earlier run has cached these bodies.
 local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
-common.post("/v1/chat/completions")
-
-local body = common.read_body("chat")
-local marker = '"content":"'
-local cut = nil
-local from = 1
-while true do
-   local found = body:find(marker, from, true)
-   if not found then break end
-   cut = found + #marker
-   from = found + 1
-end
-local head, tail = body:sub(1, cut - 1), body:sub(cut)
 
 local threads = 0
+local head, tail = "", ""
 local nonce = "run"
 local n = 0
 
@@ -25,7 +13,20 @@ function setup(thread)
 end
 
 function init(args)
-   nonce = (args[1] or tostring(os.time())) .. "." .. tostring(thread_no or 1)
+   local options = common.options(args)
+   common.post("/v1/chat/completions", nil, options)
+   local body = common.read_body("chat", options)
+   local marker = '"content":"'
+   local cut = nil
+   local from = 1
+   while true do
+      local found = body:find(marker, from, true)
+      if not found then break end
+      cut = found + #marker
+      from = found + 1
+   end
+   head, tail = body:sub(1, cut - 1), body:sub(cut)
+   nonce = (options.nonce or tostring(os.time())) .. "." .. tostring(thread_no or 1)
 end
 
 function request()
