@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 HOST = "127.0.0.1"
 HASH_SLOTS = 16384
@@ -89,16 +91,17 @@ class RedisNode:
         return self.process is not None and self.process.poll() is None
 
     def start(self, extra_args: Sequence[str] = ()) -> None:
-        """Start the process with its arguments plus *extra_args*; return once it answers PING."""
+        """Start the process with its arguments plus *extra_args*; return once it answers on its port."""
         with (self.dir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, *self.args, *extra_args], cwd=self.dir, stdout=log, stderr=subprocess.STDOUT
             )
 
         def answers() -> bool:
-            if not self.is_running:
+            if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"redis-server {self.address} exited:\n{self.log_tail()}")
-            return bool(self.command("PING"))
+            # Whoever else might hold the port would answer too.
+            return bool(self.info("server").get("process_id") == self.process.pid)
 
         try:
             wait_for(answers, f"redis-server {self.address} answering", 10)
@@ -114,9 +117,16 @@ class RedisNode:
             self.process = None
 
     def client(self) -> redis.Redis:
-        """A synchronous client with short timeouts and decoded RESP2 replies (flat lists, not maps)."""
+        """A synchronous client with short timeouts, no retries (callers poll) and decoded RESP2 replies (flat
+        lists, not maps)."""
         return redis.Redis(
-            host=HOST, port=self.port, protocol=2, decode_responses=True, socket_timeout=2, socket_connect_timeout=1
+            host=HOST,
+            port=self.port,
+            protocol=2,
+            decode_responses=True,
+            socket_timeout=2,
+            socket_connect_timeout=1,
+            retry=Retry(NoBackoff(), 0),
         )
 
     def command(self, *args: str | int) -> Any:
