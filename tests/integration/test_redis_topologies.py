@@ -143,6 +143,22 @@ async def test_master_for_follows_the_new_master_when_sentinels_fail_over(
     assert await value_on_node(old, "survivor") == b"after"
 
 
+async def test_master_for_follows_a_planned_switch_when_sentinels_fail_over_gently(
+    own_redis_sentinel: RedisSentinel,
+) -> None:
+    deployment = own_redis_sentinel
+    old, [replica] = deployment.master_port, deployment.replica_ports()
+    async with Sentinel(deployment.hosts, socket_timeout=0.5, socket_connect_timeout=0.5) as sentinel:
+        async with sentinel.master_for(deployment.name) as master:
+            await master.set("planned", b"before")
+            await asyncio.to_thread(deployment.wait_until_replicated)
+            assert await asyncio.to_thread(deployment.failover) == replica
+            assert deployment.replica_ports() == [old]
+            assert await eventually(lambda: master.get("planned")) == b"before"
+            await eventually(lambda: master.set("planned", b"after"))
+    assert await value_on_node(replica, "planned") == b"after"
+
+
 def test_no_process_or_directory_is_left_when_a_deployment_closes() -> None:
     with RedisSentinel(replicas=0, sentinels=1) as deployment:
         ports = [node.port for node in [*deployment.nodes, *deployment.sentinels]]
