@@ -42,7 +42,7 @@ def is_listening(port: int) -> bool:
 
 async def value_on_node(port: int, key: str) -> bytes | None:
     """*key* as the node on *port* itself holds it, without following a redirection."""
-    async with redis.Redis(host=HOST, port=port, protocol=2) as node:
+    async with redis.Redis(host=HOST, port=port) as node:
         value: bytes | None = await node.execute_command("GET", key)
         return value
 
