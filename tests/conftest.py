@@ -1,4 +1,5 @@
-"""Fixtures: the fake upstream, settings pointing at it, proxies on fakeredis, and real redis-server processes."""
+"""Fixtures: the fake upstream, settings pointing at it, proxies on fakeredis, and real redis-server processes
+(standalone, Cluster and Sentinel)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fakeredis import FakeAsyncRedis
 from proxy.app import create_app
 from proxy.config import Settings
 from tests.fakes.upstream import create_fake_upstream
+from tests.redis_topologies import RedisCluster, RedisSentinel
 from tests.support import RedisServer, make_settings
 
 SettingsFactory = Callable[..., Settings]
@@ -65,3 +67,33 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop and restart under a running proxy."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 masters, a replica each) shared by one test module: its tests leave the nodes running
+    and may :meth:`~tests.redis_topologies.RedisCluster.flush` it."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own, to kill, fail over and restart nodes of."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    """A master, a replica and three Sentinels shared by one test module: its tests leave the nodes running and may
+    :meth:`~tests.redis_topologies.RedisSentinel.flush` it."""
+    with RedisSentinel() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def own_redis_sentinel() -> Iterator[RedisSentinel]:
+    """A Sentinel deployment of this test's own, to fail over and restart the master of."""
+    with RedisSentinel() as deployment:
+        yield deployment
