@@ -7,17 +7,15 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
-from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from .coherence import Invalidations
 from .config import RedisSettings, Settings
+from .fleet import Fleet
 from .flight import Flights
 from .guards import Screen, authorized, envelope, get_only, screened
 from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
@@ -26,8 +24,9 @@ from .kinds import ClientKey
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
 from .policy import CACHEABLE_ROUTES
+from .redis_client import RedisClient, close_redis, redis_client_for
 from .seal import SealingCodec
-from .state import FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .state import FLEET, FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .store import CacheStore, RedisStore
 from .upstream import CallSlots, UpstreamClient
 
@@ -97,56 +96,6 @@ def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[Client
     router.add_route("*", "/v1/{rest:.+}", admit(passthrough))
 
 
-def redis_connection_kwargs(settings: RedisSettings) -> dict[str, Any]:
-    """Credentials, TLS and the connect deadline as keyword arguments that every redis-py asyncio client takes
-    (``Redis``, ``RedisCluster``, ``Sentinel``), so that each topology connects the same way.
-
-    Of the URL, only its scheme, user and password count here, and the settings win over the last two:
-    ``username`` over the URL's user; ``password``, then ``password_file``, over its password. ``rediss://``
-    turns TLS on; the ``tls_*`` settings then win over ``ssl_*`` options in the URL's query, and an unset file
-    leaves redis-py's default (the system's CAs, no client certificate).
-    """
-    url = urlsplit(settings.url)
-    from_file = settings.password_file.value if settings.password_file else None
-    kwargs: dict[str, Any] = {
-        "username": settings.username or _unquoted(url.username),
-        "password": settings.password or from_file or _unquoted(url.password),
-        "socket_connect_timeout": settings.op_timeout_s,
-        "socket_timeout": None,
-    }
-    if url.scheme == "rediss":
-        tls = {
-            "ssl_ca_certs": settings.tls_ca_file,
-            "ssl_certfile": settings.tls_cert_file,
-            "ssl_keyfile": settings.tls_key_file,
-        }
-        kwargs |= {"ssl": True, "ssl_check_hostname": settings.tls_check_hostname}
-        kwargs |= {name: path for name, path in tls.items() if path}
-    return kwargs
-
-
-def _unquoted(part: str | None) -> str | None:
-    return unquote(part) if part else None
-
-
-def redis_client_for(settings: RedisSettings) -> redis.Redis:
-    """A pooled client for *settings*, connecting with :func:`redis_connection_kwargs`.
-
-    Only connecting has a socket deadline here; each whole operation gets its deadline from
-    :class:`RedisStore`, since redis-py implements a socket timeout with ``asyncio.wait_for`` around every
-    write, a task per command. Retrying a stale connection is :meth:`RedisStore._execute`'s job, so the client
-    itself never retries: redis-py's default would retry three times with backoff, inside the deadline.
-    """
-    # The URL gives the address, the database and any other query options; parse_url also picks the connection
-    # class from the scheme, which is what a pool takes where a client takes ssl=True.
-    options: dict[str, Any] = {**parse_url(settings.url), **redis_connection_kwargs(settings)}
-    options.pop("ssl", None)
-    # RedisStore admits at most max_connections operations at once, so this pool never runs dry; the plain
-    # pool hands out connections more cheaply than the blocking one.
-    options |= {"max_connections": settings.max_connections, "retry": Retry(NoBackoff(), 0)}
-    return redis.Redis.from_pool(redis.ConnectionPool(**options))  # owns the pool: aclose() closes it
-
-
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAMS] = {upstream.name: UpstreamClient(upstream) for upstream in app[SETTINGS].upstreams}
     yield
@@ -158,8 +107,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = settings.cache
     counters = app[METRICS]
     store: CacheStore
-    client: redis.Redis | None = None
+    client: RedisClient | None = None
     probe: asyncio.Task[None] | None = None
+    invalidations: Invalidations | None = None
     memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
     if cache.backend == "off":
         store = NullStore()
@@ -179,7 +129,26 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             max_in_flight=settings.redis.max_connections,
             codec=codec,
         )
-        store = TieredStore(memory, remote)
+        injected = INJECTED_REDIS in app
+        # An injected client is a test double without server-assisted tracking: its tier is trusted as is.
+        tiered = TieredStore(memory, remote, coherent=injected)
+        store = tiered
+        if not injected:
+            invalidations = Invalidations(
+                client,
+                settings.redis,
+                _tracked_prefixes(settings),
+                drop=tiered.invalidate,
+                trust=tiered.trust,
+            )
+            invalidations.start()
+            counters.gauge(
+                "llm_cache_invalidations_up",
+                "1 while Redis pushes invalidations and the in-process tier is coherent across replicas.",
+                lambda: 1 if invalidations.up else 0,
+            )
+        if cache.replica_single_flight:
+            app[FLEET] = Fleet(remote, lease_s=cache.flight_lease_s, wait_s=cache.flight_wait_s)
         counters.gauge(
             "llm_cache_redis_errors", "Redis operations that failed (read as a miss).", lambda: remote.errors
         )
@@ -196,9 +165,21 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if probe is not None and not probe.done():
         probe.cancel()
+    if invalidations is not None:
+        await invalidations.aclose()
+    if FLEET in app:
+        await app[FLEET].aclose()
     await store.aclose()
     if client is not None and INJECTED_REDIS not in app:
-        await client.aclose()
+        await close_redis(client)
+
+
+def _tracked_prefixes(settings: Settings) -> list[str]:
+    """The key prefixes whose changes Redis must report: the namespace and every client key's own."""
+    namespaces = {settings.cache.namespace, *(c.namespace for c in settings.auth.clients if c.namespace)}
+    prefixes = sorted(f"{namespace}:" for namespace in namespaces)
+    # Redis refuses overlapping prefixes; the shorter one covers the longer.
+    return [p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes)]
 
 
 async def _probe_redis(remote: RedisStore, settings: RedisSettings) -> None:

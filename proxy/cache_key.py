@@ -9,14 +9,16 @@ from typing import Any
 
 import orjson
 
-KEY_VERSION = "v1"
+# v2: the digest is a Redis Cluster hash tag, so that an entry and the keys that coordinate its upstream call
+# (its lock and its flight stream) sit on one node.
+KEY_VERSION = "v2"
 # A double carries at most 17 significant decimal digits; a literal with more names a value it cannot hold.
 _DOUBLE_DIGITS = 17
 _INT64 = range(-(2**63), 2**64)
 
 
 def build_key(namespace: str, route: str, body: Any, scope: str, secret: bytes | None = None) -> str:
-    """Return ``<namespace>:v1:<route>:<hex digest>``.
+    """Return ``<namespace>:v2:<route>:{<hex digest>}``.
 
     *body* is the parsed JSON request body and *scope* comes from :func:`build_scope`. The whole body is
     keyed: an allow-list of "relevant" fields would silently serve one request's answer to another the day
@@ -28,7 +30,7 @@ def build_key(namespace: str, route: str, body: Any, scope: str, secret: bytes |
         digest = hmac.new(secret, canonical, hashlib.sha256).hexdigest()
     else:
         digest = hashlib.sha256(canonical).hexdigest()
-    return f"{namespace}:{KEY_VERSION}:{route}:{digest}"
+    return f"{namespace}:{KEY_VERSION}:{route}:{{{digest}}}"
 
 
 def build_scope(
@@ -58,7 +60,7 @@ def build_scope(
 
 def short_key(key: str) -> str:
     """The first 16 hex digits of the key's hash, for the ``X-Cache-Key`` header and logs."""
-    return key.rpartition(":")[2][:16]
+    return key.rpartition(":")[2].strip("{}")[:16]
 
 
 def ambiguous(raw: bytes) -> bool:

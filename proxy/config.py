@@ -74,6 +74,9 @@ class CacheSettings:
     # Sized so that a sidecar stays small; raise it when CACHE_BACKEND=memory is the whole cache.
     memory_max_bytes: int = 4 * 1024 * 1024
     max_entry_bytes: int = 8 * 1024 * 1024
+    replica_single_flight: bool = True
+    flight_lease_s: float = 5.0
+    flight_wait_s: float = 60.0
     share_across_keys: bool = False
     key_secret: str | None = field(default=None, repr=False)
     vary_headers: tuple[str, ...] = ()
@@ -88,7 +91,11 @@ class RedisSettings:
     *password_file*, which wins over a password in *url*; these three are secret. The ``tls_*`` settings apply to
     a ``rediss://`` *url*."""
 
+    mode: str = "standalone"
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    cluster_nodes: tuple[str, ...] = ()
+    sentinels: tuple[str, ...] = ()
+    sentinel_master: str = "mymaster"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     password_file: MountedSecret | None = field(default=None, repr=False)
@@ -165,6 +172,7 @@ class Setting:
 
 
 _SECONDS = Number(float, 0, low_open=True)
+_ADDRESS = Text(r"[A-Za-z0-9.-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}", "host:port")
 # Any long random string works: HKDF turns it into the AES key. No commas, so that it can join the old keys.
 ENCRYPTION_KEY = Text(r"[^\s,]{32,}", "at least 32 characters without spaces or commas")
 SETTINGS_TABLE: tuple[Setting, ...] = (
@@ -260,6 +268,24 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "cache.replica_single_flight",
+        "CACHE_REPLICA_SINGLE_FLIGHT",
+        Flag(),
+        "identical requests on different replicas share one upstream call, through a lock and a stream in Redis",
+    ),
+    Setting(
+        "cache.flight_lease_s",
+        None,
+        _SECONDS,
+        "how long a replica's claim on an upstream call lasts unless renewed; a replica that dies frees it so late",
+    ),
+    Setting(
+        "cache.flight_wait_s",
+        None,
+        _SECONDS,
+        "how long a replica waits for another's call to start answering before it calls the upstream itself",
+    ),
+    Setting(
         "cache.vary_headers",
         "CACHE_VARY_HEADERS",
         Items(Text(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "a header name")),
@@ -288,12 +314,32 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "redis.mode",
+        "REDIS_MODE",
+        Choice(("standalone", "cluster", "sentinel")),
+        "standalone (one server), cluster (Redis Cluster) or sentinel (a master found through Sentinels)",
+    ),
+    Setting(
         "redis.url",
         "REDIS_URL",
         Url(("redis", "rediss", "unix")),
-        "redis://, rediss:// or unix:// URL, with user, password and db",
+        "redis://, rediss:// or unix:// URL, with user, password and db; in cluster mode one node of the cluster, "
+        "in sentinel mode only credentials, db and TLS (the address comes from the Sentinels)",
         secret=True,
     ),
+    Setting(
+        "redis.cluster_nodes",
+        None,
+        Items(_ADDRESS),
+        "more cluster nodes (host:port) to start from, besides the URL's, in cluster mode",
+    ),
+    Setting(
+        "redis.sentinels",
+        "REDIS_SENTINELS",
+        Items(_ADDRESS),
+        "the Sentinels (host:port,host:port) that name the master, in sentinel mode",
+    ),
+    Setting("redis.sentinel_master", "REDIS_SENTINEL_MASTER", Text(), "the master's name at the Sentinels"),
     Setting("redis.username", "REDIS_USERNAME", Text(), "Redis ACL user; wins over one in the URL"),
     Setting(
         "redis.password",

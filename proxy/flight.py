@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 # Receives the finished recording and the shortest TTL any participant asked for.
 OnFinish = Callable[[Recording, int], None]
+# Headers a response adds, or a function that names them once the answer has begun.
+ExtraHeaders = Iterable[tuple[str, str]] | Callable[[], Iterable[tuple[str, str]]]
 
 
 def cut_off(request: web.Request) -> None:
@@ -74,13 +76,15 @@ class Flight:
         self.finished = False
         self.complete = False
         self.error: ProxyError | None = None
+        self.own_call = False
         self._chunks: list[bytes] = []
         self._first = 0  # index, in the whole answer, of _chunks[0]
         self._kept_bytes = 0
         self._max_kept_bytes = max_kept_bytes
         self._positions: dict[object, int] = {}
+        self._clients = 0
         self._recorder: SseRecorder | None = None
-        self._on_finish = on_finish
+        self.on_finish = on_finish
         self._on_close = on_close
         self._slots = slots
         self._changed = asyncio.Event()
@@ -88,7 +92,7 @@ class Flight:
 
     @property
     def consumers(self) -> int:
-        return len(self._positions)
+        return self._clients
 
     @property
     def kept_chunks(self) -> int:
@@ -97,7 +101,8 @@ class Flight:
 
     def started_by(self, opener: Opener) -> Flight:
         """Begin the upstream call in the background; returns ``self``."""
-        self._task = asyncio.get_running_loop().create_task(self._drive(self._from_upstream(opener)))
+        self.own_call = True
+        self._task = asyncio.get_running_loop().create_task(self._drive(self.from_upstream(opener)))
         return self
 
     def fed_by(self, source: AsyncGenerator[Start | bytes, None]) -> Flight:
@@ -122,7 +127,9 @@ class Flight:
             usage=recorder.usage if recorder is not None else None,
         )
 
-    async def _from_upstream(self, opener: Opener) -> AsyncGenerator[Start | bytes, None]:
+    async def from_upstream(self, opener: Opener) -> AsyncGenerator[Start | bytes, None]:
+        """The source for an upstream call of this flight's own (:attr:`own_call` becomes true)."""
+        self.own_call = True
         with self._slots or nullcontext():
             response = await opener()
             try:
@@ -163,9 +170,9 @@ class Flight:
             self._notify()
             if self._on_close is not None:
                 self._on_close(self)
-        if self.complete and self._on_finish is not None and self.ttl_s is not None:
+        if self.complete and self.on_finish is not None and self.ttl_s is not None:
             try:
-                self._on_finish(self.recording(), self.ttl_s)
+                self.on_finish(self.recording(), self.ttl_s)
             except Exception:
                 log.exception("storing a finished answer failed key=%s", self.key or "-")
 
@@ -205,10 +212,12 @@ class Flight:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def respond(self, request: web.Request, extra_headers: Iterable[tuple[str, str]]) -> web.StreamResponse:
-        """Answer one client from this flight; raise the flight's :class:`ProxyError` if it never started."""
+    async def respond(self, request: web.Request, extra_headers: ExtraHeaders) -> web.StreamResponse:
+        """Answer one client from this flight, adding *extra_headers* (or what it returns, once the answer has
+        begun); raise the flight's :class:`ProxyError` if it never started."""
         me = object()
         self._positions[me] = self._first
+        self._clients += 1
         try:
             while not self.started and not self.finished:
                 await self._changed.wait()
@@ -225,15 +234,47 @@ class Flight:
             return response
         finally:
             del self._positions[me]
-            if not self._positions and not self.finished and self._task is not None:
+            self._clients -= 1
+            if not self._clients and not self.finished and self._task is not None:
                 self._task.cancel()
                 # Forget it now, not when the task unwinds: a request arriving meanwhile must start afresh.
                 if self._on_close is not None:
                     self._on_close(self)
 
-    async def _stream(
-        self, request: web.Request, extra_headers: Iterable[tuple[str, str]], me: object
-    ) -> web.StreamResponse:
+    async def batches(self) -> AsyncGenerator[list[Start | bytes], None]:
+        """Follow this flight from its start as a reader that is not a client: each batch holds every item that
+        arrived since the last one (a :class:`Start` first). Trimming waits for it; cancellation, when the last
+        client leaves, does not. A plain answer comes whole, once it is complete."""
+        me = object()
+        self._positions[me] = self._first
+        try:
+            while not self.started:
+                if self.finished:
+                    return
+                await self._changed.wait()
+            pending: list[Start | bytes] = [Start(self.status, self.headers, self.is_stream)]
+            if not self.is_stream:
+                while not self.finished:
+                    await self._changed.wait()
+                if self.complete:
+                    yield [*pending, self.body]
+                return
+            while True:
+                position, upto = self._positions[me], self._first + len(self._chunks)
+                if position < upto:
+                    pending.extend(self._chunks[position - self._first :])
+                    self._positions[me] = upto
+                if pending:
+                    yield pending
+                    pending = []
+                    continue
+                if self.finished:
+                    return
+                await self._changed.wait()
+        finally:
+            del self._positions[me]
+
+    async def _stream(self, request: web.Request, extra_headers: ExtraHeaders, me: object) -> web.StreamResponse:
         response = web.StreamResponse(status=self.status)
         _set_headers(response, self.headers, extra_headers)
         await response.prepare(request)
@@ -262,13 +303,11 @@ def _is_stream(response: aiohttp.ClientResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
-def _set_headers(
-    response: web.StreamResponse, headers: Iterable[tuple[str, str]], extra_headers: Iterable[tuple[str, str]]
-) -> None:
+def _set_headers(response: web.StreamResponse, headers: Iterable[tuple[str, str]], extra_headers: ExtraHeaders) -> None:
     out = response.headers
     for name, value in headers:
         out.add(name, value)
-    for name, value in extra_headers:
+    for name, value in extra_headers() if callable(extra_headers) else extra_headers:
         out[name] = value
 
 

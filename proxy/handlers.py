@@ -16,9 +16,10 @@ from multidict import CIMultiDict
 from .config import ServerSettings, Upstream
 from .entry import CacheEntry, Recording, entry_for
 from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, UpstreamUnreachable
-from .flight import Flight, cut_off
+from .fleet import Claim
+from .flight import Flight, Opener, cut_off
 from .keying import Keyed
-from .state import CLIENT, FLIGHTS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .state import CLIENT, FLEET, FLIGHTS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .upstream import confined_target, relay_headers
 
 log = logging.getLogger(__name__)
@@ -33,28 +34,29 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     app = request.app
     raw = await read_body(request, app[SETTINGS].server)
     route, query, keyer = request.match_info["route"], request.rel_url.raw_query_string, app[KEYER]
+    client = request.get(CLIENT) if keyer.has_clients else None
     if len(raw) < OFFLOAD_BYTES:
-        keyed = keyer.key(route, raw, query, request.headers, request.get(CLIENT))
+        keyed = keyer.key(route, raw, query, request.headers, client)
     else:
         # Parsing and hashing a large body takes milliseconds: not on the event loop.
-        keyed = await asyncio.to_thread(keyer.derive, route, raw, query, request.headers, request.get(CLIENT))
+        keyed = await asyncio.to_thread(keyer.derive, route, raw, query, request.headers, client)
     if keyed.plan.lookup:
-        hit = await serve_hit(request, keyed)
+        hit = await serve_hit(app, keyed)
         if hit is not None:
             return hit
     return await serve_from_upstream(request, keyed, raw)
 
 
-async def serve_hit(request: web.Request, keyed: Keyed) -> web.Response | None:
+async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | None:
     """The stored answer for *keyed*, or ``None`` when there is none young enough for the request."""
     assert keyed.key is not None
-    entry = await request.app[STORE].get(keyed.key)
+    entry = await app[STORE].get(keyed.key)
     if entry is None:
         return None
     now = time.time()
     if keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s:
         return None
-    counters = request.app[METRICS]
+    counters = app[METRICS]
     counters.count(keyed.route, "HIT")
     if entry.usage:
         counters.count_tokens(entry.usage)
@@ -71,40 +73,87 @@ def _replay(entry: CacheEntry, tag: str, now: float) -> web.Response:
 
 
 async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) -> web.StreamResponse:
-    """Relay the upstream's answer: joined with an identical request in flight when the plan allows it, stored
-    afterwards when the plan says so and the answer is worth replaying."""
+    """Relay the upstream's answer: joined with an identical request in flight, here or on another replica, when
+    the plan allows it; stored afterwards when the plan says so and the answer is worth replaying."""
     app = request.app
     plan = keyed.plan
     opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
-    slots, max_kept = app[SLOTS], app[SETTINGS].cache.max_entry_bytes
-    if keyed.key is None:
-        flight, outcome = Flight(None, slots=slots, max_kept_bytes=max_kept).started_by(opener), "BYPASS"
-    else:
-        on_finish = partial(_store, app, keyed) if plan.store else None
-        if plan.lookup and plan.store:
-            flight, leader = app[FLIGHTS].join(keyed.key, opener, plan.ttl_s, on_finish)
-        else:
-            ttl_s = plan.ttl_s if plan.store else None
-            flight = Flight(None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept)
-            flight, leader = flight.started_by(opener), True
-        # A request that joined a call in flight made no upstream call of its own, and its answer (perhaps an
-        # error) comes from no cache: COALESCED, never HIT.
-        outcome = ("MISS" if plan.store else "BYPASS") if leader else "COALESCED"
-        if not leader:
-            app[METRICS].coalesced += 1
+    if keyed.key is None or not plan.lookup or not plan.store:
+        slots, max_kept = app[SLOTS], app[SETTINGS].cache.max_entry_bytes
+        ttl_s = plan.ttl_s if keyed.key and plan.store else None
+        on_finish = partial(_store, app, keyed) if ttl_s else None
+        flight = Flight(None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept)
+        outcome = "MISS" if ttl_s else "BYPASS"
+        app[METRICS].count(keyed.route, outcome)
+        _log_outcome(request, keyed, outcome)
+        named = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
+        return await flight.started_by(opener).respond(request, named)
+    shared = await _shared_flight(request, keyed, opener)
+    if isinstance(shared, web.Response):
+        return shared
+    flight, started = shared
+    outcome = "MISS" if started and flight.own_call else "COALESCED"
+    app[METRICS].count(keyed.route, outcome)
+    if outcome == "COALESCED":
+        app[METRICS].coalesced += 1
+    _log_outcome(request, keyed, outcome)
+
+    def headers() -> tuple[tuple[str, str], ...]:
+        # Settled once the answer begins: a follower whose holder vanished made the call itself.
+        return (("X-Cache", "MISS" if started and flight.own_call else "COALESCED"), ("X-Cache-Key", keyed.tag))
+
+    return await flight.respond(request, headers)
+
+
+async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> tuple[Flight, bool] | web.Response:
+    """The flight for *keyed* to answer from, and whether this request started it: one in progress here,
+    another replica's through Redis, or a new upstream call (published for the other replicas when they
+    coordinate); or a hit, if the entry appeared meanwhile."""
+    app, key, plan = request.app, keyed.key, keyed.plan
+    assert key is not None
+    flights, fleet = app[FLIGHTS], app.get(FLEET)
+    flight = flights.get(key)
+    if flight is None and fleet is not None and plan.ttl_s == app[SETTINGS].cache.ttl_s:
+        claim, token = await fleet.claim(key)
+        if claim is Claim.STORED:
+            hit = await serve_hit(app, keyed)
+            if hit is not None:
+                return hit
+        # Another request here may have started the call while this one asked Redis.
+        flight = flights.get(key)
+        if flight is None:
+            flight = flights.start(key, plan.ttl_s, None)
+            flight.on_finish = partial(_store_own, app, keyed, flight)
+            if claim is Claim.FOLLOW:
+                return flight.fed_by(fleet.follow(key, partial(flight.from_upstream, opener))), True
+            flight.started_by(opener)
+            if claim is Claim.LEAD:
+                fleet.publish(key, token, flight)
+            return flight, True
+    if flight is not None:
+        flight.join_ttl(plan.ttl_s)
+        return flight, False
+    return flights.start(key, plan.ttl_s, partial(_store, app, keyed)).started_by(opener), True
+
+
+def _log_outcome(request: web.Request, keyed: Keyed, outcome: str) -> None:
+    if log.isEnabledFor(logging.DEBUG):
         client = request.get(CLIENT)
         log.debug(
             "cache %s route=%s model=%s key=%s reason=%s client=%s",
             outcome,
             keyed.route,
             keyed.model,
-            keyed.tag,
-            plan.reason,
+            keyed.tag or "-",
+            keyed.plan.reason,
             client.name if client else "-",
         )
-    app[METRICS].count(keyed.route, outcome)
-    headers = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
-    return await flight.respond(request, headers)
+
+
+def _store_own(app: web.Application, keyed: Keyed, flight: Flight, recording: Recording, ttl_s: int) -> None:
+    # A follower relays the answer the holder stores; it stores only an answer it fetched itself.
+    if flight.own_call:
+        _store(app, keyed, recording, ttl_s)
 
 
 def _store(app: web.Application, keyed: Keyed, recording: Recording, ttl_s: int) -> None:
@@ -132,6 +181,9 @@ async def read_body(request: web.Request, server: ServerSettings) -> bytes:
     length = request.content_length
     if length is not None and length > server.max_body_bytes:
         raise BodyTooLarge(f"Request body is larger than this proxy accepts ({server.max_body_bytes} bytes).")
+    if length and request.content.is_eof():
+        # All there already (a small body comes with its headers): no deadline to arm.
+        return await request.content.readexactly(length)
     try:
         async with asyncio.timeout(server.client_timeout_s):
             if length is None:

@@ -89,6 +89,7 @@ class Keyer:
         self._scope_key = secret or settings.cache.namespace.encode()
         self._varied = (*_VARIED, *settings.cache.vary_headers)
         self._headers = (*_CREDENTIALS, *_ACCOUNT, *self._varied)
+        self.has_clients = bool(settings.auth.clients)
         self._by_raw: Memo[tuple[Any, ...], Keyed] = Memo(memo_max_bytes)
         self._scopes: Memo[tuple[Any, ...], str] = Memo(memo_max_bytes // 4)
 
@@ -117,7 +118,7 @@ class Keyer:
         # Only requests without cache controls have the default plan that a remembered key carries.
         if "Cache-Control" in headers or "X-Cache-TTL" in headers:
             return None
-        return (route, raw, query, client.digest if client else None, *(headers.get(h) for h in self._headers))
+        return (route, raw, query, client.digest if client else None, *map(headers.get, self._headers))
 
     def _remember(self, memo_key: tuple[Any, ...] | None, raw: bytes, keyed: Keyed) -> None:
         if memo_key is not None and keyed.key is not None:

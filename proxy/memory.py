@@ -11,6 +11,8 @@ from .store import RedisStore
 # Cost of an entry's Python objects beside its body (headers, strings, dataclass, dict slot), so that the byte
 # bound is close to the memory really used.
 _ENTRY_OVERHEAD_BYTES = 1536
+# Keys remembered as recently invalidated; past this many, a flush is cheaper than remembering.
+_MAX_INVALIDATED = 10_000
 
 
 class MemoryStore:
@@ -46,6 +48,15 @@ class MemoryStore:
         while len(self._entries) > self._max_entries or self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
 
+    def drop(self, key: str) -> None:
+        """Forget *key*, if held."""
+        if key in self._entries:
+            self._drop(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
         self.bytes -= len(entry.body) + _ENTRY_OVERHEAD_BYTES
@@ -68,28 +79,64 @@ class MemoryStore:
 class TieredStore:
     """Redis behind a small in-process LRU of hot entries.
 
-    A hot entry costs no Redis round trip; a Redis hit is promoted into memory until its own expiry. Entries
-    are immutable, so the in-process copy can never be stale in content, only kept for its remaining TTL.
-    While Redis is unavailable, the LRU keeps serving this replica's repeats.
+    A hot entry costs no Redis round trip; a Redis hit is promoted into memory until its own expiry.
+
+    Across replicas the tier is kept coherent by :meth:`invalidate`, which drops what Redis reports as
+    written, deleted or expired elsewhere. Until the first report arrives, and whenever the reports stop while
+    Redis itself answers, the tier is not :attr:`coherent` and is bypassed. While Redis is unavailable there is
+    nothing to be incoherent with, and the tier keeps serving this replica's repeats.
     """
 
-    def __init__(self, memory: MemoryStore, remote: RedisStore) -> None:
+    def __init__(self, memory: MemoryStore, remote: RedisStore, *, coherent: bool = True) -> None:
         self.memory = memory
         self.remote = remote
+        self.coherent = coherent
+        # Invalidations counted, and the count at each key's last one and at the last flush: a lookup that began
+        # before an invalidation of its key must not promote the value it read.
+        self._epoch = 0
+        self._flushed_at = 0
+        self._invalidated: dict[str, int] = {}
+
+    def _trusted(self) -> bool:
+        return self.coherent or not self.remote.available
 
     async def get(self, key: str) -> CacheEntry | None:
-        entry = self.memory.get_now(key)
-        if entry is not None:
-            return entry
+        trusted = self._trusted()
+        if trusted:
+            entry = self.memory.get_now(key)
+            if entry is not None:
+                return entry
+        began = self._epoch
         entry = await self.remote.get(key)
-        if entry is not None and entry.expires_at > time.time():
+        if entry is None and not trusted and not self.remote.available:
+            # Redis failed just now: with nothing to be incoherent with, the copy here is the best there is.
+            return self.memory.get_now(key)
+        if entry is None or entry.expires_at <= time.time():
+            return None
+        if trusted and self._flushed_at <= began and self._invalidated.get(key, 0) <= began:
             self.memory.put_now(key, entry)
-            return entry
-        return None
+        return entry
 
     def put(self, key: str, entry: CacheEntry) -> None:
-        self.memory.put_now(key, entry)
+        if self._trusted():
+            self.memory.put_now(key, entry)
         self.remote.put(key, entry)
+
+    def invalidate(self, keys: list[bytes] | None) -> None:
+        """Drop *keys* (as Redis names them), or everything when ``None``: they changed in Redis."""
+        self._epoch += 1
+        if keys is None or len(self._invalidated) > _MAX_INVALIDATED:
+            self.memory.clear()
+            self._invalidated.clear()
+            self._flushed_at = self._epoch
+            return
+        for raw in keys:
+            key = raw.decode("utf-8", "replace")
+            self.memory.drop(key)
+            self._invalidated[key] = self._epoch
+
+    def trust(self, coherent: bool) -> None:
+        self.coherent = coherent
 
     @property
     def state(self) -> str:

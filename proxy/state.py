@@ -8,6 +8,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from .config import Settings
+from .fleet import Fleet
 from .flight import Flights
 from .keying import Keyer
 from .kinds import ClientKey
@@ -20,6 +21,8 @@ KEYER = web.AppKey("keyer", Keyer)
 STORE = web.AppKey("store", CacheStore)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])
 FLIGHTS = web.AppKey("flights", Flights)
+# Present when replicas share upstream calls through Redis.
+FLEET = web.AppKey("fleet", Fleet)
 METRICS = web.AppKey("metrics", Metrics)
 READY = web.AppKey("ready", asyncio.Event)
 INJECTED_REDIS = web.AppKey("injected_redis", redis.Redis)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
-import redis.asyncio as redis
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from .entry import CacheEntry, EntryFormatError
+from .redis_client import RedisClient
 from .seal import EntryCodec, ForeignEntryError, PlainCodec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CacheStore(Protocol):
@@ -34,17 +35,15 @@ class CacheStore(Protocol):
 
 
 class RedisStore:
-    """Entries in Redis: lookups as ``MGET``, stores as ``SET ... PX``, batched per event-loop turn.
+    """Entries in Redis through redis-py's public client of any deployment: lookups as ``MGET`` (per slot in a
+    cluster), stores as a pipeline of ``SET ... PX``, batched per event-loop turn.
 
     Lookups (and stores) issued in the same turn of the event loop, as under concurrent load, travel
-    together: one write and one round trip on one pooled connection. A lone lookup is still one round trip.
-    The batches go straight through redis-py's connections and hiredis parser, skipping its per-command
-    client machinery, which costs far more than the batch itself.
+    together: one round trip (per node in a cluster). A lone lookup is still one round trip.
 
-    Every batch, waiting for a connection included, has the deadline *op_timeout_s*. A batch that fails
-    or times out drops its connection, so no reply is ever left unread on a pooled one, and its lookups
-    read as misses. After a failure Redis is left alone for *retry_after_s*, so that a dead or slow Redis
-    costs one timeout, not one per request; the next operation after that probes it again.
+    Every batch, waiting for a connection included, has the deadline *op_timeout_s*; its lookups then read as
+    misses. After a failure Redis is left alone for *retry_after_s*, so that a dead or slow Redis costs one
+    timeout, not one per request; the next operation after that probes it again.
 
     *codec* turns entries into stored bytes and back (:class:`~proxy.seal.SealingCodec` seals them); bytes it
     cannot read are a miss.
@@ -52,18 +51,19 @@ class RedisStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         *,
         op_timeout_s: float,
         retry_after_s: float,
         max_in_flight: int = 64,
         codec: EntryCodec | None = None,
     ) -> None:
-        self._client = client
+        self.client = client
+        self._mget = client.mget_nonatomic if isinstance(client, RedisCluster) else client.mget
         self._codec = codec or PlainCodec()
         # At most as many batches in flight as the pool has connections, so the pool never runs dry.
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._deadline_s = op_timeout_s
+        self.deadline_s = op_timeout_s
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
         self._failing = False
@@ -115,53 +115,40 @@ class RedisStore:
         task.add_done_callback(self._tasks.discard)
 
     async def _lookup(self, batch: list[tuple[str, asyncio.Future[CacheEntry | None]]]) -> None:
+        keys = [key for key, _ in batch]
+        values: list[Any] = [None] * len(batch)
         try:
-            (values,) = await self._execute([("MGET", *(key for key, _ in batch))])
+            values = await self.call(lambda: self._mget(keys))
         except (RedisError, TimeoutError, OSError) as exc:
-            self._failed("read", batch[0][0], exc)
-            values = [None] * len(batch)
-        except BaseException:
-            for _, found in batch:
+            self.failed("read", keys[0], exc)
+        finally:
+            for (key, found), raw in zip(batch, values, strict=True):
                 if not found.done():
-                    found.set_result(None)
-            raise
-        for (key, found), raw in zip(batch, values, strict=True):
-            if not found.done():
-                found.set_result(self._parse(key, raw))
+                    found.set_result(self._parse(key, raw))
 
     async def _store(self, batch: list[tuple[str, bytes, int]]) -> None:
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value, ttl_ms in batch:
+                    pipe.set(key, value, px=ttl_ms)
+                for result in await pipe.execute(raise_on_error=False):
+                    if isinstance(result, Exception):
+                        raise result
+
         try:
-            await self._execute([("SET", key, value, "PX", ttl_ms) for key, value, ttl_ms in batch])
+            await self.call(write)
         except (RedisError, TimeoutError, OSError) as exc:
-            self._failed("write", batch[0][0], exc)
+            self.failed("write", batch[0][0], exc)
 
-    async def _execute(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
-        """Send *commands* in one write on one pooled connection and return their replies in order.
-
-        A connection error on a reused connection is retried once on a fresh one: after a Redis restart
-        every pooled connection is stale. A reply that is a Redis error raises it.
-        """
-        pool = self._client.connection_pool
-        async with asyncio.timeout(self._deadline_s), self._slots:
-            for attempt in (1, 2):
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                try:
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    replies = [await conn.read_response() for _ in commands]
-                except RedisConnectionError:
-                    await conn.disconnect(nowait=True)
-                    if attempt == 2:
-                        raise
-                    continue
-                except BaseException:
-                    await conn.disconnect(nowait=True)
-                    raise
-                finally:
-                    await pool.release(conn)
-                if self._failing:
-                    self._recovered()
-                return replies
-        raise AssertionError("unreachable")
+    async def call(self, operation: Callable[[], Awaitable[T]], *, deadline_s: float | None = None) -> T:
+        """Run *operation* (one round trip on :attr:`client`) within a deadline (*op_timeout_s* unless
+        given) and a connection slot; raises what it raises, ``TimeoutError`` past the deadline. The caller
+        reports a failure with :meth:`failed`."""
+        async with asyncio.timeout(deadline_s or self.deadline_s), self._slots:
+            result = await operation()
+        if self._failing:
+            self._recovered()
+        return result
 
     def _parse(self, key: str, raw: Any) -> CacheEntry | None:
         if raw is None:
@@ -177,7 +164,8 @@ class RedisStore:
             log.warning("cache entry unreadable; treated as a miss key=%s error=%s", key, exc)
             return None
 
-    def _failed(self, op: str, key: str, exc: BaseException, *, quiet: bool = False) -> None:
+    def failed(self, op: str, key: str, exc: BaseException, *, quiet: bool = False) -> None:
+        """Count a failed Redis operation and leave Redis alone for *retry_after_s*."""
         self.errors += 1
         # One warning per outage, not one per probe: a laptop without Redis must not drown in them.
         level = logging.DEBUG if self._failing or quiet else logging.WARNING
@@ -201,9 +189,9 @@ class RedisStore:
         """One deadline-bound PING; a failure pauses Redis use like any other, logged at DEBUG when *quiet*.
         Never on the request path."""
         try:
-            await self._execute([("PING",)])
+            await self.call(self.client.ping)
         except (RedisError, TimeoutError, OSError) as exc:
-            self._failed("ping", "-", exc, quiet=quiet)
+            self.failed("ping", "-", exc, quiet=quiet)
             return False
         return True
 

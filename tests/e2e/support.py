@@ -84,9 +84,9 @@ def start_proxy(workdir: Path, upstream_url: str, redis_url: str, *, config: str
 
 
 def redis_key_count(url: str) -> int:
-    """Number of cache keys the proxy wrote to the Redis at *url*."""
+    """Number of cache entries (not leases or flight streams) the proxy wrote to the Redis at *url*."""
     with redis.Redis.from_url(url, socket_timeout=2) as client:
-        return len(client.keys(f"{NAMESPACE}:*"))
+        return len(client.keys(f"{NAMESPACE}:*}}"))
 
 
 def chat_kwargs(content: str, **extra: Any) -> dict[str, Any]:

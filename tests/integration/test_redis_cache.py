@@ -11,10 +11,11 @@ import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_app, redis_client_for
+from proxy.app import create_app
 from proxy.config import AuthSettings, Upstream
 from proxy.entry import CacheEntry
 from proxy.memory import TieredStore
+from proxy.redis_client import redis_client_for
 from proxy.state import STORE
 from tests.support import UPSTREAM_KEY, RedisServer, chat_body, free_port, received
 
@@ -34,7 +35,7 @@ def tiered(client: TestClient[Any, Any]) -> TieredStore:
 
 async def keys_in(url: str) -> list[bytes]:
     async with redis.Redis.from_url(url) as conn:
-        return sorted(await conn.keys("*"))
+        return sorted(await conn.keys("*}"))
 
 
 async def test_replicas_share_answers_when_they_share_redis(
@@ -59,9 +60,9 @@ async def test_entries_are_namespaced_with_ttl_and_no_secrets_when_stored(
     )
     await tiered(client).remote.drain()
     keys = await keys_in(redis_url)
-    assert len(keys) == 1 and keys[0].startswith(b"test:v1:chat/completions:")
+    assert len(keys) == 1 and keys[0].startswith(b"test:v2:chat/completions:")
     tag = response.headers["X-Cache-Key"]
-    assert len(tag) == 16 and keys[0].decode().rpartition(":")[2].startswith(tag)
+    assert len(tag) == 16 and keys[0].decode().rpartition(":")[2].startswith("{" + tag)
     async with redis.Redis.from_url(redis_url) as conn:
         ttl = await conn.ttl(keys[0])
         raw = await conn.get(keys[0])
@@ -80,7 +81,7 @@ async def test_per_request_ttl_header_sets_expiry_when_given(
     await client.post("/v1/chat/completions", json=chat_body("short ttl"), headers={"X-Cache-TTL": "30"})
     await tiered(client).remote.drain()
     async with redis.Redis.from_url(redis_url) as conn:
-        (key,) = await conn.keys("*")
+        (key,) = await conn.keys("*}")
         assert 20 < await conn.ttl(key) <= 30
     assert "X-Cache-TTL" not in received(fake_upstream)[0].headers
 
@@ -108,7 +109,7 @@ async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(
     await store.remote.drain()
     await store.memory.aclose()
     async with redis.Redis.from_url(redis_url) as conn:
-        (key,) = await conn.keys("*")
+        (key,) = await conn.keys("*}")
         await conn.set(key, b"LCP\x09 an entry from a future version")
     response = await client.post("/v1/chat/completions", json=chat_body("old format"))
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
@@ -146,7 +147,7 @@ async def test_caching_resumes_when_redis_comes_back(
     for i in range(5):  # the first call after the pause may still meet a dead pooled connection
         await client.post("/v1/chat/completions", json=chat_body(f"after {i}"))
         await tiered(client).remote.drain()
-    assert any(b"test:v1:" in k for k in await keys_in(own_redis.url))
+    assert any(b"test:v2:" in k for k in await keys_in(own_redis.url))
     assert tiered(client).remote.available
 
 

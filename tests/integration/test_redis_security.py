@@ -26,6 +26,11 @@ pytestmark = pytest.mark.integration
 
 ADMIN_PASSWORD = "admin-pass-0000"
 ACL_USER, ACL_PASSWORD = "cache-proxy", "acl-pass-1111"
+# What the README says the proxy's ACL user needs.
+ACL_COMMANDS = (
+    *"+ping +mget +set +get +exists +del +pexpire +eval +evalsha +script|load +xadd +xread +xrevrange".split(),
+    *"+client|id +client|tracking +subscribe &__redis__:invalidate".split(),
+)
 # redis-py builds a TLS context per new connection (about 50 ms of CPU, mostly reading the system's CA bundle), and
 # these proxies open several at once: the default deadline would expire while they wait their turn.
 TLS_OP_TIMEOUT_S = 1.0
@@ -74,7 +79,7 @@ def acl_redis() -> Iterator[RedisServer]:
     """A redis-server whose default user has a password, with an ACL user limited to the proxy's keys and
     commands."""
     with RedisServer(password=ADMIN_PASSWORD) as server:
-        server.command("ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~test:*", "+ping", "+mget", "+set")
+        server.command("ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~test:*", *ACL_COMMANDS)
         yield server
 
 
@@ -136,7 +141,7 @@ async def test_answers_are_cached_in_redis_when_tls_is_checked_against_the_ca(
     aiohttp_client: Any, fake_upstream: TestServer, tls_settings_for: Any, tls_redis: RedisServer
 ) -> None:
     await assert_cached_through_redis(aiohttp_client, fake_upstream, tls_settings_for(tls_redis))
-    assert b"test:v1:chat/completions:" in stored_keys(tls_redis)
+    assert b"test:v2:chat/completions:" in stored_keys(tls_redis)
 
 
 async def test_requests_succeed_without_redis_when_the_ca_is_wrong(
@@ -167,7 +172,7 @@ async def test_answers_are_cached_when_hostname_checking_is_off_for_an_unlisted_
     with RedisServer(tls=RedisTls(pki.misnamed_server, pki.ca.cert, pki.client)) as server:
         settings = tls_settings_for(server, tls_check_hostname=False)
         await assert_cached_through_redis(aiohttp_client, fake_upstream, settings)
-        assert b"test:v1:" in stored_keys(server)
+        assert b"test:v2:" in stored_keys(server)
 
 
 async def test_answers_are_cached_when_the_server_requires_the_client_certificate_given(
@@ -175,7 +180,7 @@ async def test_answers_are_cached_when_the_server_requires_the_client_certificat
 ) -> None:
     settings = tls_settings_for(mtls_redis, tls_cert_file=str(pki.client.cert), tls_key_file=str(pki.client.key))
     await assert_cached_through_redis(aiohttp_client, fake_upstream, settings)
-    assert b"test:v1:" in stored_keys(mtls_redis)
+    assert b"test:v2:" in stored_keys(mtls_redis)
 
 
 async def test_requests_succeed_without_redis_when_a_required_client_certificate_is_missing(
@@ -196,7 +201,7 @@ async def test_answers_are_cached_when_an_acl_user_authenticates(
     # The URL's password is the admin's: the username and password settings must win over it.
     settings = settings_for(fake_upstream, url=acl_redis.url, username=ACL_USER, password=ACL_PASSWORD)
     await assert_cached_through_redis(aiohttp_client, fake_upstream, settings)
-    assert b"test:v1:" in stored_keys(acl_redis)
+    assert b"test:v2:" in stored_keys(acl_redis)
     # The proxy's pooled connections are still open, authenticated as the ACL user.
     assert f"user={ACL_USER}".encode() in acl_redis.command("CLIENT", "LIST")
 
@@ -237,12 +242,12 @@ async def test_answers_are_cached_when_tls_acl_and_password_file_come_from_the_e
     password_file.write_text(f"{ACL_PASSWORD}\n")  # as `echo` or an editor leaves it
     tls = RedisTls(pki.server, pki.ca.cert, pki.client, require_client_cert=True)
     with RedisServer(password=ADMIN_PASSWORD, tls=tls) as server:
-        server.command("ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~test:*", "+ping", "+mget", "+set")
+        server.command("ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~test:*", *ACL_COMMANDS)
         url = server.url.replace(f":{ADMIN_PASSWORD}@", "")
         (tmp_path / "proxy.yaml").write_text(f"redis: {{op_timeout_s: {TLS_OP_TIMEOUT_S}}}\n")
         settings = load_settings(str(tmp_path / "proxy.yaml"), env=secured_env(url, pki, password_file, fake_upstream))
         await assert_cached_through_redis(aiohttp_client, fake_upstream, settings)
-        assert b"test:v1:" in stored_keys(server)
+        assert b"test:v2:" in stored_keys(server)
         assert f"user={ACL_USER}".encode() in server.command("CLIENT", "LIST")
 
 

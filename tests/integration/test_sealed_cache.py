@@ -44,7 +44,7 @@ async def ask(client: TestClient[Any, Any], **extra: Any) -> tuple[str, bytes]:
 
 async def stored(url: str) -> dict[bytes, bytes]:
     async with redis.Redis.from_url(url) as conn:
-        return {key: await conn.get(key) for key in await conn.keys("*")}
+        return {key: await conn.get(key) for key in await conn.keys("*}")}
 
 
 async def test_redis_holds_no_prompt_answer_or_metadata_when_encryption_is_on(

@@ -33,8 +33,9 @@ def scope(**overrides: str | None) -> str:
 def test_key_has_namespace_version_and_route_when_built() -> None:
     key = build_key("team", "chat/completions", {"model": "m"}, scope())
     prefix, version, route, digest = key.split(":")
-    assert (prefix, version, route, len(digest)) == ("team", "v1", "chat/completions", 64)
-    assert short_key(key) == digest[:16]
+    assert (prefix, version, route, len(digest)) == ("team", "v2", "chat/completions", 66)
+    assert digest[0] + digest[-1] == "{}"  # a Redis Cluster hash tag
+    assert short_key(key) == digest[1:17]
 
 
 def test_key_ignores_key_order_when_json_is_equal() -> None:
@@ -77,9 +78,9 @@ def test_secret_keys_the_digest_when_configured() -> None:
     plain = build_key("ns", "chat/completions", body, scope())
     canonical = orjson.dumps(["chat/completions", scope(), body], option=orjson.OPT_SORT_KEYS)
     # Without a secret anyone can confirm a guess; with one, the same guess yields nothing.
-    assert plain.endswith(hashlib.sha256(canonical).hexdigest())
+    assert plain.endswith(hashlib.sha256(canonical).hexdigest() + "}")
     keyed = build_key("ns", "chat/completions", body, scope(), secret=b"s" * 32)
-    assert keyed != plain and not keyed.endswith(hashlib.sha256(canonical).hexdigest())
+    assert keyed != plain and not keyed.endswith(hashlib.sha256(canonical).hexdigest() + "}")
     assert keyed == build_key("ns", "chat/completions", body, scope(), secret=b"s" * 32)
 
 

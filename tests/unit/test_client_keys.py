@@ -61,7 +61,7 @@ async def test_named_keys_get_their_own_entries_when_sharing_is_off(fake_upstrea
     store = client.app[STORE]
     assert isinstance(store, TieredStore)
     await store.remote.drain()
-    namespaces = sorted(key.split(b":")[0] for key in await redis.keys("*"))
+    namespaces = sorted(key.split(b":")[0] for key in await redis.keys("*}"))
     assert namespaces == [b"team-bob", b"test"]
 
 

@@ -8,12 +8,14 @@ from typing import Any
 import orjson
 
 from proxy.memory import TieredStore
-from proxy.state import KEYER, STORE
+from proxy.state import FLEET, KEYER, STORE
 from tests.support import chat_body, received
 
 
 async def drain(client: Any) -> None:
-    """Wait for background cache writes of the proxy behind *client*."""
+    """Wait for background cache writes and publications of the proxy behind *client*."""
+    if FLEET in client.app:
+        await client.app[FLEET].drain()
     store = client.app[STORE]
     if isinstance(store, TieredStore):
         await store.remote.drain()

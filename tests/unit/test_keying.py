@@ -79,7 +79,7 @@ def test_client_keys_get_their_own_entries_when_sharing_is_off() -> None:
 def test_client_namespace_prefixes_its_entries_when_configured() -> None:
     team = ClientKey.from_key("team", "key-t", namespace="team-ns")
     keyed = keyer().key("chat/completions", BODY, "", {}, team)
-    assert keyed.key is not None and keyed.key.startswith("team-ns:v1:chat/completions:")
+    assert keyed.key is not None and keyed.key.startswith("team-ns:v2:chat/completions:")
 
 
 def test_beta_and_configured_headers_split_entries_when_sent() -> None:

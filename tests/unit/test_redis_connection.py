@@ -9,9 +9,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 
-from proxy.app import redis_client_for, redis_connection_kwargs
 from proxy.config import RedisSettings
 from proxy.kinds import MountedSecret
+from proxy.redis_client import redis_client_for, redis_connection_kwargs
 
 
 def from_file(password: str) -> MountedSecret:

@@ -24,7 +24,7 @@ from tests.support import make_entry
 SECRET = "k7Qm2vX9pL4sT8wZ1aB6cD3eF5gH0jN2rU4yW6xE8zC="
 OLD_SECRET = "old-0123456789abcdefghijklmnopqrstuvwxyz+/="
 OTHER_SECRET = "other-0123456789abcdefghijklmnopqrstuvwxyz+/"
-KEY = "llm-cache:v1:chat/completions:" + "ab" * 32
+KEY = "llm-cache:v2:chat/completions:{" + "ab" * 32 + "}"
 PROMPT = b"the secret plan for tuesday"
 ANSWER = b"echo: the secret plan for tuesday"
 
