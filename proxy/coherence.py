@@ -39,13 +39,23 @@ class _TrackingPubSub(PubSub):
         super().__init__(*args, **kwargs)
         self._prefixes = prefixes
 
+    async def connect(self) -> None:
+        # The pool hands over a connection already connected, so on_connect does not run for the first one.
+        first = self.connection is None
+        await super().connect()  # type: ignore[no-untyped-call]
+        if first:
+            await self._track(self.connection)
+
     async def on_connect(self, connection: Any) -> None:
+        await self._track(connection)
+        await super().on_connect(connection)
+
+    async def _track(self, connection: Any) -> None:
         await connection.send_command("CLIENT", "ID")
         client_id = await connection.read_response()
         prefix_args = [word for prefix in self._prefixes for word in ("PREFIX", prefix)]
         await connection.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", *prefix_args)
         await connection.read_response()
-        await super().on_connect(connection)
 
 
 class Invalidations:

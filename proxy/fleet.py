@@ -104,15 +104,14 @@ class Fleet:
     async def _lead(self, key: str, token: str, flight: Flight) -> None:
         renewing = asyncio.get_running_loop().create_task(self._keep_lease(key, token))
         stream = key + STREAM_SUFFIX
-        ok = False
         try:
             async for items in flight.batches():
                 await self._append(stream, [_entry(item) for item in items])
             ok = flight.complete and 200 <= flight.status < 300
             end = b"ok" if ok else b"error" if flight.complete else b"broken"
-            # A stored answer keeps the lease a moment, so that a request arriving before the entry lands
-            # follows the stream instead of calling again; an error or a broken answer frees the call at once.
-            await self._append(stream, [(b"end", end)], release=(token, self._lease_ms if ok else 1))
+            # The call is over: let go at once. Its answer is in the store by now, which a later request reads
+            # (or, if it was deleted meanwhile, calls afresh); the stream only serves followers still reading.
+            await self._append(stream, [(b"end", end)], release=(token, 1))
         except (RedisError, TimeoutError, OSError) as exc:
             self._store.failed("publish", key, exc)
             await self._let_go(key, token, keep_ms=1)

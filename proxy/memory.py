@@ -13,6 +13,8 @@ from .store import RedisStore
 _ENTRY_OVERHEAD_BYTES = 1536
 # Keys remembered as recently invalidated; past this many, a flush is cheaper than remembering.
 _MAX_INVALIDATED = 10_000
+# How long after writing a key this replica takes Redis's report of that write for an echo of its own.
+_ECHO_WITHIN_S = 1.0
 
 
 class MemoryStore:
@@ -96,6 +98,9 @@ class TieredStore:
         self._epoch = 0
         self._flushed_at = 0
         self._invalidated: dict[str, int] = {}
+        # Redis reports this replica's own writes too; the copy just written here is not stale. An echo expected
+        # but never come (the write failed) stops masking after a second.
+        self._echoes: dict[str, float] = {}
 
     def _trusted(self) -> bool:
         return self.coherent or not self.remote.available
@@ -120,6 +125,10 @@ class TieredStore:
     def put(self, key: str, entry: CacheEntry) -> None:
         if self._trusted():
             self.memory.put_now(key, entry)
+            if self.coherent:
+                if len(self._echoes) > _MAX_INVALIDATED:
+                    self._echoes.clear()
+                self._echoes[key] = time.monotonic() + _ECHO_WITHIN_S
         self.remote.put(key, entry)
 
     def invalidate(self, keys: list[bytes] | None) -> None:
@@ -128,10 +137,14 @@ class TieredStore:
         if keys is None or len(self._invalidated) > _MAX_INVALIDATED:
             self.memory.clear()
             self._invalidated.clear()
+            self._echoes.clear()
             self._flushed_at = self._epoch
             return
+        now = time.monotonic()
         for raw in keys:
             key = raw.decode("utf-8", "replace")
+            if self._echoes.pop(key, 0.0) >= now:
+                continue
             self.memory.drop(key)
             self._invalidated[key] = self._epoch
 

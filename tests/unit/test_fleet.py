@@ -1,0 +1,85 @@
+"""Single-flight across replicas on a shared fake Redis: one upstream call, followers relayed live, holders that
+vanish, errors not shared with later requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fakeredis import FakeAsyncRedis, FakeServer
+
+from proxy.fleet import LEASE_SUFFIX
+from proxy.state import FLEET, KEYER, STORE
+from tests.support import chat_body, received
+
+
+async def replicas(proxy_for: Any, fake_upstream: Any, count: int = 2, **overrides: Any) -> list[Any]:
+    """*count* proxies sharing one fake Redis server."""
+    server = FakeServer()
+    return [
+        await proxy_for(fake_upstream, redis_client=FakeAsyncRedis(server=server), **overrides) for _ in range(count)
+    ]
+
+
+async def drain(*clients: Any) -> None:
+    for client in clients:
+        await client.app[FLEET].drain()
+        await client.app[STORE].remote.drain()
+
+
+async def test_identical_requests_on_two_replicas_make_one_upstream_call_when_concurrent(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    one, two = await replicas(proxy_for, fake_upstream)
+    body = chat_body("slow across replicas")
+    responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for client in (one, two, two)))
+    bodies = [await r.read() for r in responses]
+    assert len(received(fake_upstream)) == 1
+    assert len(set(bodies)) == 1
+    assert sorted(r.headers["X-Cache"] for r in responses) == ["COALESCED", "COALESCED", "MISS"]
+    await drain(one, two)
+    assert (await two.post("/v1/chat/completions", json=body)).headers["X-Cache"] == "HIT"
+
+
+async def test_follower_receives_a_stream_live_when_another_replica_calls(fake_upstream: Any, proxy_for: Any) -> None:
+    one, two = await replicas(proxy_for, fake_upstream)
+    body = chat_body("slow " * 15 + "streamed across replicas", stream=True)
+    leader = await one.post("/v1/chat/completions", json=body)
+    first = await leader.content.readany()
+    follower = await two.post("/v1/chat/completions", json=body)
+    follower_first = await follower.content.readany()
+    assert b"[DONE]" not in first + follower_first  # both still receiving while the upstream writes
+    rest_leader, rest_follower = await asyncio.gather(leader.read(), follower.read())
+    assert first + rest_leader == follower_first + rest_follower
+    assert (first + rest_leader).endswith(b"data: [DONE]\n\n")
+    assert follower.headers["X-Cache"] == "COALESCED"
+    assert len(received(fake_upstream)) == 1
+
+
+async def test_follower_calls_the_upstream_itself_when_the_holder_vanished(fake_upstream: Any, proxy_for: Any) -> None:
+    one, two = await replicas(proxy_for, fake_upstream, flight_lease_s=0.3)
+    keyed = one.app[KEYER].key("chat/completions", b'{"model":"m","messages":[]}', "", {})
+    # A lease left by a replica that died before publishing anything.
+    await one.app[STORE].remote.client.set(keyed.key + LEASE_SUFFIX, "dead-replica", px=300)
+    response = await two.post("/v1/chat/completions", data=b'{"model":"m","messages":[]}')
+    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert len(received(fake_upstream)) == 1
+
+
+async def test_an_error_is_not_shared_with_later_requests_when_the_call_ended(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    one, two = await replicas(proxy_for, fake_upstream)
+    body = chat_body("fail:429")
+    first = await one.post("/v1/chat/completions", json=body)
+    second = await two.post("/v1/chat/completions", json=body)
+    assert [first.status, second.status] == [429, 429]
+    assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "MISS"]
+    assert len(received(fake_upstream)) == 2
+
+
+async def test_replicas_call_alone_when_coordination_is_off(fake_upstream: Any, proxy_for: Any) -> None:
+    one, two = await replicas(proxy_for, fake_upstream, replica_single_flight=False)
+    body = chat_body("slow uncoordinated")
+    await asyncio.gather(one.post("/v1/chat/completions", json=body), two.post("/v1/chat/completions", json=body))
+    assert len(received(fake_upstream)) == 2 and FLEET not in one.app
