@@ -22,16 +22,35 @@ from redis.exceptions import RedisError
 
 from .errors import UpstreamUnreachable
 from .flight import Flight, Start
-from .store import RedisStore
+from .store import Command, RedisStore
 
 log = logging.getLogger(__name__)
 
+# A lease and a stream are named after their entry with the namespace's ":" turned into "!": the same hash
+# tag, so the same node in a cluster, but outside the prefix whose changes every replica is told about.
 LEASE_SUFFIX = ":lease"
 STREAM_SUFFIX = ":flight"
+
+
+def lease_key(entry_key: str) -> str:
+    namespace, _, rest = entry_key.partition(":")
+    return f"{namespace}!{rest}{LEASE_SUFFIX}"
+
+
+def stream_key(entry_key: str) -> str:
+    namespace, _, rest = entry_key.partition(":")
+    return f"{namespace}!{rest}{STREAM_SUFFIX}"
+
+
 # How long a finished flight's stream stays readable for followers that are still catching up.
 STREAM_KEEP_MS = 30_000
 # Entries a stream holds at most; a follower that finds the first one gone calls the upstream itself.
 STREAM_MAX_ENTRIES = 100_000
+
+# A stream entry has one field, "e": a tag byte and its data. S: the answer begins (JSON of status, headers,
+# stream); C: a chunk; E: the end, "ok" (2xx, stored), "error" (complete, not 2xx) or "broken"; W: a whole
+# plain answer, its end status (o or e), the start's length (4 bytes), the start, then the body.
+_EVENT = b"e"
 
 # KEYS: entry, lease, stream. 1: claimed, this replica calls the upstream (on a fresh stream); 0: another
 # replica holds the lease; 2: the entry is stored now. A holder whose stream ended in an error or broke off is
@@ -40,7 +59,10 @@ _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  if #last == 0 or last[1][2][2] ~= 'end' or last[1][2][4] == 'ok' then return 0 end
+  if #last == 0 then return 0 end
+  local event = last[1][2][2]
+  local tag = string.sub(event, 1, 1)
+  if not ((tag == 'E' and event ~= 'Eok') or (tag == 'W' and string.sub(event, 2, 2) ~= 'o')) then return 0 end
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
 redis.call('DEL', KEYS[3])
@@ -70,10 +92,6 @@ class Fleet:
 
     def __init__(self, store: RedisStore, *, lease_s: float, wait_s: float) -> None:
         self._store = store
-        client = store.client
-        self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
         self._lease_ms = max(1, int(lease_s * 1000))
         self._wait_s = wait_s
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,78 +103,70 @@ class Fleet:
         if not self._store.available:
             return Claim.ALONE, ""
         token = secrets.token_hex(8)
+        keys = (key, lease_key(key), stream_key(key))
         try:
-            result = await self._store.call(
-                lambda: self._claim(keys=[key, key + LEASE_SUFFIX, key + STREAM_SUFFIX], args=[token, self._lease_ms])
-            )
-        except (RedisError, TimeoutError, OSError) as exc:
-            self._store.failed("claim", key, exc)
+            (result,) = await self._store.send([("EVAL", _CLAIM, 3, *keys, token, self._lease_ms)])
+        except (RedisError, TimeoutError, OSError):
+            return Claim.ALONE, ""
+        if isinstance(result, Exception):
+            self._store.failed("claim", key, result)
             return Claim.ALONE, ""
         return {1: Claim.LEAD, 0: Claim.FOLLOW, 2: Claim.STORED}.get(int(result), Claim.ALONE), token
 
     def publish(self, key: str, token: str, flight: Flight) -> None:
         """In the background: renew the lease while *flight* runs and write its answer to the stream."""
         self.led += 1
+        # Queued at once, ahead of any claim a request arriving next could make: nobody follows a call that
+        # was given up.
+        flight.on_abandon = partial(self._abandon, key, token)
         task = asyncio.get_running_loop().create_task(self._lead(key, token, flight))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _lead(self, key: str, token: str, flight: Flight) -> None:
-        renewing = asyncio.get_running_loop().create_task(self._keep_lease(key, token))
-        stream = key + STREAM_SUFFIX
+        renewing = _Renewal(self._store, key, token, self._lease_ms)
+        stream, lease = stream_key(key), lease_key(key)
         try:
+            events: list[bytes] = []
+            first = True
             async for items in flight.batches():
-                await self._append(stream, [_entry(item) for item in items])
+                events = [_event(item) for item in items]
+                if flight.finished:
+                    # The last batch, the end and the release travel together.
+                    break
+                await self._append(stream, events, expire=first)
+                first = False
+            else:
+                events = []
             ok = flight.complete and 200 <= flight.status < 300
             end = b"ok" if ok else b"error" if flight.complete else b"broken"
+            if not flight.is_stream and flight.complete and len(events) == 2:
+                events = [_whole(events[0], events[1], ok)]  # a plain answer in one entry
+            else:
+                events.append(b"E" + end)
             # The call is over: let go at once. Its answer is in the store by now, which a later request reads
             # (or, if it was deleted meanwhile, calls afresh); the stream only serves followers still reading.
-            await self._append(stream, [(b"end", end)], release=(token, 1))
-        except (RedisError, TimeoutError, OSError) as exc:
-            self._store.failed("publish", key, exc)
-            await self._let_go(key, token, keep_ms=1)
+            await self._append(stream, events, ("EVAL", _RELEASE, 1, lease, token, 1), expire=True)
+        except (RedisError, TimeoutError, OSError):
+            self._store.send([("EVAL", _RELEASE, 1, lease, token, 1)])
         finally:
-            renewing.cancel()
+            renewing.stop()
 
-    async def _keep_lease(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self._lease_ms / 3000)
-            try:
-                renewed = await self._store.call(
-                    lambda: self._renew(keys=[key + LEASE_SUFFIX], args=[token, self._lease_ms])
-                )
-            except (RedisError, TimeoutError, OSError) as exc:
-                self._store.failed("renew", key, exc)
-                return
-            if not renewed:
-                log.info("lease on an upstream call lost; followers may call it again key=%s", key)
-                return
+    def _abandon(self, key: str, token: str) -> None:
+        end = ("XADD", stream_key(key), "MAXLEN", "~", STREAM_MAX_ENTRIES, "*", _EVENT, b"Ebroken")
+        self._store.send([end, ("EVAL", _RELEASE, 1, lease_key(key), token, 1)])
 
-    async def _append(
-        self, stream: str, batch: list[tuple[bytes, bytes]], *, release: tuple[str, int] | None = None
-    ) -> None:
-        """Add *batch* to *stream* in one round trip; with *release* (token, milliseconds to keep the lease),
-        let go of the lease in the same one."""
-        lease = stream.removesuffix(STREAM_SUFFIX) + LEASE_SUFFIX
-
-        async def write() -> None:
-            async with self._store.client.pipeline(transaction=False) as pipe:
-                for kind, data in batch:
-                    pipe.xadd(stream, {b"k": kind, b"d": data}, maxlen=STREAM_MAX_ENTRIES, approximate=True)
-                pipe.pexpire(stream, STREAM_KEEP_MS)
-                if release is not None:
-                    pipe.eval(_RELEASE, 1, lease, *release)
-                for result in await pipe.execute(raise_on_error=False):
-                    if isinstance(result, Exception):
-                        raise result
-
-        await self._store.call(write)
-
-    async def _let_go(self, key: str, token: str, *, keep_ms: int) -> None:
-        try:
-            await self._store.call(lambda: self._release(keys=[key + LEASE_SUFFIX], args=[token, keep_ms]))
-        except (RedisError, TimeoutError, OSError) as exc:
-            self._store.failed("release", key, exc)
+    async def _append(self, stream: str, events: list[bytes], *also: Command, expire: bool = False) -> None:
+        """Add *events* to *stream*, setting its expiry when *expire*, with *also* after them, in the next
+        pipeline; raises what failed."""
+        commands: list[Command] = [
+            ("XADD", stream, "MAXLEN", "~", STREAM_MAX_ENTRIES, "*", _EVENT, event) for event in events
+        ]
+        if expire:
+            commands.append(("PEXPIRE", stream, STREAM_KEEP_MS))
+        for reply in await self._store.send([*commands, *also]):
+            if isinstance(reply, Exception):
+                raise reply
 
     async def follow(
         self, key: str, own_call: Callable[[], AsyncGenerator[Start | bytes, None]]
@@ -179,7 +189,7 @@ class Fleet:
             yield item
 
     async def _read(self, key: str) -> AsyncGenerator[Start | bytes, None]:
-        stream, last, waited = key + STREAM_SUFFIX, b"0-0", 0.0
+        stream, last, waited = stream_key(key), b"0-0", 0.0
         block_s = self._lease_ms / 1000
         while True:
             try:
@@ -196,15 +206,20 @@ class Fleet:
                     raise _HolderGone("the replica holding the call is gone")
                 continue
             for entry_id, fields in _entries(reply):
-                if last == b"0-0" and fields.get(b"k") != b"start":
+                event = fields.get(_EVENT, b"")
+                tag, data = event[:1], event[1:]
+                if last == b"0-0" and tag not in (b"S", b"W"):
                     raise _HolderGone("the stream lost its start")
                 last = entry_id
-                kind, data = fields.get(b"k"), fields.get(b"d", b"")
-                if kind == b"start":
-                    meta = orjson.loads(data)
-                    yield Start(meta["status"], tuple(tuple(pair) for pair in meta["headers"]), meta["stream"])
-                elif kind == b"chunk":
+                if tag == b"C":
                     yield data
+                elif tag == b"S":
+                    yield _start(data)
+                elif tag == b"W":
+                    size = int.from_bytes(data[1:5], "big")
+                    yield _start(data[5 : 5 + size])
+                    yield data[5 + size :]
+                    return
                 elif data in (b"ok", b"error"):
                     return
                 else:
@@ -212,7 +227,7 @@ class Fleet:
 
     async def _lease_held(self, key: str) -> bool:
         try:
-            return bool(await self._store.call(lambda: self._store.client.exists(key + LEASE_SUFFIX)))
+            return bool(await self._store.call(lambda: self._store.client.exists(lease_key(key))))
         except (RedisError, TimeoutError, OSError) as exc:
             self._store.failed("follow", key, exc)
             return False
@@ -226,14 +241,51 @@ class Fleet:
         await self.drain()
 
 
+class _Renewal:
+    """Renews a lease every third of its length until stopped, on timers rather than a task of its own: most
+    calls end before the first renewal is due."""
+
+    def __init__(self, store: RedisStore, key: str, token: str, lease_ms: int) -> None:
+        self._store, self._key, self._token, self._lease_ms = store, key, token, lease_ms
+        self._handle = asyncio.get_running_loop().call_later(lease_ms / 3000, self._renew)
+        self._active = True
+
+    def _renew(self) -> None:
+        if self._active:
+            renewed = self._store.send([("EVAL", _RENEW, 1, lease_key(self._key), self._token, self._lease_ms)])
+            renewed.add_done_callback(self._renewed)
+
+    def _renewed(self, renewed: asyncio.Future[list[Any]]) -> None:
+        if not self._active or renewed.cancelled() or renewed.exception() is not None:
+            return
+        if renewed.result() == [1]:
+            self._handle = asyncio.get_running_loop().call_later(self._lease_ms / 3000, self._renew)
+        else:
+            log.info("lease on an upstream call lost; followers may call it again key=%s", self._key)
+
+    def stop(self) -> None:
+        self._active = False
+        self._handle.cancel()
+
+
 class _HolderGone(Exception):
     """The replica holding a call stopped answering for it."""
 
 
-def _entry(item: Start | bytes) -> tuple[bytes, bytes]:
+def _event(item: Start | bytes) -> bytes:
     if isinstance(item, Start):
-        return b"start", orjson.dumps({"status": item.status, "headers": item.headers, "stream": item.is_stream})
-    return b"chunk", item
+        return b"S" + orjson.dumps({"status": item.status, "headers": item.headers, "stream": item.is_stream})
+    return b"C" + item
+
+
+def _whole(start: bytes, chunk: bytes, ok: bool) -> bytes:
+    meta = start[1:]
+    return b"W" + (b"o" if ok else b"e") + len(meta).to_bytes(4, "big") + meta + chunk[1:]
+
+
+def _start(meta: bytes) -> Start:
+    fields = orjson.loads(meta)
+    return Start(fields["status"], tuple(tuple(pair) for pair in fields["headers"]), fields["stream"])
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -77,6 +77,8 @@ class Flight:
         self.complete = False
         self.error: ProxyError | None = None
         self.own_call = False
+        # Runs when the last client leaves before the end and the call is cancelled.
+        self.on_abandon: Callable[[], None] | None = None
         self._chunks: list[bytes] = []
         self._first = 0  # index, in the whole answer, of _chunks[0]
         self._kept_bytes = 0
@@ -240,6 +242,8 @@ class Flight:
                 # Forget it now, not when the task unwinds: a request arriving meanwhile must start afresh.
                 if self._on_close is not None:
                     self._on_close(self)
+                if self.on_abandon is not None:
+                    self.on_abandon()
 
     async def batches(self) -> AsyncGenerator[list[Start | bytes], None]:
         """Follow this flight from its start as a reader that is not a client: each batch holds every item that
@@ -264,11 +268,14 @@ class Flight:
                 if position < upto:
                     pending.extend(self._chunks[position - self._first :])
                     self._positions[me] = upto
-                if pending:
+                # A Start alone waits for the first chunk: it is of no use to a reader without one.
+                if pending and (len(pending) > 1 or not isinstance(pending[0], Start)):
                     yield pending
                     pending = []
                     continue
                 if self.finished:
+                    if pending:
+                        yield pending
                     return
                 await self._changed.wait()
         finally:

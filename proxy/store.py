@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
@@ -17,6 +18,8 @@ from .seal import EntryCodec, ForeignEntryError, PlainCodec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# One Redis command: its name, then its arguments.
+Command = tuple[Any, ...]
 
 
 class CacheStore(Protocol):
@@ -68,7 +71,7 @@ class RedisStore:
         self._down_until = 0.0
         self._failing = False
         self._lookups: list[tuple[str, asyncio.Future[CacheEntry | None]]] = []
-        self._stores: list[tuple[str, bytes, int]] = []
+        self._sends: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.errors = 0
 
@@ -95,19 +98,37 @@ class RedisStore:
         if not self.available:
             return
         ttl_ms = int((entry.expires_at - time.time()) * 1000)
-        if ttl_ms <= 0:
+        if ttl_ms > 0:
+            written = self.send([("SET", key, self._codec.encode(key, entry), "PX", ttl_ms)])
+            written.add_done_callback(partial(self._check_written, key))
+
+    def _check_written(self, key: str, written: asyncio.Future[list[Any]]) -> None:
+        # A failed pipeline was reported already; a refused write (out of memory, a read-only replica) is not.
+        if written.cancelled() or written.exception() is not None:
             return
-        self._stores.append((key, self._codec.encode(key, entry), ttl_ms))
-        if len(self._stores) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_stores)
+        for reply in written.result():
+            if isinstance(reply, RedisError):
+                self.failed("write", key, reply)
+
+    def send(self, commands: Sequence[Command]) -> asyncio.Future[list[Any]]:
+        """Queue *commands* for one pipeline with everything else queued in this turn of the event loop (one
+        round trip per node for all of it); the future gets their replies in order, a reply that is an error
+        as the exception. The pipeline has the deadline *op_timeout_s*; if it fails, every future gets the
+        exception, and Redis is left alone for *retry_after_s*."""
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Future[list[Any]] = loop.create_future()
+        self._sends.append((commands, replies))
+        if len(self._sends) == 1:
+            loop.call_soon(self._flush_sends)
+        return replies
 
     def _flush_lookups(self) -> None:
         batch, self._lookups = self._lookups, []
         self._spawn(self._lookup(batch))
 
-    def _flush_stores(self) -> None:
-        batch, self._stores = self._stores, []
-        self._spawn(self._store(batch))
+    def _flush_sends(self) -> None:
+        batch, self._sends = self._sends, []
+        self._spawn(self._pipeline(batch))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -126,19 +147,32 @@ class RedisStore:
                 if not found.done():
                     found.set_result(self._parse(key, raw))
 
-    async def _store(self, batch: list[tuple[str, bytes, int]]) -> None:
-        async def write() -> None:
+    async def _pipeline(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        async def execute() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, value, ttl_ms in batch:
-                    pipe.set(key, value, px=ttl_ms)
-                for result in await pipe.execute(raise_on_error=False):
-                    if isinstance(result, Exception):
-                        raise result
+                for commands, _ in batch:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                return await pipe.execute(raise_on_error=False)
 
         try:
-            await self.call(write)
+            replies = await self.call(execute)
         except (RedisError, TimeoutError, OSError) as exc:
-            self.failed("write", batch[0][0], exc)
+            self.failed("write", "-", exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                if not future.done():
+                    future.cancel()
+            raise
+        start = 0
+        for commands, future in batch:
+            if not future.done():
+                future.set_result(replies[start : start + len(commands)])
+            start += len(commands)
 
     async def call(self, operation: Callable[[], Awaitable[T]], *, deadline_s: float | None = None) -> T:
         """Run *operation* (one round trip on :attr:`client`) within a deadline (*op_timeout_s* unless
@@ -197,7 +231,7 @@ class RedisStore:
 
     async def drain(self) -> None:
         """Wait for batches queued or in flight (shutdown, tests)."""
-        while self._tasks or self._stores or self._lookups:
+        while self._tasks or self._sends or self._lookups:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             else:

@@ -8,7 +8,7 @@ from typing import Any
 
 from fakeredis import FakeAsyncRedis, FakeServer
 
-from proxy.fleet import LEASE_SUFFIX
+from proxy.fleet import lease_key
 from proxy.state import FLEET, KEYER, STORE
 from tests.support import chat_body, received
 
@@ -60,7 +60,7 @@ async def test_follower_calls_the_upstream_itself_when_the_holder_vanished(fake_
     one, two = await replicas(proxy_for, fake_upstream, flight_lease_s=0.3)
     keyed = one.app[KEYER].key("chat/completions", b'{"model":"m","messages":[]}', "", {})
     # A lease left by a replica that died before publishing anything.
-    await one.app[STORE].remote.client.set(keyed.key + LEASE_SUFFIX, "dead-replica", px=300)
+    await one.app[STORE].remote.client.set(lease_key(keyed.key), "dead-replica", px=300)
     response = await two.post("/v1/chat/completions", data=b'{"model":"m","messages":[]}')
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
     assert len(received(fake_upstream)) == 1
