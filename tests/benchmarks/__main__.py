@@ -46,6 +46,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "--peers", metavar="NAMES", help=f"also measure these peers in the hit and miss rounds: {','.join(peers.PEERS)}"
     )
+    add(
+        "--proxy-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for this checkout's proxy only (repeatable), e.g. CACHE_TTL=60",
+    )
     add("--report", type=Path, metavar="FILE.json", help="print the report of an earlier run's results and exit")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.quick else 4)
@@ -54,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.only = [name.strip() for name in args.only.split(",")] if args.only else []
     if unknown := [name for name in args.only if name not in PHASES]:
         parser.error(f"--only: unknown phase {', '.join(unknown)}; phases are {', '.join(PHASES)}")
+    if malformed := [item for item in args.proxy_env if "=" not in item]:
+        parser.error(f"--proxy-env takes NAME=VALUE, got {', '.join(malformed)}")
     args.peers = [name.strip() for name in args.peers.split(",")] if args.peers else []
     if unknown := [name for name in args.peers if name not in peers.PEERS]:
         parser.error(f"--peers: unknown peer {', '.join(unknown)}; peers are {', '.join(peers.PEERS)}")
@@ -109,6 +118,7 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
         "calibrate": args.calibrate,
         "log_level": args.log_level,
         "only": args.only,
+        "proxy_env": args.proxy_env,
         "server_core": SERVER_CORE,
         "load_core": LOAD_CORE,
     }

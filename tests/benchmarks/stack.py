@@ -116,6 +116,8 @@ def start_proxy(
         CACHE_TTL="3600",
         LOG_LEVEL=bench.args.log_level,
     )
+    if source == REPO:
+        env.update(item.split("=", 1) for item in bench.args.proxy_env)
     argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
     # The scratch cwd (Bench.start) keeps a developer's proxy.yaml or .env out of the measurement.
     service = bench.start(name, argv, cores, env=env)
