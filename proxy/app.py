@@ -129,11 +129,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             max_in_flight=settings.redis.max_connections,
             codec=codec,
         )
-        injected = INJECTED_REDIS in app
         # An injected client is a test double without server-assisted tracking: its tier is trusted as is.
-        tiered = TieredStore(memory, remote, coherent=injected)
+        tracked = cache.invalidations and INJECTED_REDIS not in app
+        tiered = TieredStore(memory, remote, coherent=not tracked)
         store = tiered
-        if not injected:
+        if tracked:
             invalidations = Invalidations(
                 client,
                 settings.redis,

@@ -75,6 +75,7 @@ class CacheSettings:
     memory_max_bytes: int = 4 * 1024 * 1024
     max_entry_bytes: int = 8 * 1024 * 1024
     replica_single_flight: bool = True
+    invalidations: bool = True
     flight_lease_s: float = 5.0
     flight_wait_s: float = 60.0
     share_across_keys: bool = False
@@ -272,6 +273,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "CACHE_REPLICA_SINGLE_FLIGHT",
         Flag(),
         "identical requests on different replicas share one upstream call, through a lock and a stream in Redis",
+    ),
+    Setting(
+        "cache.invalidations",
+        "CACHE_INVALIDATIONS",
+        Flag(),
+        "keep every replica's in-process tier coherent through Redis's invalidations (CLIENT TRACKING); off, an entry "
+        "replaced or deleted elsewhere may be served from a replica's memory until it expires",
     ),
     Setting(
         "cache.flight_lease_s",
