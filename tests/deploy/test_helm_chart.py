@@ -206,6 +206,8 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"config": {"redis": {"mode": "cluster"}}}, "'mode'"),
         ({"config": {"redis": {"cluster_nodes": ["node-1:6379"]}}}, "'cluster_nodes'"),
         ({"config": {"redis": {"sentinels": ["s-0:26379"]}}}, "'sentinels'"),
+        ({"config": {"cache": {"replica_single_flight": "no"}}}, "/config/cache/replica_single_flight"),
+        ({"config": {"cache": {"flight_wait_s": 0}}}, "/config/cache/flight_wait_s"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
@@ -424,6 +426,13 @@ def test_proxy_accepts_the_config_map_when_redis_mode_varies(
     assert settings.redis.tls_cert_file == (
         str(tmp_path / "secrets" / "llm-cache-proxy-redis-tls" / "tls.crt") if "tls" in values["redis"] else None
     )
+
+
+def test_replicas_call_the_upstream_each_when_single_flight_is_off(render: RenderFn, tmp_path: Path) -> None:
+    flight = {"replica_single_flight": False, "flight_lease_s": 2, "flight_wait_s": 30}
+    result = render({"redis": {"url": "redis://cache:6379/0"}, "config": {"cache": flight}})
+    cache = check_settings_arrive(result, tmp_path).cache
+    assert (cache.replica_single_flight, cache.flight_lease_s, cache.flight_wait_s) == (False, 2, 30)
 
 
 def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
