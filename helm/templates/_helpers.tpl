@@ -154,6 +154,7 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- if and .Values.redis.url .Values.redis.bundled.enabled }}
 {{- fail "set either redis.url (external Redis) or redis.bundled.enabled, not both" }}
 {{- end }}
+{{- include "llm-cache-proxy.validateRedisMode" . }}
 {{- if and (eq (include "llm-cache-proxy.cacheBackend" .) "redis") (not (include "llm-cache-proxy.redisUrl" .)) }}
 {{- fail "config.cache.backend is redis: set redis.url, or redis.bundled.enabled=true" }}
 {{- end }}
@@ -205,6 +206,37 @@ Combinations the schema cannot express. Included by every template that depends 
 {{- end }}
 
 {{/*
+Redis deployments other than a single server: what each needs, and lists given for another mode.
+*/}}
+{{- define "llm-cache-proxy.validateRedisMode" -}}
+{{- $redis := .Values.redis }}
+{{- if ne $redis.mode "standalone" }}
+{{- if $redis.bundled.enabled }}
+{{- fail (printf "redis.mode=%s needs an external Redis: the bundled Redis is a single server; set redis.url instead of redis.bundled.enabled" $redis.mode) }}
+{{- end }}
+{{- if not (regexMatch "^rediss?://" $redis.url) }}
+{{- if eq $redis.mode "cluster" }}
+{{- fail "redis.mode=cluster needs a redis:// or rediss:// redis.url naming one node of the cluster" }}
+{{- else }}
+{{- fail "redis.mode=sentinel needs a redis:// or rediss:// redis.url for TLS and the database, e.g. redis://sentinel/0 (its host is ignored)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq $redis.mode "cluster") (not (regexMatch "^rediss?://[^/?#]*(/0?)?([?#].*)?$" $redis.url)) }}
+{{- fail "redis.mode=cluster: Redis Cluster has database 0 only; end redis.url with /0" }}
+{{- end }}
+{{- if and (eq $redis.mode "sentinel") (not $redis.sentinels) }}
+{{- fail "redis.mode=sentinel needs redis.sentinels, the host:port of each Sentinel" }}
+{{- end }}
+{{- if and $redis.sentinels (ne $redis.mode "sentinel") }}
+{{- fail "redis.sentinels are only used with redis.mode=sentinel" }}
+{{- end }}
+{{- if and $redis.clusterNodes (ne $redis.mode "cluster") }}
+{{- fail "redis.clusterNodes are only used with redis.mode=cluster" }}
+{{- end }}
+{{- end }}
+
+{{/*
 proxy.yaml as mounted into the pod. It is built from .Values.config and the hashes of auth.clientKeys only: the
 listen address, the Redis URL and every secret reach the proxy as environment variables or files of Secrets, so
 nothing secret can end up in the ConfigMap.
@@ -212,6 +244,12 @@ nothing secret can end up in the ConfigMap.
 {{- define "llm-cache-proxy.proxyConfig" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $_ := set $config.cache "backend" (include "llm-cache-proxy.cacheBackend" .) }}
+{{- if and (eq .Values.redis.mode "cluster") .Values.redis.clusterNodes }}
+{{- /* File-only in the proxy: no variable takes the further nodes. */}}
+{{- $redis := $config.redis | default dict }}
+{{- $_ := set $redis "cluster_nodes" .Values.redis.clusterNodes }}
+{{- $_ := set $config "redis" $redis }}
+{{- end }}
 {{- with .Values.auth.clientKeys }}
 {{- $keys := list }}
 {{- range . }}
@@ -322,8 +360,16 @@ Arguments: root, native (bool).
           {{- end }}
     {{- end }}
     {{- if eq $backend "redis" }}
+    - name: REDIS_MODE
+      value: {{ $values.redis.mode | quote }}
     - name: REDIS_URL
       value: {{ include "llm-cache-proxy.redisUrl" $root | quote }}
+    {{- if eq $values.redis.mode "sentinel" }}
+    - name: REDIS_SENTINELS
+      value: {{ join "," $values.redis.sentinels | quote }}
+    - name: REDIS_SENTINEL_MASTER
+      value: {{ $values.redis.sentinelMaster | quote }}
+    {{- end }}
     {{- with $values.redis.username }}
     - name: REDIS_USERNAME
       value: {{ . | quote }}

@@ -55,6 +55,8 @@ EXPECTED_KINDS = {
     "sidecar-native": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
     "sidecar-legacy": ["ServiceAccount", "Secret", "ConfigMap", "Deployment"],
     "external-redis": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
+    "external-cluster": ["PodDisruptionBudget", "ServiceAccount", "ConfigMap", "Service", "Deployment"],
+    "external-sentinel": ["ServiceAccount", "ConfigMap", "Service", "Deployment"],
     "bundled-redis": ["ServiceAccount", "Secret", "ConfigMap", "Service", "Service", "Deployment", "Deployment"],
     "standalone-full": [
         "PodDisruptionBudget",
@@ -82,12 +84,39 @@ ALLOWED_HOSTS: dict[str, list[str] | None] = {
     "default": SERVICE_HOSTS,
     "bundled-redis": SERVICE_HOSTS,
     "external-redis": SERVICE_HOSTS,
+    "external-cluster": SERVICE_HOSTS,
+    "external-sentinel": SERVICE_HOSTS,
     "standalone-full": [*SERVICE_HOSTS, "llm.example.com"],
     "security": [*SERVICE_HOSTS, "llm.internal.example.com", "llm-proxy.example.net"],
     "sidecar-native": None,
     "sidecar-legacy": None,
 }
 
+
+# One Sentinel, for ad-hoc values.
+SENTINEL = "redis-sentinel.cache.svc:26379"
+# How the proxy finds Redis with each ci values file that uses one: (mode, cluster_nodes, sentinels, sentinel_master).
+REDIS_DEPLOYMENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]] = {
+    "external-redis": ("standalone", (), (), "mymaster"),
+    "bundled-redis": ("standalone", (), (), "mymaster"),
+    "standalone-full": ("standalone", (), (), "mymaster"),
+    "security": ("standalone", (), (), "mymaster"),
+    "external-cluster": (
+        "cluster",
+        (
+            "redis-cluster-1.redis-cluster-headless.cache.svc.cluster.local:6379",
+            "redis-cluster-2.redis-cluster-headless.cache.svc.cluster.local:6379",
+        ),
+        (),
+        "mymaster",
+    ),
+    "external-sentinel": (
+        "sentinel",
+        (),
+        tuple(f"redis-node-{n}.redis-headless.cache.svc.cluster.local:26379" for n in range(3)),
+        "llm-cache",
+    ),
+}
 
 # The keys whose hashes helm/ci/security-values.yaml lists, as the clients send them.
 SECURITY_CLIENT_KEYS = {"team-a": "ci-security-team-a-key", "team-b": "ci-security-team-b-key"}
@@ -166,6 +195,19 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"auth": {"clientKeys": [{"keySha256": "0" * 64}]}}, "'name'"),
         ({"auth": {"clientKeys": [{"name": "team a", "keySha256": "0" * 64}]}}, "/auth/clientKeys/0/name"),
         ({"config": {"auth": {"client_keys": [{"name": "a", "key": "hunter2"}]}}}, "'auth'"),
+        ({"redis": {"mode": "replicated"}}, "/redis/mode"),
+        ({"redis": {"sentinels": ["redis-sentinel"]}}, "/redis/sentinels/0"),
+        ({"redis": {"sentinels": ["redis://redis-sentinel:26379"]}}, "/redis/sentinels/0"),
+        ({"redis": {"sentinels": "s-0:26379,s-1:26379"}}, "/redis/sentinels"),
+        ({"redis": {"clusterNodes": ["fd00::7:6379"]}}, "/redis/clusterNodes/0"),
+        ({"redis": {"clusterNodes": ["node-1:6379", "node-1:6379"]}}, "/redis/clusterNodes"),
+        ({"redis": {"sentinelMaster": ""}}, "/redis/sentinelMaster"),
+        ({"redis": {"sentinelMaster": "my master"}}, "/redis/sentinelMaster"),
+        ({"config": {"redis": {"mode": "cluster"}}}, "'mode'"),
+        ({"config": {"redis": {"cluster_nodes": ["node-1:6379"]}}}, "'cluster_nodes'"),
+        ({"config": {"redis": {"sentinels": ["s-0:26379"]}}}, "'sentinels'"),
+        ({"config": {"cache": {"replica_single_flight": "no"}}}, "/config/cache/replica_single_flight"),
+        ({"config": {"cache": {"flight_wait_s": 0}}}, "/config/cache/flight_wait_s"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:
@@ -290,7 +332,9 @@ def test_app_reaches_proxy_on_loopback_when_mode_is_sidecar(rendered: dict[str, 
         assert command[:2] == ["python", "-c"] and "http://127.0.0.1:" in command[2]
 
 
-@pytest.mark.parametrize("name", ["default", "external-redis", "bundled-redis", "standalone-full"])
+@pytest.mark.parametrize(
+    "name", ["default", "external-redis", "external-cluster", "external-sentinel", "bundled-redis", "standalone-full"]
+)
 def test_proxy_listens_on_all_interfaces_when_standalone(rendered: dict[str, Render], name: str) -> None:
     result = rendered[name]
     proxy = proxy_container(result.one("Deployment"))
@@ -349,6 +393,48 @@ def test_proxy_accepts_the_config_map_when_every_secret_is_a_value(render: Rende
     assert settings.auth.proxy_api_keys == tuple(TRIAL_SECRETS["auth"]["proxyApiKeys"])
 
 
+@pytest.mark.parametrize("name", sorted(REDIS_DEPLOYMENTS))
+def test_proxy_finds_redis_as_deployed_when_using_ci_values(
+    rendered: dict[str, Render], name: str, tmp_path: Path
+) -> None:
+    redis = check_settings_arrive(rendered[name], tmp_path).redis
+    assert (redis.mode, redis.cluster_nodes, redis.sentinels, redis.sentinel_master) == REDIS_DEPLOYMENTS[name]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"redis": {"mode": "cluster", "url": "redis://redis-cluster.cache.svc:6379"}},
+        {
+            "redis": {
+                "mode": "sentinel",
+                "url": "rediss://sentinel/0",
+                "sentinels": [SENTINEL, "[fd00::7]:26379"],
+                "username": "llm-cache",
+                "password": "trial-redis-password",
+                "tls": {"existingSecret": "cache-redis-tls", "clientCertificate": True},
+            }
+        },
+    ],
+    ids=["cluster-without-more-nodes", "sentinel-over-tls"],
+)
+def test_proxy_accepts_the_config_map_when_redis_mode_varies(
+    render: RenderFn, values: dict[str, Any], tmp_path: Path
+) -> None:
+    settings = check_settings_arrive(render(values), tmp_path)
+    assert settings.redis.mode == values["redis"]["mode"]
+    assert settings.redis.tls_cert_file == (
+        str(tmp_path / "secrets" / "llm-cache-proxy-redis-tls" / "tls.crt") if "tls" in values["redis"] else None
+    )
+
+
+def test_replicas_call_the_upstream_each_when_single_flight_is_off(render: RenderFn, tmp_path: Path) -> None:
+    flight = {"replica_single_flight": False, "flight_lease_s": 2, "flight_wait_s": 30}
+    result = render({"redis": {"url": "redis://cache:6379/0"}, "config": {"cache": flight}})
+    cache = check_settings_arrive(result, tmp_path).cache
+    assert (cache.replica_single_flight, cache.flight_lease_s, cache.flight_wait_s) == (False, 2, 30)
+
+
 def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
     """Load the proxy's settings from the rendered ConfigMap and environment, and check that each value arrives."""
     env = proxy_environment(result, tmp_path / "secrets")
@@ -375,7 +461,12 @@ def check_settings_arrive(result: Render, tmp_path: Path) -> Settings:
         (k["name"], k["keySha256"].lower(), k.get("namespace")) for k in client_keys
     ]
     if settings.cache.backend == "redis":
+        redis = result.values.get("redis", {})
+        assert settings.redis.mode == redis.get("mode", "standalone")
         assert settings.redis.url == env["REDIS_URL"]
+        assert settings.redis.cluster_nodes == tuple(redis.get("clusterNodes", ()))
+        assert settings.redis.sentinels == tuple(redis.get("sentinels", ()))
+        assert settings.redis.sentinel_master == redis.get("sentinelMaster", "mymaster")
         assert settings.redis.username == env.get("REDIS_USERNAME")
         assert settings.redis.password == env.get("REDIS_PASSWORD")
         assert settings.redis.tls_ca_file == env.get("REDIS_TLS_CA_FILE")
@@ -462,6 +553,10 @@ def test_checksum_changes_when_config_changes(render: RenderFn) -> None:
     assert checksum({"config": {"cache": {"ttl_s": 60}}}) != base
     assert checksum({"config": {"log_level": "DEBUG"}}) != base
     assert checksum({"replicaCount": 3}) == base
+    cluster = {"mode": "cluster", "url": "redis://redis-cluster.cache.svc:6379/0"}
+    assert checksum({"redis": {**cluster, "clusterNodes": ["redis-cluster-1.cache.svc:6379"]}}) != checksum(
+        {"redis": cluster}
+    )
 
 
 def test_upstream_key_is_read_from_the_chart_secret_when_given_as_a_value(rendered: dict[str, Render]) -> None:
@@ -528,6 +623,57 @@ def test_no_certificate_is_mounted_when_redis_tls_is_not_configured(rendered: di
         deployment = rendered[name].one("Deployment")
         assert "llm-cache-proxy-redis-tls" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
         assert not [n for n in env_of(proxy_container(deployment)) if n.startswith("REDIS_TLS_")]
+
+
+def test_seed_nodes_go_to_proxy_yaml_when_redis_mode_is_cluster(rendered: dict[str, Render]) -> None:
+    result = rendered["external-cluster"]
+    deployment = result.one("Deployment")
+    env = env_of(proxy_container(deployment))
+    assert env["REDIS_MODE"]["value"] == "cluster"
+    assert env["REDIS_URL"]["value"] == result.values["redis"]["url"]
+    assert not {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"} & env.keys()
+    # The proxy reads further nodes from its file only.
+    config = yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])
+    assert config["redis"] == {"op_timeout_s": 0.25, "cluster_nodes": list(REDIS_DEPLOYMENTS["external-cluster"][1])}
+    # Credentials and TLS as for a single server, from the Secrets the user manages.
+    assert result.of_kind("Secret") == []
+    assert env["REDIS_USERNAME"]["value"] == "llm-cache"
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "cache-redis", "key": "password"}
+    assert env["REDIS_TLS_CA_FILE"]["value"] == "/etc/redis-tls/ca.crt"
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes["llm-cache-proxy-redis-tls"]["secret"] == {"secretName": "cache-redis-tls"}
+
+
+def test_no_seed_node_is_written_when_the_cluster_url_is_the_only_one(render: RenderFn) -> None:
+    result = render({"redis": {"mode": "cluster", "url": "redis://redis-cluster.cache.svc:6379/0"}})
+    assert env_of(proxy_container(result.one("Deployment")))["REDIS_MODE"]["value"] == "cluster"
+    assert "cluster_nodes" not in yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])["redis"]
+
+
+def test_sentinels_are_variables_when_redis_mode_is_sentinel(rendered: dict[str, Render]) -> None:
+    result = rendered["external-sentinel"]
+    env = env_of(proxy_container(result.one("Deployment")))
+    _, _, sentinels, master = REDIS_DEPLOYMENTS["external-sentinel"]
+    assert env["REDIS_MODE"]["value"] == "sentinel"
+    assert env["REDIS_URL"]["value"] == "redis://sentinel/1"
+    assert env["REDIS_SENTINELS"]["value"] == ",".join(sentinels)
+    assert env["REDIS_SENTINEL_MASTER"]["value"] == master
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "cache-redis", "key": "password"}
+    assert result.of_kind("Secret") == []
+    assert "cluster_nodes" not in yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])["redis"]
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED_KINDS) - {"external-cluster", "external-sentinel"}))
+def test_redis_mode_is_standalone_when_not_set(rendered: dict[str, Render], name: str) -> None:
+    result = rendered[name]
+    env = env_of(proxy_container(result.one("Deployment")))
+    config = yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])
+    if config["cache"]["backend"] == "redis":
+        assert env["REDIS_MODE"]["value"] == "standalone"
+    else:
+        assert not [n for n in env if n.startswith("REDIS_")]
+    assert not {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"} & env.keys()
+    assert "cluster_nodes" not in config.get("redis", {})
 
 
 @pytest.mark.parametrize(
@@ -825,6 +971,52 @@ def test_ingress_routes_to_the_proxy_service_when_enabled(rendered: dict[str, Re
             },
             "list the names clients use under it in server.allowedHosts",
         ),
+        (
+            {"redis": {"mode": "cluster", "bundled": {"enabled": True}}},
+            "redis.mode=cluster needs an external Redis: the bundled Redis is a single server",
+        ),
+        (
+            {"redis": {"mode": "sentinel", "sentinels": [SENTINEL], "bundled": {"enabled": True}}},
+            "redis.mode=sentinel needs an external Redis: the bundled Redis is a single server",
+        ),
+        ({"redis": {"mode": "cluster"}}, "redis.mode=cluster needs a redis:// or rediss:// redis.url"),
+        (
+            {"redis": {"mode": "cluster", "url": "unix:///run/redis/redis.sock"}},
+            "redis.mode=cluster needs a redis:// or rediss:// redis.url",
+        ),
+        ({"redis": {"mode": "cluster", "url": "redis://cache:6379/2"}}, "Redis Cluster has database 0 only"),
+        (
+            {"redis": {"mode": "sentinel", "sentinels": [SENTINEL]}},
+            "redis.mode=sentinel needs a redis:// or rediss:// redis.url",
+        ),
+        ({"redis": {"mode": "sentinel", "url": "redis://sentinel/0"}}, "redis.mode=sentinel needs redis.sentinels"),
+        (
+            {"redis": {"url": "redis://cache:6379/0", "sentinels": [SENTINEL]}},
+            "redis.sentinels are only used with redis.mode=sentinel",
+        ),
+        (
+            {"redis": {"mode": "cluster", "url": "redis://cache:6379/0", "sentinels": [SENTINEL]}},
+            "redis.sentinels are only used with redis.mode=sentinel",
+        ),
+        (
+            {"redis": {"url": "redis://cache:6379/0", "clusterNodes": ["cache-1:6379"]}},
+            "redis.clusterNodes are only used with redis.mode=cluster",
+        ),
+        (
+            {
+                "redis": {
+                    "mode": "sentinel",
+                    "url": "redis://sentinel/0",
+                    "sentinels": [SENTINEL],
+                    "clusterNodes": ["cache-1:6379"],
+                }
+            },
+            "redis.clusterNodes are only used with redis.mode=cluster",
+        ),
+        (
+            {"redis": {"mode": "sentinel", "url": "redis://:hunter2@sentinel/0", "sentinels": [SENTINEL]}},
+            "must not carry a password",
+        ),
     ],
 )
 def test_render_fails_with_a_clear_message_when_values_conflict(
@@ -839,6 +1031,31 @@ def test_notes_give_the_service_url_when_standalone(rendered: dict[str, Render])
     notes = rendered["default"].notes
     assert f"OPENAI_BASE_URL=http://{FULLNAME}.{NAMESPACE}.svc:8080/v1" in notes
     assert "https://llm.example.com/v1" in rendered["standalone-full"].notes
+
+
+@pytest.mark.parametrize(
+    ("name", "cache"),
+    [
+        ("external-redis", "Cache: redis at rediss://redis-master.cache.svc.cluster.local:6380/0"),
+        (
+            "external-cluster",
+            "Cache: redis on the Redis Cluster reached through "
+            "rediss://redis-cluster-0.redis-cluster-headless.cache.svc.cluster.local:6379/0, "
+            "redis-cluster-1.redis-cluster-headless.cache.svc.cluster.local:6379, "
+            "redis-cluster-2.redis-cluster-headless.cache.svc.cluster.local:6379\n",
+        ),
+        (
+            "external-sentinel",
+            'Cache: redis on the master "llm-cache" named by the Sentinels '
+            + ", ".join(REDIS_DEPLOYMENTS["external-sentinel"][2])
+            + "\n",
+        ),
+    ],
+)
+def test_notes_say_where_the_cache_is_when_redis_is_external(
+    rendered: dict[str, Render], name: str, cache: str
+) -> None:
+    assert cache in rendered[name].notes
 
 
 @pytest.mark.parametrize(("name", "port"), [("sidecar-native", 8080), ("sidecar-legacy", 18080)])
