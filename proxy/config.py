@@ -97,6 +97,7 @@ class RedisSettings:
     cluster_nodes: tuple[str, ...] = ()
     sentinels: tuple[str, ...] = ()
     sentinel_master: str = "mymaster"
+    sentinel_password: str | None = field(default=None, repr=False)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     password_file: MountedSecret | None = field(default=None, repr=False)
@@ -348,6 +349,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "the Sentinels (host:port,host:port) that name the master, in sentinel mode",
     ),
     Setting("redis.sentinel_master", "REDIS_SENTINEL_MASTER", Text(), "the master's name at the Sentinels"),
+    Setting(
+        "redis.sentinel_password",
+        "REDIS_SENTINEL_PASSWORD",
+        Text(),
+        "password of the Sentinels themselves (sentinel requirepass), when they have one",
+        secret=True,
+    ),
     Setting("redis.username", "REDIS_USERNAME", Text(), "Redis ACL user; wins over one in the URL"),
     Setting(
         "redis.password",

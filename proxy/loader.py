@@ -192,6 +192,24 @@ def _conflicts(settings: Settings) -> list[str]:
         ]
     if redis.tls_key_file and not redis.tls_cert_file:
         problems.append(f"{names['redis.tls_key_file']} needs {names['redis.tls_cert_file']}")
+    return problems + _mode_conflicts(settings, names)
+
+
+def _mode_conflicts(settings: Settings, names: Mapping[str, str]) -> list[str]:
+    redis = settings.redis
+    url = urlsplit(redis.url)
+    mode = f"{names['redis.mode']} {redis.mode}"
+    problems = []
+    if redis.mode != "standalone" and url.scheme == "unix":
+        problems.append(f"{mode} needs a redis:// or rediss:// {names['redis.url']}")
+    if redis.mode == "sentinel" and not redis.sentinels:
+        problems.append(f"{mode} needs {names['redis.sentinels']}")
+    if redis.mode != "sentinel" and redis.sentinels:
+        problems.append(f"{names['redis.sentinels']} is only read in sentinel mode")
+    if redis.mode != "cluster" and redis.cluster_nodes:
+        problems.append(f"{names['redis.cluster_nodes']} is only read in cluster mode")
+    if redis.mode == "cluster" and url.path.strip("/") not in ("", "0"):
+        problems.append(f"{mode} has only database 0; {names['redis.url']} names another")
     return problems
 
 

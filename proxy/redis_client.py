@@ -93,10 +93,11 @@ def _cluster(settings: RedisSettings) -> RedisCluster:
 
 def _sentinel(settings: RedisSettings) -> redis.Redis:
     kwargs = redis_connection_kwargs(settings)
+    # Sentinels speak TLS when the data nodes do; they have a password of their own, or none.
+    tls = {name: value for name, value in kwargs.items() if name.startswith("ssl")}
+    sentinel_kwargs = {"socket_connect_timeout": settings.op_timeout_s, "password": settings.sentinel_password, **tls}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        [_host_port(address) for address in settings.sentinels],
-        sentinel_kwargs={"socket_connect_timeout": settings.op_timeout_s},
-        **kwargs,
+        [_host_port(address) for address in settings.sentinels], sentinel_kwargs=sentinel_kwargs, **kwargs
     )
     database = int(urlsplit(settings.url).path.lstrip("/") or 0)
     client: redis.Redis = sentinel.master_for(

@@ -347,3 +347,36 @@ def test_tls_settings_fail_naming_both_keys_when_they_do_not_fit_together(
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, ""), env=env)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_MODE": "sentinel"}, "REDIS_SENTINELS"),
+        ({"REDIS_MODE": "cluster", "REDIS_URL": "redis://node:7000/2"}, "database 0"),
+        ({"REDIS_MODE": "cluster", "REDIS_URL": "unix:///run/redis.sock"}, "redis:// or rediss://"),
+        ({"REDIS_SENTINELS": "s1:26379"}, "only read in sentinel mode"),
+    ],
+)
+def test_redis_modes_refuse_settings_that_do_not_fit_when_loaded(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, ""), env=env)
+
+
+def test_cluster_and_sentinel_settings_load_when_given(tmp_path: Path) -> None:
+    cluster = load_settings(
+        write(tmp_path, "redis: {cluster_nodes: ['n2:7001', '[::1]:7002']}\n"),
+        env={"REDIS_MODE": "cluster", "REDIS_URL": "redis://n1:7000"},
+    ).redis
+    assert (cluster.mode, cluster.cluster_nodes) == ("cluster", ("n2:7001", "[::1]:7002"))
+    sentinel = load_settings(
+        write(tmp_path, ""),
+        env={"REDIS_MODE": "sentinel", "REDIS_SENTINELS": "s1:26379,s2:26379", "REDIS_SENTINEL_MASTER": "cache"},
+    ).redis
+    assert (sentinel.mode, sentinel.sentinels, sentinel.sentinel_master) == (
+        "sentinel",
+        ("s1:26379", "s2:26379"),
+        "cache",
+    )
