@@ -202,8 +202,9 @@ async def _open_upstream(request: web.Request, upstream: Upstream, target: str, 
     it (decoding would turn an escaped "?" or "/" into syntax)."""
     counters = request.app[METRICS]
     client = request.app[UPSTREAMS][upstream.name]
-    # With client keys, what the client presented is the proxy's own credential, never the upstream's.
-    own_credentials = CLIENT not in request
+    # With client keys (every request then carries one), what the client presented is the proxy's own
+    # credential, never the upstream's.
+    own_credentials = not request.app[KEYER].has_clients
     try:
         response = await client.open(
             request.method,

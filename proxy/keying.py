@@ -145,7 +145,7 @@ class Keyer:
         plan = _OFF
         if self._enabled:
             plan = decide(route, body, headers.get("Cache-Control"), settings.cache.ttl_s, headers.get("X-Cache-TTL"))
-        if plan.cacheable and ambiguous(raw):
+        if plan.cacheable and ambiguous(raw, body):
             plan = CachePlan(False, False, 0, "ambiguous")
         if not plan.cacheable:
             return Keyed(route, None, "", upstream, plan, model)

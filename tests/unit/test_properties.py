@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.cache_key import ambiguous
@@ -121,3 +121,46 @@ def test_forwarded_headers_hold_no_hop_by_hop_field_when_any_are_sent(headers: d
 @pytest.mark.parametrize("raw", [b'{"a":1,"a":1}', b'{"x":{"b":2,"b":3}}'])
 def test_repeated_members_get_no_key_when_values_even_agree(raw: bytes) -> None:
     assert key_of(raw) is None
+
+
+number_literals = st.one_of(
+    st.integers().map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.from_regex(r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,24})?([eE][-+]?[0-9]{1,3})?", fullmatch=True),
+)
+string_literals = st.text(max_size=12).map(json.dumps) | st.sampled_from(['"\\""', '"a\\\\"', '"\\":"', '"true e"'])
+spaces = st.sampled_from(["", " ", "\n  ", "\t"])
+
+
+@st.composite
+def json_texts(draw: st.DrawFn, depth: int = 0) -> str:
+    """JSON text as a client may write it: repeated member names, long or exponent-bearing numbers, escapes and
+    arbitrary spacing included."""
+    kind = draw(st.sampled_from(["object", "array", "number", "string", "word"] if depth < 3 else ["number", "word"]))
+    if kind == "number":
+        return draw(number_literals)
+    if kind == "string":
+        return draw(string_literals)
+    if kind == "word":
+        return draw(st.sampled_from(["true", "false", "null"]))
+    items = draw(st.lists(json_texts(depth + 1), max_size=4))
+    gap = draw(spaces)
+    if kind == "array":
+        return "[" + gap + ("," + gap).join(items) + "]"
+    names = draw(st.lists(st.sampled_from(['"a"', '"b"', '"e"', '"\\"q"']), min_size=len(items), max_size=len(items)))
+    return "{" + ",".join(f"{gap}{name}{gap}:{gap}{item}" for name, item in zip(names, items, strict=True)) + "}"
+
+
+@PROPERTY
+@given(json_texts())
+@example('{"a":1, "a" :2}')
+@example("[1e-400]")
+@example("100000000000000.001")
+@example('{"t":"\\":","t":1}')
+def test_ambiguity_is_judged_alike_with_and_without_the_parsed_body(text: str) -> None:
+    raw = text.encode()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        assume(False)
+    assert ambiguous(raw, parsed) == ambiguous(raw)
