@@ -53,6 +53,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="an environment variable for this checkout's proxy only (repeatable), e.g. CACHE_TTL=60",
     )
+    add(
+        "--redis-mode",
+        choices=("standalone", "cluster", "sentinel"),
+        default="standalone",
+        help="this checkout's proxy uses a 3-master Redis Cluster or a Sentinel-managed master instead of the "
+        "single Redis that the baseline and the peers keep (default standalone)",
+    )
     add("--report", type=Path, metavar="FILE.json", help="print the report of an earlier run's results and exit")
     args = parser.parse_args(argv)
     args.duration = args.duration or (1 if args.quick else 4)
@@ -119,6 +126,7 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
         "log_level": args.log_level,
         "only": args.only,
         "proxy_env": args.proxy_env,
+        "redis_mode": args.redis_mode,
         "server_core": SERVER_CORE,
         "load_core": LOAD_CORE,
     }

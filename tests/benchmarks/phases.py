@@ -75,10 +75,13 @@ def measure_hits(bench: Bench) -> None:
 
 
 def _miss_rounds(bench: Bench, servers: list[ServerUnderTest], connections: int) -> dict[str, list[dict[str, Any]]]:
-    redis, by_name = bench.ports["redis"], {server.name: server for server in servers}
+    by_name = {server.name: server for server in servers}
+
+    def keys(name: str) -> int:
+        return sum(clients.redis_dbsize(port) for port in bench.redis_ports(name))
 
     def measure(name: str, round_index: int) -> dict[str, Any]:
-        keys_before = clients.redis_dbsize(redis)
+        keys_before = keys(name)
         watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
         nonce = f"nonce={bench.run_id}{name}{connections}r{round_index}"
         server = by_name.get(name)
@@ -88,7 +91,7 @@ def _miss_rounds(bench: Bench, servers: list[ServerUnderTest], connections: int)
         run = run_wrk("miss.lua", bench.ports[name], conns, seconds, watch, args)
         # Requests in flight when wrk stops are still answered and stored; let those writes land.
         time.sleep(0.2)
-        run["redis_keys_added"] = clients.redis_dbsize(redis) - keys_before
+        run["redis_keys_added"] = keys(name) - keys_before
         run["connections"] = conns
         return run
 

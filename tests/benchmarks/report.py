@@ -158,6 +158,11 @@ def _heading(env: Mapping[str, Any]) -> list[str]:
     libraries = "".join(f", {name} {env[name]}" for name in ("aiohttp", "uvloop") if name in env)
     base = env.get("baseline")
     against = f" Baseline: {base['ref']} = {base['commit']}." if base else ""
+    mode, settings = env.get("redis_mode", "standalone"), " ".join(env.get("proxy_env", []))
+    if mode != "standalone":
+        against += f" This checkout's proxy runs on Redis {mode}; the baseline and the peers on the single Redis."
+    if settings:
+        against += f" This checkout's proxy has {settings}."
     return [
         f"# Benchmark: {who} vs nginx proxy_cache",
         "",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..redis_topologies import RedisCluster, RedisSentinel
 from . import nginx, processes, shapes
 from .figures import HIT_WORKLOADS
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, Service
@@ -20,6 +21,8 @@ HEALTHZ = processes.http_probe("/healthz")
 OK = b"HTTP/1.1 200"
 # The aiohttp servers have no GET route; a 404 means they are listening.
 NOT_FOUND = b"HTTP/1.1 404"
+# This checkout's proxy, as the server list names it.
+PROXY = "proxy"
 
 
 @dataclass
@@ -38,6 +41,17 @@ class Bench:
     servers: tuple[ServerUnderTest, ...] = ()
     # The checkout of ``--baseline REF`` whose proxy runs as the server "baseline".
     baseline_src: Path | None = None
+    # With ``--redis-mode cluster|sentinel``: the deployment this checkout's proxy uses, and its settings.
+    topology: RedisCluster | RedisSentinel | None = None
+    topology_env: dict[str, str] = field(default_factory=dict)
+
+    def redis_ports(self, name: str) -> list[int]:
+        """The Redis servers that hold what server *name* stores (a cluster's masters for this checkout's)."""
+        if isinstance(self.topology, RedisCluster) and name == PROXY:
+            return [master.port for master in self.topology.masters()]
+        if isinstance(self.topology, RedisSentinel) and name == PROXY:
+            return [self.topology.master_port]
+        return [self.ports["redis"]]
 
     def start(self, name: str, argv: list[str], cores: str, env: dict[str, str] | None = None) -> Service:
         service = processes.start(name, argv, cores, self.tmp, env=env, cwd=self.tmp)
@@ -52,6 +66,9 @@ class Bench:
         for service in reversed(self.services):
             processes.stop(service)
         self.services.clear()
+        if self.topology is not None:
+            self.topology.close()
+            self.topology = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +134,7 @@ def start_proxy(
         LOG_LEVEL=bench.args.log_level,
     )
     if source == REPO:
+        env.update(bench.topology_env)
         env.update(item.split("=", 1) for item in bench.args.proxy_env)
     argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
     # The scratch cwd (Bench.start) keeps a developer's proxy.yaml or .env out of the measurement.
@@ -216,11 +234,35 @@ def start_redis(bench: Bench) -> Running:
     return Running(service, port, processes.wait_ready(service, port, b"PING\r\n", b"+PONG"))
 
 
+def start_topology(bench: Bench) -> None:
+    """The ``--redis-mode`` deployment for this checkout's proxy, every process pinned to the load core."""
+    if bench.args.redis_mode == "cluster":
+        cluster = bench.topology = RedisCluster(masters=3, replicas=1)
+        cluster.start()
+        bench.topology_env = {"REDIS_MODE": "cluster", "REDIS_URL": cluster.url}
+    elif bench.args.redis_mode == "sentinel":
+        sentinel = bench.topology = RedisSentinel()
+        sentinel.start()
+        bench.topology_env = {
+            "REDIS_MODE": "sentinel",
+            "REDIS_URL": "redis://127.0.0.1/0",
+            "REDIS_SENTINELS": sentinel.addresses,
+            "REDIS_SENTINEL_MASTER": sentinel.name,
+        }
+    else:
+        return
+    nodes = bench.topology.nodes + getattr(bench.topology, "sentinels", [])
+    for node in nodes:
+        if node.process is not None:
+            os.sched_setaffinity(node.process.pid, {LOAD_CORE})
+
+
 def setup(bench: Bench) -> None:
     """Fake upstream and Redis on the load core, then every server under test on the server core."""
     for name, starter in (("upstream", start_upstream), ("redis", start_redis)):
         running = starter(bench)
         bench.ports[name], bench.pids[name] = running.port, running.service.pid
+    start_topology(bench)
     started = bench.results["servers_startup_s"] = {}
     for server in bench.servers:
         running = server.start(bench, server.name, bench.ports["upstream"])
