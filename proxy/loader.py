@@ -38,6 +38,9 @@ class Resolved:
     value: Any
     source: str
 
+    def __repr__(self) -> str:
+        return f"Resolved({self.setting.key}={self.shown()!r}, source={self.source!r})"
+
     def shown(self) -> str:
         """The value as ``check-config`` prints it: a secret only as set or unset (a secret file by its path), a URL
         without its password."""

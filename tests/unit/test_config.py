@@ -145,6 +145,17 @@ def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> N
     assert "hidden" not in repr(settings.redis.password_file)
 
 
+def test_secrets_stay_out_of_repr_when_resolved_settings_are_printed(tmp_path: Path) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-s3cret",
+        "CACHE_KEY_SECRET": "ks-s3cret-0123456789",
+        "REDIS_URL": "redis://:s3cret@h/0",
+    }
+    resolved = resolve(write(tmp_path, ""), env=env)[1]
+    assert "s3cret" not in repr(resolved)
+    assert "cache.key_secret='(set, hidden)'" in repr(resolved)
+
+
 def test_missing_config_file_fails_when_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(str(tmp_path / "absent.yaml"), env={})
