@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-# Layout: MAGIC (4 bytes, the last one the format version) | u32 meta length | meta JSON | body.
-# A reader that meets another magic treats the entry as a miss; the fresh answer then replaces it.
-MAGIC = b"LCP\x01"
-_HEADER = struct.Struct(">4sI")
+# Layout: MAGIC (4 bytes, the last one the format version) | u32 meta length | u32 CRC-32 of meta and body |
+# meta JSON | body. A reader that meets another magic, a length that does not fit or a checksum that does not
+# match treats the entry as a miss; the fresh answer then replaces it.
+MAGIC = b"LCP\x02"
+_HEADER = struct.Struct(">4sII")
 # Response headers kept in an entry: metadata of the answer itself, never per-account rate limits or cookies.
 _KEPT_PREFIXES = ("openai-", "x-request-id", "azureml-model")
 
@@ -50,19 +52,23 @@ class CacheEntry:
                 "usage": self.usage,
             }
         )
-        return b"".join((_HEADER.pack(MAGIC, len(meta)), meta, self.body))
+        checksum = zlib.crc32(self.body, zlib.crc32(meta))
+        return b"".join((_HEADER.pack(MAGIC, len(meta), checksum), meta, self.body))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CacheEntry:
         """Parse :meth:`to_bytes` output; raise :class:`EntryFormatError` for anything else."""
         if len(raw) < _HEADER.size:
             raise EntryFormatError("entry too short")
-        magic, meta_len = _HEADER.unpack_from(raw)
+        magic, meta_len, checksum = _HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise EntryFormatError(f"unknown entry format {magic!r}")
         end = _HEADER.size + meta_len
         if end > len(raw):
             raise EntryFormatError("entry truncated")
+        view = memoryview(raw)
+        if zlib.crc32(view[end:], zlib.crc32(view[_HEADER.size : end])) != checksum:
+            raise EntryFormatError("entry checksum mismatch")
         try:
             meta = orjson.loads(raw[_HEADER.size : end])
             return cls(

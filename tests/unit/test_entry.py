@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from proxy.entry import CacheEntry, EntryFormatError, Recording, entry_for
@@ -43,6 +45,28 @@ def test_entry_round_trips_when_serialised() -> None:
 def test_unreadable_bytes_raise_format_error_when_parsed(raw: bytes) -> None:
     with pytest.raises(EntryFormatError):
         CacheEntry.from_bytes(raw)
+
+
+def flipped(raw: bytes, position: int) -> bytes:
+    return raw[:position] + bytes([raw[position] ^ 0x04]) + raw[position + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda raw: flipped(raw, len(raw) - 3), id="bit flip in the body"),
+        pytest.param(lambda raw: flipped(raw, 20), id="bit flip in the metadata"),
+        pytest.param(lambda raw: flipped(raw, 9), id="bit flip in the checksum"),
+        pytest.param(lambda raw: raw[:-1], id="truncated body"),
+        pytest.param(lambda raw: raw + b"\n", id="trailing garbage"),
+        pytest.param(lambda raw: b"LCP\x03" + raw[4:], id="future format"),
+        pytest.param(lambda raw: bytes(len(raw)), id="zeros"),
+    ],
+)
+def test_damaged_record_raises_format_error_when_read(damage: Callable[[bytes], bytes]) -> None:
+    raw = entry(body=b'{"id":"chatcmpl-1","choices":[]}', is_stream=False).to_bytes()
+    with pytest.raises(EntryFormatError):
+        CacheEntry.from_bytes(damage(raw))
 
 
 def recording(**overrides: object) -> Recording:

@@ -7,6 +7,7 @@ import logging
 import pytest
 from fakeredis import FakeAsyncRedis
 
+from proxy.entry import MAGIC as PLAIN_MAGIC
 from proxy.entry import EntryFormatError
 from proxy.seal import (
     KEY_ID_BYTES,
@@ -48,7 +49,7 @@ def test_entry_round_trips_when_sealed_and_opened() -> None:
 
 def test_whole_record_is_hidden_when_sealed() -> None:
     raw = SealingCodec(SECRET).encode(KEY, ENTRY)
-    for clear in (ANSWER, PROMPT, b"org-private", b"application/json", b"prompt_tokens", b"LCP\x01"):
+    for clear in (ANSWER, PROMPT, b"org-private", b"application/json", b"prompt_tokens", PLAIN_MAGIC):
         assert clear not in raw
     assert len(raw) == len(ENTRY.to_bytes()) + len(MAGIC) + KEY_ID_BYTES + NONCE_BYTES + TAG_BYTES
 
