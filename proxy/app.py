@@ -17,7 +17,7 @@ from .coherence import Invalidations
 from .config import RedisSettings, Settings
 from .fleet import Fleet
 from .flight import Flights
-from .guards import Screen, authorized, envelope, get_only, screened
+from .guards import Screen, authorized, enveloped, fall_back_to, get_only, screened, unrouted
 from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
 from .keying import Keyer, key_secret
 from .kinds import ClientKey
@@ -57,9 +57,7 @@ KEY_MEMO_MAX_BYTES = 512 * 1024
 
 def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
     """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes, handler_args={"logger": http_log}, middlewares=[envelope]
-    )
+    app = web.Application(client_max_size=settings.server.max_body_bytes, handler_args={"logger": http_log})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
@@ -85,15 +83,16 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
 
 def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[ClientKey, ...]) -> None:
     def admit(handler: Handler, *, needs_key: bool = True) -> Handler:
-        # Browsers and Host names first, then client keys.
-        return screened(authorized(handler, clients) if needs_key and clients else handler, screen)
+        # Every error in OpenAI's shape; then browsers and Host names; then client keys.
+        return enveloped(screened(authorized(handler, clients) if needs_key and clients else handler, screen))
 
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
         router.add_route("*", path, admit(get_only(handler), needs_key=False))
     # Only POSTs to these routes consult the cache; every other /v1 request, these paths with another method
-    # included, falls through to passthrough. Other targets get the envelope's 404.
+    # included, falls through to passthrough. Any other target (CONNECT's host:port too) is refused.
     router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", admit(openai_endpoint))
     router.add_route("*", "/v1/{rest:.+}", admit(passthrough))
+    fall_back_to(router, enveloped(unrouted))
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
