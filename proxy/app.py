@@ -123,7 +123,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         remote = RedisStore(
             client,
-            op_timeout_s=settings.redis.op_timeout_s,
+            op_timeout_s=settings.redis.timeout_ms / 1000,
             retry_after_s=settings.redis.retry_after_s,
             max_in_flight=settings.redis.max_connections,
             codec=codec,

@@ -105,7 +105,7 @@ class RedisSettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_check_hostname: bool = True
-    op_timeout_s: float = 0.25
+    timeout_ms: int = 250
     retry_after_s: float = 2.0
     max_connections: int = 64
 
@@ -398,7 +398,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "check that Redis's certificate names the URL's host; turn off only for a Redis reached by an address "
         "its certificate does not list",
     ),
-    Setting("redis.op_timeout_s", None, _SECONDS, "deadline of one Redis round trip; past it, a miss"),
+    Setting(
+        "redis.timeout_ms",
+        "REDIS_TIMEOUT_MS",
+        Number(int, 1, 60_000),
+        "deadline in milliseconds of one Redis round trip, waiting for a connection included; past it the request "
+        "goes on without the cache (a lookup is a miss) and Redis is left alone for redis.retry_after_s",
+    ),
     Setting("redis.retry_after_s", None, _SECONDS, "after a Redis failure, serve without Redis this long, then retry"),
     Setting("redis.max_connections", None, Number(int), "Redis connections per process at most"),
     Setting(

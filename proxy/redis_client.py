@@ -32,7 +32,7 @@ def redis_connection_kwargs(settings: RedisSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "username": settings.username or _unquoted(url.username),
         "password": settings.password or from_file or _unquoted(url.password),
-        "socket_connect_timeout": settings.op_timeout_s,
+        "socket_connect_timeout": settings.timeout_ms / 1000,
         "socket_timeout": None,
     }
     if url.scheme == "rediss":
@@ -95,7 +95,11 @@ def _sentinel(settings: RedisSettings) -> redis.Redis:
     kwargs = redis_connection_kwargs(settings)
     # Sentinels speak TLS when the data nodes do; they have a password of their own, or none.
     tls = {name: value for name, value in kwargs.items() if name.startswith("ssl")}
-    sentinel_kwargs = {"socket_connect_timeout": settings.op_timeout_s, "password": settings.sentinel_password, **tls}
+    sentinel_kwargs = {
+        "socket_connect_timeout": settings.timeout_ms / 1000,
+        "password": settings.sentinel_password,
+        **tls,
+    }
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         [_host_port(address) for address in settings.sentinels], sentinel_kwargs=sentinel_kwargs, **kwargs
     )

@@ -60,7 +60,7 @@ def make_settings(
     upstream = Upstream(name="default", base_url=upstream_url, api_key=api_key, timeout_s=5.0, connect_timeout_s=2.0)
     settings = Settings(
         upstreams=(upstream,),
-        redis=RedisSettings(op_timeout_s=0.2, retry_after_s=0.5),
+        redis=RedisSettings(timeout_ms=200, retry_after_s=0.5),
         cache=CacheSettings(backend=backend, namespace="test", ttl_s=60),
     )
     for section, cls in _SECTIONS.items():

@@ -634,7 +634,7 @@ def test_seed_nodes_go_to_proxy_yaml_when_redis_mode_is_cluster(rendered: dict[s
     assert not {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"} & env.keys()
     # The proxy reads further nodes from its file only.
     config = yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])
-    assert config["redis"] == {"op_timeout_s": 0.25, "cluster_nodes": list(REDIS_DEPLOYMENTS["external-cluster"][1])}
+    assert config["redis"] == {"timeout_ms": 250, "cluster_nodes": list(REDIS_DEPLOYMENTS["external-cluster"][1])}
     # Credentials and TLS as for a single server, from the Secrets the user manages.
     assert result.of_kind("Secret") == []
     assert env["REDIS_USERNAME"]["value"] == "llm-cache"

@@ -21,7 +21,7 @@ from tests.redis_topologies import RedisCluster, RedisSentinel
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # Quick to notice a failed master and to try Redis again; a short lease so that tests never wait long.
-CONFIG = "redis:\n  op_timeout_s: 0.3\n  retry_after_s: 0.3\ncache:\n  flight_lease_s: 2\n"
+CONFIG = "redis:\n  timeout_ms: 300\n  retry_after_s: 0.3\ncache:\n  flight_lease_s: 2\n"
 
 
 @dataclass

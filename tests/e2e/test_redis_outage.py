@@ -16,7 +16,7 @@ from tests.support import RedisServer, eventually, free_port
 pytestmark = pytest.mark.e2e
 
 # Short enough that the test waits little for Redis to be tried again.
-CONFIG = "redis:\n  retry_after_s: 0.5\n  op_timeout_s: 0.2\n"
+CONFIG = "redis:\n  retry_after_s: 0.5\n  timeout_ms: 200\n"
 
 
 @pytest.fixture

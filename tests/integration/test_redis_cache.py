@@ -184,7 +184,7 @@ async def test_slow_redis_costs_one_timeout_when_it_stalls(
     aiohttp_client: Any, fake_upstream: Any, settings_for: Any, own_redis: RedisServer
 ) -> None:
     client = await start_proxy(
-        aiohttp_client, settings_for(fake_upstream, url=own_redis.url, op_timeout_s=0.1, retry_after_s=30)
+        aiohttp_client, settings_for(fake_upstream, url=own_redis.url, timeout_ms=100, retry_after_s=30)
     )
     await client.post("/v1/chat/completions", json=chat_body("warm"))
     await tiered(client).remote.drain()

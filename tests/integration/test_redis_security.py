@@ -34,7 +34,7 @@ ACL_COMMANDS = (
 )
 # redis-py builds a TLS context per new connection (about 50 ms of CPU, mostly reading the system's CA bundle), and
 # these proxies open several at once: the default deadline would expire while they wait their turn.
-TLS_OP_TIMEOUT_S = 1.0
+TLS_TIMEOUT_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ def tls_settings_for(settings_for: Any, fake_upstream: TestServer, pki: Pki) -> 
     """``tls_settings_for(server, **overrides)``: settings for a proxy reaching *server* over TLS with the test CA."""
 
     def build(server: RedisServer, **overrides: Any) -> Settings:
-        defaults = {"tls_ca_file": str(pki.ca.cert), "op_timeout_s": TLS_OP_TIMEOUT_S}
+        defaults = {"tls_ca_file": str(pki.ca.cert), "timeout_ms": TLS_TIMEOUT_MS}
         settings: Settings = settings_for(fake_upstream, url=server.url, **{**defaults, **overrides})
         return settings
 
@@ -245,7 +245,7 @@ async def test_answers_are_cached_when_tls_acl_and_password_file_come_from_the_e
     with RedisServer(password=ADMIN_PASSWORD, tls=tls) as server:
         server.command("ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "~test:*", *ACL_COMMANDS)
         url = server.url.replace(f":{ADMIN_PASSWORD}@", "")
-        (tmp_path / "proxy.yaml").write_text(f"redis: {{op_timeout_s: {TLS_OP_TIMEOUT_S}}}\n")
+        (tmp_path / "proxy.yaml").write_text(f"redis: {{timeout_ms: {TLS_TIMEOUT_MS}}}\n")
         settings = load_settings(str(tmp_path / "proxy.yaml"), env=secured_env(url, pki, password_file, fake_upstream))
         await assert_cached_through_redis(aiohttp_client, fake_upstream, settings)
         assert b"test:v2:" in stored_keys(server)

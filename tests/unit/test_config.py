@@ -39,7 +39,7 @@ def test_repository_files_load_when_used_as_shipped() -> None:
     env = {k: v for k, v in dotenv_values(REPO / ".env.example").items() if v is not None}
     settings = load_settings(str(REPO / "proxy.yaml"), env=env)
     assert settings.default_upstream.name == "openai"
-    assert settings.redis.op_timeout_s == 0.25
+    assert settings.redis.timeout_ms == 250
 
 
 def test_environment_overrides_file_when_both_set(tmp_path: Path) -> None:
@@ -166,14 +166,14 @@ def test_unquoted_off_means_off_when_yaml_reads_it_as_false(tmp_path: Path) -> N
 
 
 def test_every_problem_is_reported_when_several_values_are_bad(tmp_path: Path) -> None:
-    path = write(tmp_path, "cache: {ttl_s: 0, nope: 1}\nredis: {op_timeout_s: -1}\n")
+    path = write(tmp_path, "cache: {ttl_s: 0, nope: 1}\nredis: {timeout_ms: -1}\n")
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env={"PROXY_PORT": "0"})
     problems = str(caught.value).splitlines()
     assert len(problems) == 4
     assert [p for p in problems if "cache.nope" in p and path in p]
     assert [p for p in problems if "cache.ttl_s (CACHE_TTL)" in p and path in p]
-    assert [p for p in problems if "redis.op_timeout_s" in p]
+    assert [p for p in problems if "redis.timeout_ms" in p]
     assert [p for p in problems if "PROXY_PORT" in p and "environment" in p]
 
 

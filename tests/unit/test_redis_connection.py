@@ -45,7 +45,7 @@ def test_settings_win_over_the_url_when_both_give_credentials(
 
 
 def test_tls_is_off_when_the_url_is_plain() -> None:
-    kwargs = redis_connection_kwargs(RedisSettings(url="redis://h:6379/0", op_timeout_s=0.3))
+    kwargs = redis_connection_kwargs(RedisSettings(url="redis://h:6379/0", timeout_ms=300))
     assert not [name for name in kwargs if name.startswith("ssl")]
     assert (kwargs["socket_connect_timeout"], kwargs["socket_timeout"]) == (0.3, None)
 
