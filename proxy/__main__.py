@@ -136,7 +136,7 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
         access_log=access_log,
         access_log_format=ACCESS_LOG_FORMAT,
         print=None,
-        shutdown_timeout=25,
+        shutdown_timeout=settings.server.shutdown_grace_s,
         # Also bounds how long a client may take to send its request headers.
         keepalive_timeout=settings.server.client_timeout_s,
         backlog=1024,

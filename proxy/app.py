@@ -61,7 +61,7 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
-    app[FLIGHTS] = Flights(app[SLOTS], settings.cache.max_entry_bytes)
+    app[FLIGHTS] = Flights(app[SLOTS], settings.cache.max_entry_bytes, finish_abandoned=settings.cache.finish_abandoned)
     app[KEYER] = Keyer(
         settings,
         enabled=settings.cache.backend != "off",
@@ -109,7 +109,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client: RedisClient | None = None
     probe: asyncio.Task[None] | None = None
     invalidations: Invalidations | None = None
-    memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes)
+    memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes, keep_s=cache.stale_if_error_s)
     if cache.backend == "off":
         store = NullStore()
     elif cache.backend == "memory":
@@ -127,6 +127,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             retry_after_s=settings.redis.retry_after_s,
             max_in_flight=settings.redis.max_connections,
             codec=codec,
+            keep_s=cache.stale_if_error_s,
         )
         # An injected client is a test double without server-assisted tracking: its tier is trusted as is.
         tracked = cache.invalidations and INJECTED_REDIS not in app
@@ -159,6 +160,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis))
     if cache.backend != "off":
         counters.gauge("llm_cache_memory_entries", "Entries in the in-process cache tier.", lambda: len(memory))
+    counters.gauge(
+        "llm_cache_flights", "Upstream calls in progress that identical requests can join.", lambda: len(app[FLIGHTS])
+    )
+    counters.gauge("llm_cache_asyncio_tasks", "asyncio tasks alive in this process.", lambda: len(asyncio.all_tasks()))
     app[STORE] = store
     app[READY].set()
     yield

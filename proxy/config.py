@@ -56,6 +56,7 @@ class ServerSettings:
     workers: int = 1
     max_body_bytes: int = 32 * 1024 * 1024
     client_timeout_s: float = 60.0
+    shutdown_grace_s: float = 25.0
     max_upstream_calls: int = 256
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -70,6 +71,8 @@ class CacheSettings:
     backend: str = "redis"
     namespace: str = "llm-cache"
     ttl_s: int = 3600
+    stale_if_error_s: int = 0
+    finish_abandoned: bool = False
     memory_max_entries: int = 10_000
     # Sized so that a sidecar stays small; raise it when CACHE_BACKEND=memory is the whole cache.
     memory_max_bytes: int = 4 * 1024 * 1024
@@ -196,6 +199,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "seconds a client may take to send its request, and an idle connection stays open",
     ),
     Setting(
+        "server.shutdown_grace_s",
+        "SHUTDOWN_GRACE_S",
+        Number(float, 0),
+        "on SIGTERM, new connections are refused at once and requests in flight and pending stores get this "
+        "long to finish (inside Kubernetes' 30 s default grace period)",
+    ),
+    Setting(
         "server.max_upstream_calls",
         "PROXY_MAX_UPSTREAM_CALLS",
         Number(int),
@@ -247,6 +257,20 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "prefix of every Redis key the proxy writes",
     ),
     Setting("cache.ttl_s", "CACHE_TTL", Number(int), "seconds a stored answer lives"),
+    Setting(
+        "cache.stale_if_error_s",
+        "CACHE_STALE_IF_ERROR",
+        Number(int, 0),
+        "seconds an answer is kept past its TTL to be served, marked X-Cache: STALE, when the upstream fails "
+        "(5xx, 429, timeout, unreachable); never served otherwise; 0 turns it off",
+    ),
+    Setting(
+        "cache.finish_abandoned",
+        "CACHE_FINISH_ABANDONED",
+        Flag(),
+        "when every client of an upstream call has disconnected, finish the call and store its answer (for an "
+        "eval or CI run that will ask again); off, the call is cancelled and nothing is paid for or stored",
+    ),
     Setting("cache.memory_max_entries", None, Number(int), "entries in the in-process tier at most"),
     Setting(
         "cache.memory_max_bytes",

@@ -52,11 +52,13 @@ STREAM_MAX_ENTRIES = 100_000
 # plain answer, its end status (o or e), the start's length (4 bytes), the start, then the body.
 _EVENT = b"e"
 
-# KEYS: entry, lease, stream. 1: claimed, this replica calls the upstream (on a fresh stream); 0: another
-# replica holds the lease; 2: the entry is stored now. A holder whose stream ended in an error or broke off is
-# done with the call even if its lease has not lapsed yet: the claim takes it over.
+# KEYS: entry, lease, stream; ARGV: token, lease ms, how long entries are kept past their expiry (ms). 1:
+# claimed, this replica calls the upstream (on a fresh stream); 0: another replica holds the lease; 2: a fresh
+# entry is stored now (one kept only for stale-if-error does not count). A holder whose stream ended in an
+# error or broke off is done with the call even if its lease has not lapsed yet: the claim takes it over.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[3]) then return 2 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
   if #last == 0 then return 0 end
@@ -105,7 +107,8 @@ class Fleet:
         token = secrets.token_hex(8)
         keys = (key, lease_key(key), stream_key(key))
         try:
-            (result,) = await self._store.send([("EVAL", _CLAIM, 3, *keys, token, self._lease_ms)])
+            keep_ms = int(self._store.keep_s * 1000)
+            (result,) = await self._store.send([("EVAL", _CLAIM, 3, *keys, token, self._lease_ms, keep_ms)])
         except (RedisError, TimeoutError, OSError):
             return Claim.ALONE, ""
         if isinstance(result, Exception):

@@ -23,6 +23,10 @@ Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 OnFinish = Callable[[Recording, int], None]
 # Headers a response adds, or a function that names them once the answer has begun.
 ExtraHeaders = Iterable[tuple[str, str]] | Callable[[], Iterable[tuple[str, str]]]
+# The answer to give instead of an upstream failure, if there is one (a stale entry).
+Fallback = Callable[[], web.StreamResponse | None]
+# The proxy's own errors that mean the upstream failed: unreachable (502), busy (503), too slow (504).
+_UPSTREAM_FAILURES = frozenset({502, 503, 504})
 
 
 def cut_off(request: web.Request) -> None:
@@ -65,8 +69,10 @@ class Flight:
         on_close: Callable[[Flight], None] | None = None,
         slots: CallSlots | None = None,
         max_kept_bytes: int = 8 * 1024 * 1024,
+        finish_abandoned: bool = False,
     ) -> None:
         self.key = key
+        self.finish_abandoned = finish_abandoned
         self.ttl_s = ttl_s
         self.status = 0
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -200,6 +206,10 @@ class Flight:
             self._trim()
         self._notify()
 
+    def _finishes_alone(self) -> bool:
+        # Only a call of this replica's own whose answer is to be stored is worth finishing without a client.
+        return self.finish_abandoned and self.own_call and self.on_finish is not None and self.ttl_s is not None
+
     def _keeps_all(self) -> bool:
         return not self.is_stream or (self.key is not None or self.ttl_s is not None)
 
@@ -214,9 +224,12 @@ class Flight:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def respond(self, request: web.Request, extra_headers: ExtraHeaders) -> web.StreamResponse:
+    async def respond(
+        self, request: web.Request, extra_headers: ExtraHeaders, fallback: Fallback | None = None
+    ) -> web.StreamResponse:
         """Answer one client from this flight, adding *extra_headers* (or what it returns, once the answer has
-        begun); raise the flight's :class:`ProxyError` if it never started."""
+        begun); raise the flight's :class:`ProxyError` if it never started. When the upstream fails (no answer,
+        or a 5xx or 429 status) and *fallback* returns a response, that response is the answer instead."""
         me = object()
         self._positions[me] = self._first
         self._clients += 1
@@ -224,7 +237,12 @@ class Flight:
             while not self.started and not self.finished:
                 await self._changed.wait()
             if not self.started:
-                raise self.error or UpstreamUnreachable("upstream call was abandoned")
+                error = self.error or UpstreamUnreachable("upstream call was abandoned")
+                if fallback is not None and error.status in _UPSTREAM_FAILURES and (instead := fallback()):
+                    return instead
+                raise error
+            if fallback is not None and (self.status >= 500 or self.status == 429) and (instead := fallback()):
+                return instead
             if self.is_stream:
                 return await self._stream(request, extra_headers, me)
             while not self.finished:
@@ -237,7 +255,7 @@ class Flight:
         finally:
             del self._positions[me]
             self._clients -= 1
-            if not self._clients and not self.finished and self._task is not None:
+            if not self._clients and not self.finished and self._task is not None and not self._finishes_alone():
                 self._task.cancel()
                 # Forget it now, not when the task unwinds: a request arriving meanwhile must start afresh.
                 if self._on_close is not None:
@@ -321,10 +339,13 @@ def _set_headers(response: web.StreamResponse, headers: Iterable[tuple[str, str]
 class Flights:
     """The flights in progress, by cache key: identical concurrent requests share one upstream call."""
 
-    def __init__(self, slots: CallSlots | None = None, max_kept_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, slots: CallSlots | None = None, max_kept_bytes: int = 8 * 1024 * 1024, *, finish_abandoned: bool = False
+    ) -> None:
         self._by_key: dict[str, Flight] = {}
         self.slots = slots
         self._max_kept_bytes = max_kept_bytes
+        self.finish_abandoned = finish_abandoned
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -344,6 +365,7 @@ class Flights:
             on_close=self._forget,
             slots=self.slots,
             max_kept_bytes=self._max_kept_bytes,
+            finish_abandoned=self.finish_abandoned,
         )
         self._by_key[key] = flight
         return flight

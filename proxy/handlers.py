@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -25,6 +26,7 @@ from .upstream import confined_target, relay_headers
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
+StaleAnswer = Callable[[str], web.Response | None]
 OFFLOAD_BYTES = 256 * 1024
 _PASSTHROUGH_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -40,22 +42,25 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     else:
         # Parsing and hashing a large body takes milliseconds: not on the event loop.
         keyed = await asyncio.to_thread(keyer.derive, route, raw, query, request.headers, client)
+    stale: CacheEntry | None = None
     if keyed.plan.lookup:
         hit = await serve_hit(app, keyed)
-        if hit is not None:
+        if isinstance(hit, web.Response):
             return hit
-    return await serve_from_upstream(request, keyed, raw)
+        stale = hit
+    return await serve_from_upstream(request, keyed, raw, stale)
 
 
-async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | None:
-    """The stored answer for *keyed*, or ``None`` when there is none young enough for the request."""
+async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | CacheEntry | None:
+    """The stored answer for *keyed*; or, when the entry found is too old for the request (expired and kept for
+    stale-if-error, or past the request's ``max-age``), that entry, to fall back on if the upstream fails."""
     assert keyed.key is not None
     entry = await app[STORE].get(keyed.key)
     if entry is None:
         return None
     now = time.time()
-    if keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s:
-        return None
+    if now >= entry.expires_at or (keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s):
+        return entry
     counters = app[METRICS]
     counters.count(keyed.route, "HIT")
     if entry.usage:
@@ -63,31 +68,68 @@ async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | None:
     return _replay(entry, keyed.tag, now)
 
 
-def _replay(entry: CacheEntry, tag: str, now: float) -> web.Response:
+def _replay(entry: CacheEntry, tag: str, now: float, label: str = "HIT") -> web.Response:
     # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
     headers = CIMultiDict(entry.headers)
-    headers["X-Cache"] = "HIT"
+    headers["X-Cache"] = label
     headers["X-Cache-Key"] = tag
     headers["Age"] = str(max(0, int(now - entry.stored_at)))
     return web.Response(status=entry.status, body=entry.body, headers=headers)
 
 
-async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) -> web.StreamResponse:
+def _stale_fallback(app: web.Application, keyed: Keyed, stale: CacheEntry | None) -> StaleAnswer | None:
+    """What answers instead of an upstream failure, given the outcome the request was counted as: *stale*,
+    marked ``X-Cache: STALE``, if it is within what the request (``Cache-Control: stale-if-error=N``) or else the
+    proxy (``cache.stale_if_error_s``) accepts past its freshness."""
+    if stale is None:
+        return None
+    plan = keyed.plan
+    allowed_s = plan.stale_if_error_s if plan.stale_if_error_s is not None else app[SETTINGS].cache.stale_if_error_s
+    fresh_until = stale.expires_at
+    if plan.max_age_s is not None:
+        fresh_until = min(fresh_until, stale.stored_at + plan.max_age_s)
+    if not allowed_s or time.time() - fresh_until > allowed_s:
+        return None
+
+    def fallback(outcome: str) -> web.Response | None:
+        now = time.time()
+        if now - fresh_until > allowed_s:
+            return None
+        log.warning(
+            "upstream failed; serving a stale answer route=%s key=%s age=%ds",
+            keyed.route,
+            keyed.tag,
+            now - stale.stored_at,
+        )
+        app[METRICS].relabel(keyed.route, outcome, "STALE")
+        return _replay(stale, keyed.tag, now, "STALE")
+
+    return fallback
+
+
+async def serve_from_upstream(
+    request: web.Request, keyed: Keyed, raw: bytes, stale: CacheEntry | None = None
+) -> web.StreamResponse:
     """Relay the upstream's answer: joined with an identical request in flight, here or on another replica, when
-    the plan allows it; stored afterwards when the plan says so and the answer is worth replaying."""
+    the plan allows it; stored afterwards when the plan says so and the answer is worth replaying. If the
+    upstream fails and *stale* is acceptable for stale-if-error, that is the answer instead."""
     app = request.app
     plan = keyed.plan
     opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
+    fallback = _stale_fallback(app, keyed, stale)
     if keyed.key is None or not plan.lookup or not plan.store:
         slots, max_kept = app[SLOTS], app[SETTINGS].cache.max_entry_bytes
         ttl_s = plan.ttl_s if keyed.key and plan.store else None
         on_finish = partial(_store, app, keyed) if ttl_s else None
-        flight = Flight(None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept)
+        finish = app[FLIGHTS].finish_abandoned
+        flight = Flight(
+            None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept, finish_abandoned=finish
+        )
         outcome = "MISS" if ttl_s else "BYPASS"
         app[METRICS].count(keyed.route, outcome)
         _log_outcome(request, keyed, outcome)
         named = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
-        return await flight.started_by(opener).respond(request, named)
+        return await flight.started_by(opener).respond(request, named, partial(fallback, outcome) if fallback else None)
     shared = await _shared_flight(request, keyed, opener)
     if isinstance(shared, web.Response):
         return shared
@@ -102,7 +144,7 @@ async def serve_from_upstream(request: web.Request, keyed: Keyed, raw: bytes) ->
         # Settled once the answer begins: a follower whose holder vanished made the call itself.
         return (("X-Cache", "MISS" if started and flight.own_call else "COALESCED"), ("X-Cache-Key", keyed.tag))
 
-    return await flight.respond(request, headers)
+    return await flight.respond(request, headers, partial(fallback, outcome) if fallback else None)
 
 
 async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> tuple[Flight, bool] | web.Response:
@@ -117,7 +159,7 @@ async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> 
         claim, token = await fleet.claim(key)
         if claim is Claim.STORED:
             hit = await serve_hit(app, keyed)
-            if hit is not None:
+            if isinstance(hit, web.Response):
                 return hit
         # Another request here may have started the call while this one asked Redis.
         flight = flights.get(key)

@@ -18,12 +18,14 @@ _ECHO_WITHIN_S = 1.0
 
 
 class MemoryStore:
-    """A bounded LRU of entries in this process, by entry count and by bytes, honouring each expiry."""
+    """A bounded LRU of entries in this process, by entry count and by bytes, honouring each expiry; an entry is
+    kept *keep_s* past it (for stale-if-error), and the caller judges its freshness."""
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, keep_s: float = 0) -> None:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
+        self._keep_s = keep_s
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -33,7 +35,7 @@ class MemoryStore:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.expires_at <= time.time():
+        if entry.expires_at + self._keep_s <= time.time():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
@@ -116,9 +118,13 @@ class TieredStore:
         if entry is None and not trusted and not self.remote.available:
             # Redis failed just now: with nothing to be incoherent with, the copy here is the best there is.
             return self.memory.get_now(key)
-        if entry is None or entry.expires_at <= time.time():
+        if entry is None:
             return None
-        if trusted and self._flushed_at <= began and self._invalidated.get(key, 0) <= began:
+        now = time.time()
+        if entry.expires_at + self.remote.keep_s <= now:
+            return None
+        fresh = entry.expires_at > now
+        if fresh and trusted and self._flushed_at <= began and self._invalidated.get(key, 0) <= began:
             self.memory.put_now(key, entry)
         return entry
 

@@ -36,6 +36,11 @@ class Metrics:
     def count(self, route: str, outcome: str) -> None:
         self.requests[(route, outcome)] += 1
 
+    def relabel(self, route: str, was: str, now: str) -> None:
+        """A request counted as *was* got another outcome after all (a stale answer instead of a failure)."""
+        self.requests[(route, was)] -= 1
+        self.requests[(route, now)] += 1
+
     def count_upstream(self, upstream: str, status: str) -> None:
         """*status* is a class: ``2xx``, ``4xx``, ``5xx`` or ``error`` (no response)."""
         self.upstream_responses[(upstream, status)] += 1

@@ -16,6 +16,8 @@ class CachePlan:
 
     *lookup*: serve a stored answer if there is one (no older than *max_age_s* when set).
     *store*: keep the upstream's answer for *ttl_s* seconds. *reason* explains a bypass in logs.
+    *stale_if_error_s*: what the request accepts, past an entry's freshness, when the upstream fails (RFC 5861);
+    ``None`` leaves it to the proxy's setting.
     """
 
     lookup: bool
@@ -23,6 +25,7 @@ class CachePlan:
     ttl_s: int
     reason: str
     max_age_s: float | None = None
+    stale_if_error_s: float | None = None
 
     @property
     def cacheable(self) -> bool:
@@ -34,7 +37,8 @@ def decide(route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_ove
 
     *body* is the parsed JSON body, or ``None`` when it was absent or not JSON (the upstream then judges it).
     *cache_control* is the request's ``Cache-Control``: ``no-cache`` skips the lookup but stores the fresh
-    answer, ``no-store`` stores nothing, ``max-age=N`` accepts only entries at most N seconds old.
+    answer, ``no-store`` stores nothing, ``max-age=N`` accepts only entries at most N seconds old,
+    ``stale-if-error=N`` accepts an entry up to N seconds past that when the upstream fails.
     *ttl_override* is the optional ``X-Cache-TTL`` request header, in seconds.
     """
     if not isinstance(body, Mapping):
@@ -42,7 +46,7 @@ def decide(route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_ove
     if route == "responses" and body.get("background") is True:
         # A background response is a handle to poll, not an answer.
         return CachePlan(False, False, 0, "background")
-    lookup, store, max_age_s = True, True, None
+    lookup, store, max_age_s, stale_s = True, True, None, None
     if cache_control:
         for directive in cache_control.lower().split(","):
             name, _, value = directive.strip().partition("=")
@@ -51,10 +55,9 @@ def decide(route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_ove
             elif name == "no-store":
                 store = False
             elif name == "max-age":
-                try:
-                    max_age_s = max(0.0, float(value.strip().strip('"')))
-                except ValueError:
-                    pass
+                max_age_s = _seconds(value, max_age_s)
+            elif name == "stale-if-error":
+                stale_s = _seconds(value, stale_s)
     if ttl_override:
         try:
             override = int(ttl_override)
@@ -66,4 +69,11 @@ def decide(route: str, body: Any, cache_control: str | None, ttl_s: int, ttl_ove
     reason = "ok" if (lookup and store) else ("no-store" if not store else "no-cache")
     if not lookup and not store:
         reason = "no-cache,no-store"
-    return CachePlan(lookup, store, ttl_s, reason, max_age_s)
+    return CachePlan(lookup, store, ttl_s, reason, max_age_s, stale_s)
+
+
+def _seconds(value: str, otherwise: float | None) -> float | None:
+    try:
+        return max(0.0, float(value.strip().strip('"')))
+    except ValueError:
+        return otherwise

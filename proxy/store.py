@@ -48,6 +48,8 @@ class RedisStore:
     misses. After a failure Redis is left alone for *retry_after_s*, so that a dead or slow Redis costs one
     timeout, not one per request; the next operation after that probes it again.
 
+    Redis keeps an entry *keep_s* past its expiry (for stale-if-error); the caller judges its freshness.
+
     *codec* turns entries into stored bytes and back (:class:`~proxy.seal.SealingCodec` seals them); bytes it
     cannot read are a miss.
     """
@@ -60,8 +62,10 @@ class RedisStore:
         retry_after_s: float,
         max_in_flight: int = 64,
         codec: EntryCodec | None = None,
+        keep_s: float = 0,
     ) -> None:
         self.client = client
+        self.keep_s = keep_s
         self._mget = client.mget_nonatomic if isinstance(client, RedisCluster) else client.mget
         self._codec = codec or PlainCodec()
         # At most as many batches in flight as the pool has connections, so the pool never runs dry.
@@ -97,7 +101,7 @@ class RedisStore:
     def put(self, key: str, entry: CacheEntry) -> None:
         if not self.available:
             return
-        ttl_ms = int((entry.expires_at - time.time()) * 1000)
+        ttl_ms = int((entry.expires_at + self.keep_s - time.time()) * 1000)
         if ttl_ms > 0:
             written = self.send([("SET", key, self._codec.encode(key, entry), "PX", ttl_ms)])
             written.add_done_callback(partial(self._check_written, key))

@@ -5,6 +5,8 @@ Behaviour is chosen by the request itself, so SDK-driven tests can trigger it: a
 stream off before ``[DONE]``, ``slow`` waits :data:`DELAY_S` seconds before answering, ``hang`` never answers,
 ``cookie`` adds a ``Set-Cookie`` and hop-by-hop response headers (``Connection: X-Hop`` naming ``X-Hop``).
 Every answer carries a fresh id (``chatcmpl-<n>``), so a test can tell a replay from a new upstream call.
+A test can also make every request fail, whatever it says: ``app[OUTAGE].status = 503`` answers that status,
+and ``app[OUTAGE].status = HANG`` answers nothing, until it is set back to ``0``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class Received:
 
 RECEIVED = web.AppKey("received", list[Received])
 DELAY_S = web.AppKey("delay_s", float)
+HANG = -1
+
+
+@dataclass
+class Outage:
+    """What every request gets instead of its answer: nothing special (0), an error status, or :data:`HANG`."""
+
+    status: int = 0
+
+
+OUTAGE = web.AppKey("outage", Outage)
 MODEL_HEADER = "x-fake-upstream"
 
 
@@ -85,6 +98,20 @@ def _error(status: int, message: str) -> web.Response:
     )
 
 
+class _OutageError(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+@web.middleware
+async def _outage_answers(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+    except _OutageError as outage:
+        return _error(outage.status, "The fake upstream is having an outage.")
+    return response
+
+
 class FakeOpenAI:
     """State shared by the handlers: a call counter and the recorded requests."""
 
@@ -98,14 +125,19 @@ class FakeOpenAI:
 
 def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
     """The fake as an aiohttp app; ``app[RECEIVED]`` lists every request it got, in order."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_outage_answers])
     app[RECEIVED] = []
     app[DELAY_S] = delay_s
+    app[OUTAGE] = Outage()
     state = FakeOpenAI()
 
     async def record(request: web.Request) -> tuple[Any, str]:
         raw = await request.read()
         app[RECEIVED].append(Received(request.method, request.path, request.query_string, request.headers, raw))
+        if app[OUTAGE].status == HANG:
+            await asyncio.sleep(3600)
+        if app[OUTAGE].status:
+            raise _OutageError(app[OUTAGE].status)
         try:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
@@ -378,8 +410,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--delay", type=float, default=0.3, help="seconds a 'slow' request waits")
     args = parser.parse_args()
-    web.run_app(create_fake_upstream(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(create_fake_upstream(args.delay), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ ACL_USER, ACL_PASSWORD = "cache-proxy", "acl-pass-1111"
 # What the README says the proxy's ACL user needs.
 ACL_COMMANDS = (
     "~test!*",  # leases and flight streams
-    *"+ping +mget +set +get +exists +del +pexpire +eval +xadd +xread +xrevrange".split(),
+    *"+ping +mget +set +get +exists +pttl +del +pexpire +eval +xadd +xread +xrevrange".split(),
     *"+client|id +client|tracking +subscribe &__redis__:invalidate".split(),
 )
 # redis-py builds a TLS context per new connection (about 50 ms of CPU, mostly reading the system's CA bundle), and

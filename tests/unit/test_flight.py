@@ -72,6 +72,26 @@ async def test_upstream_call_is_cancelled_and_nothing_stored_when_client_leaves(
     assert len(received(fake_upstream)) == 2
 
 
+async def test_upstream_call_finishes_and_is_stored_when_its_client_leaves_with_finish_abandoned(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    client = await proxy_for(fake_upstream, finish_abandoned=True)
+    body = chat_body("slow " * 40 + "finished alone", stream=True)
+    response = await client.post("/v1/chat/completions", json=body)
+    first = await response.content.readany()
+    response.close()
+    for _ in range(500):
+        if len(client.app[FLIGHTS]) == 0:
+            break
+        await asyncio.sleep(0.01)
+    await tiered(client).remote.drain()
+    again = await client.post("/v1/chat/completions", json=body)
+    replay = await again.read()
+    assert again.headers["X-Cache"] == "HIT"
+    assert replay.startswith(first) and replay.endswith(b"data: [DONE]\n\n")
+    assert len(received(fake_upstream)) == 1
+
+
 async def test_remaining_clients_keep_the_stream_when_one_leaves(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     body = chat_body("slow " * 20 + "shared by two", stream=True)
