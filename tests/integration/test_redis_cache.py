@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -100,19 +101,30 @@ async def test_hit_is_served_from_redis_when_memory_tier_is_cold(
     assert len(store.memory) == 1  # promoted back into memory
 
 
-async def test_unreadable_entry_is_a_miss_and_replaced_when_format_is_unknown(
-    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda raw: b"LCP\x09 an entry from a future version", id="future format"),
+        pytest.param(lambda raw: raw[:-40] + bytes([raw[-40] ^ 1]) + raw[-39:], id="bit flip"),
+        pytest.param(lambda raw: raw[: len(raw) // 2], id="truncated"),
+        pytest.param(lambda raw: b"\x00garbage" * 8, id="garbage"),
+    ],
+)
+async def test_damaged_entry_is_a_miss_and_replaced_when_read(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str, damage: Callable[[bytes], bytes]
 ) -> None:
     client = await start_proxy(aiohttp_client, settings_for(fake_upstream, url=redis_url))
-    await client.post("/v1/chat/completions", json=chat_body("old format"))
+    first = await (await client.post("/v1/chat/completions", json=chat_body("damaged"))).read()
     store = tiered(client)
     await store.remote.drain()
     await store.memory.aclose()
     async with redis.Redis.from_url(redis_url) as conn:
         (key,) = await conn.keys("*}")
-        await conn.set(key, b"LCP\x09 an entry from a future version")
-    response = await client.post("/v1/chat/completions", json=chat_body("old format"))
+        await conn.set(key, damage(await conn.get(key)))
+    response = await client.post("/v1/chat/completions", json=chat_body("damaged"))
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert (await response.json())["choices"][0]["message"]["content"] == "echo: damaged"
+    assert await response.read() != first  # a fresh call, not the damaged bytes
     await store.remote.drain()
     async with redis.Redis.from_url(redis_url) as conn:
         assert CacheEntry.from_bytes(await conn.get(key)).status == 200
