@@ -123,6 +123,7 @@ class Fleet:
         # was given up.
         flight.on_abandon = partial(self._abandon, key, token)
         task = asyncio.get_running_loop().create_task(self._lead(key, token, flight))
+        flight.publication = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -192,7 +193,7 @@ class Fleet:
             yield item
 
     async def _read(self, key: str) -> AsyncGenerator[Start | bytes, None]:
-        stream, last, waited = stream_key(key), b"0-0", 0.0
+        stream, last, waited, relayed = stream_key(key), b"0-0", 0.0, False
         block_s = self._lease_ms / 1000
         while True:
             try:
@@ -208,6 +209,9 @@ class Fleet:
                 if not await self._lease_held(key):
                     raise _HolderGone("the replica holding the call is gone")
                 continue
+            # A reply is relayed only once read whole: a holder whose call broke off before a follower read
+            # anything is left to its fate, and the follower calls the upstream itself.
+            items: list[Start | bytes] = []
             for entry_id, fields in _entries(reply):
                 event = fields.get(_EVENT, b"")
                 tag, data = event[:1], event[1:]
@@ -215,18 +219,29 @@ class Fleet:
                     raise _HolderGone("the stream lost its start")
                 last = entry_id
                 if tag == b"C":
-                    yield data
+                    items.append(data)
                 elif tag == b"S":
-                    yield _start(data)
+                    items.append(_start(data))
                 elif tag == b"W":
                     size = int.from_bytes(data[1:5], "big")
-                    yield _start(data[5 : 5 + size])
-                    yield data[5 + size :]
-                    return
+                    items += (_start(data[5 : 5 + size]), data[5 + size :])
+                    break
                 elif data in (b"ok", b"error"):
-                    return
-                else:
+                    break
+                elif relayed:
+                    for item in items:
+                        yield item
                     raise _HolderGone("the replica's upstream call broke off")
+                else:
+                    raise _HolderGone("the replica's upstream call broke off before this replica read it")
+            else:
+                for item in items:
+                    yield item
+                relayed = relayed or bool(items)
+                continue
+            for item in items:
+                yield item
+            return
 
     async def _lease_held(self, key: str) -> bool:
         try:

@@ -85,6 +85,8 @@ class Flight:
         self.own_call = False
         # Runs when the last client leaves before the end and the call is cancelled.
         self.on_abandon: Callable[[], None] | None = None
+        # The publication of this answer to other replicas, when it has one (see :mod:`.fleet`).
+        self.publication: asyncio.Task[None] | None = None
         self._chunks: list[bytes] = []
         self._first = 0  # index, in the whole answer, of _chunks[0]
         self._kept_bytes = 0
@@ -320,6 +322,10 @@ class Flight:
         if self.complete:
             await response.write_eof()
         else:
+            if self.publication is not None:
+                # Other replicas learn that the call broke before this client does, so a retry that follows
+                # at once calls the upstream afresh instead of joining the broken call.
+                await asyncio.wait((self.publication,))
             cut_off(request)
         return response
 

@@ -4,11 +4,15 @@ vanish, errors not shared with later requests."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
+import aiohttp
+import pytest
 from fakeredis import FakeAsyncRedis, FakeServer
 
-from proxy.fleet import lease_key
+from proxy.fleet import lease_key, stream_key
+from proxy.flight import Start
 from proxy.state import FLEET, KEYER, STORE
 from tests.support import chat_body, received
 
@@ -83,3 +87,45 @@ async def test_replicas_call_alone_when_coordination_is_off(fake_upstream: Any, 
     body = chat_body("slow uncoordinated")
     await asyncio.gather(one.post("/v1/chat/completions", json=body), two.post("/v1/chat/completions", json=body))
     assert len(received(fake_upstream)) == 2 and FLEET not in one.app
+
+
+async def test_a_retry_calls_afresh_on_another_replica_when_the_stream_it_retries_broke_off(
+    fake_upstream: Any, proxy_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, two = await replicas(proxy_for, fake_upstream)
+    fleet = one.app[FLEET]
+    append = fleet._append
+
+    async def slow_append(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.05)  # a Redis a little slower than the retry
+        await append(*args, **kwargs)
+
+    monkeypatch.setattr(fleet, "_append", slow_append)
+    body = chat_body("a stream that will drop off", stream=True)
+    broken = await one.post("/v1/chat/completions", json=body)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await broken.read()
+    # Sent the moment the first client saw the cut: the holder has told the fleet by then.
+    retry = await two.post("/v1/chat/completions", json=body)
+    assert retry.headers["X-Cache"] == "MISS"
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await retry.read()
+    assert len(received(fake_upstream)) == 2
+
+
+async def test_follower_calls_the_upstream_itself_when_the_holder_broke_off_before_it_read(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    (one,) = await replicas(proxy_for, fake_upstream, count=1)
+    key = "ns:broken-before-read"
+    client = one.app[STORE].remote.client
+    # What a holder whose upstream broke off mid-stream leaves, read by a follower that claimed before the end.
+    for event in (b'S{"status":200,"headers":[],"stream":true}', b"Cdata: {}\n\n", b"Ebroken"):
+        await client.xadd(stream_key(key), {"e": event})
+
+    async def own_call() -> AsyncGenerator[Start | bytes, None]:
+        yield Start(200, (), True)
+        yield b"data: [DONE]\n\n"
+
+    items = [item async for item in one.app[FLEET].follow(key, own_call)]
+    assert items == [Start(200, (), True), b"data: [DONE]\n\n"]
