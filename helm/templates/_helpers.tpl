@@ -83,11 +83,20 @@ Names of the bundled Redis objects and of the Secret the chart creates.
 {{/*
 Non-empty when the chart has to create its Secret, i.e. a secret value was given without an existingSecret.
 */}}
+{{/* The Sentinels' own password comes from the chart's Secret (sentinel mode, a value, no existing key). */}}
+{{- define "llm-cache-proxy.chartSentinelPassword" -}}
+{{- $redis := .Values.redis }}
+{{- if and (eq $redis.mode "sentinel") $redis.sentinelPassword (not (and $redis.existingSecret $redis.existingSecretSentinelPasswordKey)) -}}
+true
+{{- end }}
+{{- end }}
+
 {{- define "llm-cache-proxy.createSecret" -}}
 {{- $values := .Values }}
 {{- $given := list
   (and $values.upstream.apiKey (not $values.upstream.existingSecret))
   (and $values.redis.password (not $values.redis.existingSecret))
+  (include "llm-cache-proxy.chartSentinelPassword" .)
   (and $values.auth.proxyApiKeys (not $values.auth.existingSecret))
   (and $values.encryption.key (not $values.encryption.existingSecret))
   (and $values.encryption.oldKeys.keys (not $values.encryption.oldKeys.existingSecret))
@@ -404,6 +413,21 @@ Arguments: root, native (bool).
           name: {{ include "llm-cache-proxy.secretName" $root }}
           key: redis-password
           {{- end }}
+    {{- end }}
+    {{- if eq $values.redis.mode "sentinel" }}
+    {{- if and $values.redis.existingSecret $values.redis.existingSecretSentinelPasswordKey }}
+    - name: REDIS_SENTINEL_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ $values.redis.existingSecret }}
+          key: {{ $values.redis.existingSecretSentinelPasswordKey }}
+    {{- else if include "llm-cache-proxy.chartSentinelPassword" $root }}
+    - name: REDIS_SENTINEL_PASSWORD
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "llm-cache-proxy.secretName" $root }}
+          key: redis-sentinel-password
+    {{- end }}
     {{- end }}
     {{- if or $values.auth.existingSecret $values.auth.proxyApiKeys }}
     - name: PROXY_API_KEYS

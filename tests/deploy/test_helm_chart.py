@@ -659,8 +659,25 @@ def test_sentinels_are_variables_when_redis_mode_is_sentinel(rendered: dict[str,
     assert env["REDIS_SENTINELS"]["value"] == ",".join(sentinels)
     assert env["REDIS_SENTINEL_MASTER"]["value"] == master
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "cache-redis", "key": "password"}
+    assert env["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cache-redis",
+        "key": "sentinel-password",
+    }
     assert result.of_kind("Secret") == []
     assert "cluster_nodes" not in yaml.safe_load(result.one("ConfigMap")["data"]["proxy.yaml"])["redis"]
+
+
+def test_sentinel_password_is_read_from_the_chart_secret_when_given_as_a_value(render: RenderFn) -> None:
+    sentinel = {"mode": "sentinel", "url": "redis://sentinel/0", "sentinels": [SENTINEL], "sentinelMaster": "m"}
+    result = render({"redis": {**sentinel, "sentinelPassword": "trial-sentinel-password"}})
+    env = env_of(proxy_container(result.one("Deployment")))
+    ref = env["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": FULLNAME, "key": "redis-sentinel-password"}
+    assert secret_value(result, FULLNAME, "redis-sentinel-password") == "trial-sentinel-password"
+    assert "trial-sentinel-password" not in repr(result.one("Deployment"))
+    standalone = render({"redis": {"url": "redis://cache:6379/0", "sentinelPassword": "trial-sentinel-password"}})
+    assert "REDIS_SENTINEL_PASSWORD" not in env_of(proxy_container(standalone.one("Deployment")))
+    assert "trial-sentinel-password" not in standalone.manifest
 
 
 @pytest.mark.parametrize("name", sorted(set(EXPECTED_KINDS) - {"external-cluster", "external-sentinel"}))
