@@ -26,6 +26,7 @@ ORDER = [
     "flight",
     "fleet",
     "coherence",
+    "generation",
     "state",
     "handlers",
     "guards",
