@@ -31,6 +31,8 @@ ORDER = [
     "handlers",
     "guards",
     "app",
+    "keyspace",
+    "commands",
     "__main__",
 ]
 PURE = ORDER[: ORDER.index("metrics") + 1]

@@ -1,0 +1,204 @@
+"""The operator commands (``ping``, ``inspect``, ``purge``) as processes against a real Redis, with
+proxies serving from it meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
+
+from proxy.app import create_app
+from proxy.memory import TieredStore
+from proxy.state import STORE
+from tests.support import REPO, chat_body, clean_env, free_port
+
+pytestmark = pytest.mark.integration
+
+ENCRYPTION_KEY = "commands-test-key-0123456789abcdefghijkl"
+
+
+async def cli(*args: str, **env: str) -> tuple[int, str, str]:
+    """Run ``python -m proxy <args>`` without blocking the loop the proxies under test run on."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        cwd=REPO / "tests",
+        env=clean_env(CACHE_NAMESPACE="test", **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def tiered(client: TestClient[Any, Any]) -> TieredStore:
+    store = client.app[STORE]
+    assert isinstance(store, TieredStore)
+    return store
+
+
+async def replica(aiohttp_client: Any, settings: Any) -> TestClient[Any, Any]:
+    """A proxy on real Redis whose in-process tier is coherent (or needs no invalidations)."""
+    client = await aiohttp_client(create_app(settings))
+    for _ in range(300):
+        if tiered(client).coherent:
+            return client
+        await asyncio.sleep(0.01)
+    raise AssertionError("invalidations never became active")
+
+
+async def ask(client: TestClient[Any, Any], content: str, route: str = "chat/completions") -> tuple[str, str]:
+    body = chat_body(content) if route == "chat/completions" else {"model": "text-embedding-3-small", "input": content}
+    response = await client.post(f"/v1/{route}", json=body)
+    assert response.status == 200
+    await response.read()
+    await tiered(client).remote.drain()
+    return response.headers["X-Cache"], response.headers["X-Cache-Key"]
+
+
+async def test_ping_reports_round_trip_when_redis_answers(redis_url: str) -> None:
+    code, out, err = await cli("ping", REDIS_URL=redis_url)
+    assert code == 0, err
+    assert out.startswith("redis reachable: ") and "PONG from 127.0.0.1:" in out and " ms" in out
+
+
+async def test_ping_fails_in_one_line_without_password_when_redis_unreachable() -> None:
+    code, out, err = await cli("ping", REDIS_URL=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    assert code == 1 and out == ""
+    assert err.startswith("llm-cache-proxy: redis unreachable at redis://:***@127.0.0.1:")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "hunter2" not in err
+
+
+async def test_inspect_shows_route_model_status_and_usage_when_key_exists(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url))
+    _, tag = await ask(client, "inspect me")
+    code, out, err = await cli("inspect", tag, "--json", REDIS_URL=redis_url)
+    assert code == 0, err
+    shown = orjson.loads(out)
+    assert shown["key"].startswith("test:v2:chat/completions:{" + tag)
+    assert (shown["route"], shown["model"], shown["status"], shown["stream"]) == (
+        "chat/completions",
+        "gpt-4o-mini",
+        200,
+        False,
+    )
+    assert shown["usage"]["total_tokens"] > 0 and shown["body_bytes"] > 0
+    assert 0 <= shown["age_s"] < 30 and 30 < shown["ttl_s"] <= 60 and 30 < shown["fresh_for_s"] <= 60
+    code, text, _ = await cli("inspect", tag, REDIS_URL=redis_url)
+    assert code == 0 and "model        gpt-4o-mini" in text and "route        chat/completions" in text
+
+
+async def test_inspect_exits_1_naming_the_key_when_no_entry_has_it(redis_url: str) -> None:
+    code, out, err = await cli("inspect", "0123456789abcdef", REDIS_URL=redis_url)
+    assert (code, out) == (1, "")
+    assert err == "llm-cache-proxy: no entry with X-Cache-Key 0123456789abcdef in namespace test\n"
+
+
+async def test_inspect_extend_keeps_entry_fresh_longer_when_asked(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    settings = settings_for(fake_upstream, url=redis_url, stale_if_error_s=30)
+    client = await replica(aiohttp_client, settings)
+    _, tag = await ask(client, "keep me longer")
+    env = {"REDIS_URL": redis_url, "CACHE_STALE_IF_ERROR": "30"}
+    code, out, err = await cli("inspect", tag, "--extend", "1000", "--json", **env)
+    assert code == 0, err
+    shown = orjson.loads(out)
+    assert 1030 < shown["fresh_for_s"] <= 1060
+    assert shown["ttl_s"] == pytest.approx(shown["fresh_for_s"] + 30, abs=2)  # kept for stale-if-error after
+    assert await ask(client, "keep me longer") == ("HIT", tag)
+
+
+async def test_inspect_decodes_sealed_entry_when_encryption_key_configured(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url, encryption_key=ENCRYPTION_KEY))
+    _, tag = await ask(client, "sealed")
+    code, out, err = await cli("inspect", tag, "--json", REDIS_URL=redis_url, CACHE_ENCRYPTION_KEY=ENCRYPTION_KEY)
+    assert code == 0, err
+    assert orjson.loads(out)["model"] == "gpt-4o-mini"
+    code, out, err = await cli("inspect", tag, "--json", REDIS_URL=redis_url)
+    assert code == 0, err
+    shown = orjson.loads(out)
+    assert "model" not in shown and "sealed" in shown["unreadable"] and shown["stored_bytes"] > 0
+    code, _, err = await cli("inspect", tag, "--extend", "10", REDIS_URL=redis_url)
+    assert code == 1 and "cannot extend" in err
+
+
+async def eventually_missed(client: TestClient[Any, Any], content: str, within_s: float) -> float:
+    """Ask until *client* misses; return how long that took."""
+    began = time.monotonic()
+    while (await ask(client, content))[0] == "HIT":
+        assert time.monotonic() - began < within_s, f"still a hit {within_s}s after the purge"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - began
+
+
+async def test_purge_makes_another_replica_miss_when_entry_was_in_its_memory(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    settings = settings_for(fake_upstream, url=redis_url)
+    one, two = await replica(aiohttp_client, settings), await replica(aiohttp_client, settings)
+    await ask(one, "purge me")
+    assert (await ask(two, "purge me"))[0] == "HIT"
+    assert (await ask(two, "purge me"))[0] == "HIT" and len(tiered(two).memory) == 1  # from two's own memory
+    code, out, err = await cli("purge", REDIS_URL=redis_url)
+    assert code == 0, err
+    assert "namespace test: generation 0 -> 1" in out and "reclaimed 1 old entries" in out
+    await eventually_missed(two, "purge me", within_s=0.1)
+    assert (await ask(one, "purge me"))[0] == "HIT"  # two's fresh answer, stored in the new generation
+    async with redis.Redis.from_url(redis_url) as admin:
+        keys = sorted(await admin.keys("test:*"))
+    assert keys[0] == b"test:generation" and all(key.startswith(b"test:v2g1:") for key in keys[1:])
+
+
+async def test_replica_polls_the_generation_when_invalidations_are_off(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url, invalidations=False))
+    await ask(client, "polled")
+    assert (await ask(client, "polled"))[0] == "HIT"
+    code, _, err = await cli("purge", REDIS_URL=redis_url)
+    assert code == 0, err
+    await eventually_missed(client, "polled", within_s=3)
+
+
+async def test_replica_starts_in_the_current_generation_when_purged_before(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    async with redis.Redis.from_url(redis_url) as admin:
+        await admin.set("test:generation", 7)
+    client = await aiohttp_client(create_app(settings_for(fake_upstream, url=redis_url)))
+    await ask(client, "seventh")
+    async with redis.Redis.from_url(redis_url) as admin:
+        keys = [key async for key in admin.scan_iter("test:v2*")]
+    assert len(keys) == 1 and keys[0].startswith(b"test:v2g7:chat/completions:")
+
+
+async def test_purge_key_removes_one_entry_from_every_replica_when_given(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    settings = settings_for(fake_upstream, url=redis_url)
+    one, two = await replica(aiohttp_client, settings), await replica(aiohttp_client, settings)
+    _, tag = await ask(one, "remove me")
+    await ask(one, "keep me")
+    for content in ("remove me", "keep me", "remove me", "keep me"):
+        assert (await ask(two, content))[0] == "HIT"
+    code, out, err = await cli("purge", "--key", tag, REDIS_URL=redis_url)
+    assert code == 0, err
+    assert out.startswith("removed test:v2:chat/completions:{" + tag)
+    await eventually_missed(two, "remove me", within_s=0.1)
+    assert (await ask(two, "keep me"))[0] == "HIT"
+    code, _, err = await cli("purge", "--key", tag[::-1], REDIS_URL=redis_url)
+    assert code == 1 and "no entry with X-Cache-Key" in err
