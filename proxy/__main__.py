@@ -1,5 +1,5 @@
 """``python -m proxy`` and the ``llm-cache-proxy`` command: ``serve`` (the default), ``check-config``, and the
-commands on the cache in Redis: ``ping``, ``inspect`` and ``purge``."""
+commands on the cache in Redis: ``ping``, ``stats``, ``inspect`` and ``purge``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from dotenv import load_dotenv
 
-from . import __version__, commands, logs
+from . import __version__, commands, logs, stats
 from .app import create_app
 from .config import ConfigError, Settings
 from .keyspace import SHORT_KEY, Keyspace
@@ -25,7 +25,7 @@ from .loader import config_path, redact_url, resolve
 
 log = logging.getLogger("proxy")
 
-OPERATOR_COMMANDS = ("ping", "inspect", "purge")
+OPERATOR_COMMANDS = ("ping", "stats", "inspect", "purge")
 ACCESS_LOG_FORMAT = 'remote=%a request="%r" status=%s bytes=%b duration_s=%Tf cache=%{X-Cache}o'
 
 
@@ -87,6 +87,9 @@ def _add_operator_commands(commands: Any, common: argparse.ArgumentParser) -> No
         "--timeout", type=float, default=5.0, metavar="S", help="deadline of each Redis round trip (default 5)"
     )
     commands.add_parser("ping", parents=[redis_common], help="check that Redis answers, and how fast")
+    stats_parser = commands.add_parser("stats", parents=[redis_common], help="what the cache holds, per route")
+    stats_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    stats_parser.add_argument("--metrics-url", help="a replica's /metrics URL, to show its hit rate")
     inspect = commands.add_parser("inspect", parents=[redis_common], help="show one entry by its X-Cache-Key")
     inspect.add_argument("tag", type=_short_key, metavar="X-Cache-Key")
     inspect.add_argument("--extend", type=int, metavar="N", help="keep the entry fresh N seconds longer")
@@ -116,6 +119,8 @@ def operate(args: argparse.Namespace) -> int:
         return 2
     if args.command == "ping":
         work: Callable[[Keyspace], Awaitable[int]] = commands.ping
+    elif args.command == "stats":
+        work = partial(stats.stats, as_json=args.json, metrics_url=args.metrics_url)
     elif args.command == "inspect":
         if args.extend is not None and args.extend < 1:
             commands.fail("--extend takes a number of seconds, at least 1")

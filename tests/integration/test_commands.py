@@ -1,4 +1,4 @@
-"""The operator commands (``ping``, ``inspect``, ``purge``) as processes against a real Redis, with
+"""The operator commands (``ping``, ``inspect``, ``stats``, ``purge``) as processes against a real Redis, with
 proxies serving from it meanwhile."""
 
 from __future__ import annotations
@@ -134,6 +134,88 @@ async def test_inspect_decodes_sealed_entry_when_encryption_key_configured(
     assert "model" not in shown and "sealed" in shown["unreadable"] and shown["stored_bytes"] > 0
     code, _, err = await cli("inspect", tag, "--extend", "10", REDIS_URL=redis_url)
     assert code == 1 and "cannot extend" in err
+
+
+async def test_stats_counts_entries_per_route_when_cache_has_entries(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url))
+    for content in ("a", "b", "c"):
+        await ask(client, content)
+    for content in ("d", "e"):
+        await ask(client, content, "embeddings")
+    await ask(client, "a")
+    metrics_url = str(client.make_url("/metrics"))
+    code, out, err = await cli("stats", "--json", "--metrics-url", metrics_url, REDIS_URL=redis_url)
+    assert code == 0, err
+    found = orjson.loads(out)
+    namespace = found["namespaces"]["test"]
+    routes = namespace["routes"]
+    assert (namespace["generation"], namespace["entries"]) == (0, 5)
+    assert {route: r["entries"] for route, r in routes.items()} == {"chat/completions": 3, "embeddings": 2}
+    chat = routes["chat/completions"]
+    assert chat["bytes"] > 0 and 30 < chat["ttl_s"]["min"] <= chat["ttl_s"]["max"] <= 60
+    assert 0 <= chat["age_s"]["min"] <= chat["age_s"]["max"] < 30 and chat["unknown_age"] == 0
+    assert found["redis"][0]["used_memory"] > 0
+    assert found["hit_rate"]["outcomes"] == {"HIT": 1, "MISS": 5} and found["hit_rate"]["ratio"] == pytest.approx(
+        1 / 6, abs=1e-3
+    )
+    code, text, _ = await cli("stats", REDIS_URL=redis_url)
+    assert (
+        code == 0 and "namespace test (generation 0): 5 entries" in text and "hit rate: counted by each replica" in text
+    )
+
+
+async def test_stats_reads_sealed_ages_only_when_encryption_key_configured(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url, encryption_key=ENCRYPTION_KEY))
+    await ask(client, "sealed one")
+    await ask(client, "sealed two")
+    runs = [
+        await cli("stats", "--json", REDIS_URL=redis_url, **env)
+        for env in ({"CACHE_ENCRYPTION_KEY": ENCRYPTION_KEY}, {})
+    ]
+    with_key, without_key = (
+        orjson.loads(out)["namespaces"]["test"]["routes"]["chat/completions"] for _, out, _ in runs
+    )
+    assert (with_key["entries"], with_key["unknown_age"], with_key["age_s"]["max"] < 30) == (2, 0, True)
+    assert (without_key["entries"], without_key["unknown_age"], without_key["age_s"]) == (2, 2, None)
+
+
+async def test_stats_counts_earlier_generation_keys_apart_when_not_yet_reclaimed(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
+) -> None:
+    client = await replica(aiohttp_client, settings_for(fake_upstream, url=redis_url))
+    await ask(client, "old one")
+    await ask(client, "old two")
+    async with redis.Redis.from_url(redis_url) as admin:
+        await admin.incr("test:generation")
+    code, out, err = await cli("stats", "--json", REDIS_URL=redis_url)
+    assert code == 0, err
+    namespace = orjson.loads(out)["namespaces"]["test"]
+    assert (namespace["generation"], namespace["entries"], namespace["old_generation_keys"]) == (1, 0, 2)
+    code, text, _ = await cli("stats", REDIS_URL=redis_url)
+    assert "earlier generations: 2 keys" in text
+
+
+async def test_stats_and_inspect_read_every_master_when_redis_is_a_cluster(
+    aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_cluster: Any
+) -> None:
+    redis_cluster.flush()
+    client = await replica(aiohttp_client, settings_for(fake_upstream, mode="cluster", url=redis_cluster.url))
+    tags = [(await ask(client, f"spread {n}"))[1] for n in range(12)]
+    env = {"REDIS_MODE": "cluster", "REDIS_URL": redis_cluster.url}
+    code, out, err = await cli("stats", "--json", **env)
+    assert code == 0, err
+    found = orjson.loads(out)
+    assert found["namespaces"]["test"]["entries"] == 12 and len(found["redis"]) == 3
+    for tag in tags[:3]:
+        code, out, err = await cli("inspect", tag, "--json", **env)
+        assert code == 0, err
+        assert orjson.loads(out)["route"] == "chat/completions"
+    code, out, err = await cli("ping", **env)
+    assert code == 0 and out.count(" ms (connect") == 3, err
 
 
 async def eventually_missed(client: TestClient[Any, Any], content: str, within_s: float) -> float:

@@ -33,6 +33,7 @@ ORDER = [
     "app",
     "keyspace",
     "commands",
+    "stats",
     "__main__",
 ]
 PURE = ORDER[: ORDER.index("metrics") + 1]
