@@ -70,13 +70,18 @@ class Generations:
                 await self._task
 
     async def _run(self) -> None:
+        # Woken every POLL_S whatever happens, so that invalidations going down switch to polling at once.
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            quiet = self.known and self._pushed()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(QUIET_POLL_S if quiet else POLL_S):
+                async with asyncio.timeout(POLL_S):
                     await self._wake.wait()
+            woken = self._wake.is_set()
             self._wake.clear()
-            await self.refresh()
+            if woken or not (self.known and self._pushed()) or loop.time() - last >= QUIET_POLL_S:
+                last = loop.time()
+                await self.refresh()
 
     async def refresh(self) -> None:
         """Read every generation (one deadline-bound round trip each); switch to any that changed. A Redis
