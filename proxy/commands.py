@@ -65,9 +65,8 @@ async def ping(keyspace: Keyspace) -> int:
         connected = time.perf_counter()
         await keyspace.call(node.ping())
         done = time.perf_counter()
-        times.append(
-            f"{node_name(node)} {1000 * (done - connected):.2f} ms (connect {1000 * (connected - began):.1f} ms)"
-        )
+        name = await keyspace.call(node_name(node))
+        times.append(f"{name} {1000 * (done - connected):.2f} ms (connect {1000 * (connected - began):.1f} ms)")
     print(f"redis reachable: {where(keyspace.settings)}: PONG from {', '.join(times)}")
     return 0
 

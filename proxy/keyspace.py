@@ -14,6 +14,7 @@ from typing import Any, TextIO, TypeVar
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from .cache_key import generation_key, key_version, parse_key
 from .config import RedisSettings, Settings
@@ -129,8 +130,13 @@ def glob_escape(text: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
-def node_name(node: redis.Redis) -> str:
-    kwargs = node.connection_pool.connection_kwargs
+async def node_name(node: redis.Redis) -> str:
+    """``host:port`` of *node*; behind Sentinels, of the master they name now."""
+    pool = node.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        return f"{host}:{port}"
+    kwargs = pool.connection_kwargs
     return f"{kwargs.get('host', 'unix')}:{kwargs.get('port', kwargs.get('path', ''))}"
 
 

@@ -161,7 +161,7 @@ async def memory(keyspace: Keyspace) -> list[dict[str, Any]]:
         info = await keyspace.call(node.info("memory"))
         nodes.append(
             {
-                "node": node_name(node),
+                "node": await keyspace.call(node_name(node)),
                 "used_memory": info.get("used_memory"),
                 "used_memory_human": info.get("used_memory_human"),
                 "maxmemory": info.get("maxmemory"),

@@ -218,6 +218,23 @@ async def test_stats_and_inspect_read_every_master_when_redis_is_a_cluster(
     assert code == 0 and out.count(" ms (connect") == 3, err
 
 
+async def test_commands_find_the_master_when_redis_is_behind_sentinels(redis_sentinel: Any) -> None:
+    redis_sentinel.flush()
+    env = {
+        "REDIS_MODE": "sentinel",
+        "REDIS_URL": "redis://sentinel-named-master/0",
+        "REDIS_SENTINELS": redis_sentinel.addresses,
+        "REDIS_SENTINEL_MASTER": redis_sentinel.name,
+    }
+    code, out, err = await cli("ping", **env)
+    assert code == 0, err
+    assert f"PONG from 127.0.0.1:{redis_sentinel.master_port} " in out
+    code, out, err = await cli("purge", **env)
+    assert code == 0 and "generation 0 -> 1" in out, err
+    code, out, err = await cli("stats", "--json", **env)
+    assert code == 0 and orjson.loads(out)["namespaces"]["test"]["generation"] == 1, err
+
+
 async def eventually_missed(client: TestClient[Any, Any], content: str, within_s: float) -> float:
     """Ask until *client* misses; return how long that took."""
     began = time.monotonic()
