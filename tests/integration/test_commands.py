@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import create_app
 from proxy.memory import TieredStore
 from proxy.state import STORE
-from tests.support import REPO, chat_body, clean_env, free_port
+from tests.support import REPO, chat_body, clean_env, free_port, make_entry
 
 pytestmark = pytest.mark.integration
 
@@ -181,6 +181,21 @@ async def test_stats_reads_sealed_ages_only_when_encryption_key_configured(
     )
     assert (with_key["entries"], with_key["unknown_age"], with_key["age_s"]["max"] < 30) == (2, 0, True)
     assert (without_key["entries"], without_key["unknown_age"], without_key["age_s"]) == (2, 2, None)
+
+
+async def test_stats_reads_further_when_metadata_outgrows_the_first_kilobyte(redis_url: str) -> None:
+    long_headers = tuple((f"openai-extra-{n}", "x" * 100) for n in range(30))
+    async with redis.Redis.from_url(redis_url) as admin:
+        for n in range(3):
+            entry = make_entry(headers=long_headers, stored_at=time.time() - 100 * (n + 1))
+            await admin.set(f"test:v2:embeddings:{{{n:064x}}}", entry.to_bytes(), px=60_000)
+    code, out, err = await cli("stats", "--json", REDIS_URL=redis_url)
+    assert code == 0, err
+    embeddings = orjson.loads(out)["namespaces"]["test"]["routes"]["embeddings"]
+    assert (embeddings["entries"], embeddings["unknown_age"]) == (3, 0)
+    assert embeddings["age_s"]["min"] == pytest.approx(100, abs=10) and embeddings["age_s"]["max"] == pytest.approx(
+        300, abs=10
+    )
 
 
 async def test_stats_counts_earlier_generation_keys_apart_when_not_yet_reclaimed(

@@ -6,7 +6,7 @@ import io
 import random
 
 from proxy.keyspace import Progress, glob_escape
-from proxy.stats import SAMPLES, Spread
+from proxy.survey import SAMPLES, Spread
 
 
 class Terminal(io.StringIO):

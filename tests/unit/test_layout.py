@@ -32,6 +32,7 @@ ORDER = [
     "guards",
     "app",
     "keyspace",
+    "survey",
     "commands",
     "stats",
     "__main__",
