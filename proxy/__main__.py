@@ -1,4 +1,5 @@
-"""``python -m proxy`` and the ``llm-cache-proxy`` command: ``serve`` (the default) and ``check-config``."""
+"""``python -m proxy`` and the ``llm-cache-proxy`` command: ``serve`` (the default), ``check-config``, and the
+commands on the cache in Redis: ``ping``, ``stats``, ``inspect`` and ``purge``."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
+from typing import Any
 
 from aiohttp import web
 from dotenv import load_dotenv
 
-from . import __version__, logs
+from . import __version__, commands, logs, stats
 from .app import create_app
 from .config import ConfigError, Settings
+from .keyspace import SHORT_KEY, Keyspace
 from .loader import config_path, redact_url, resolve
 
 log = logging.getLogger("proxy")
 
+OPERATOR_COMMANDS = ("ping", "stats", "inspect", "purge")
 ACCESS_LOG_FORMAT = 'remote=%a request="%r" status=%s bytes=%b duration_s=%Tf cache=%{X-Cache}o'
 
 
@@ -30,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
     if args.command == "check-config":
         raise SystemExit(check_config(args.config))
+    if args.command in OPERATOR_COMMANDS:
+        raise SystemExit(operate(args))
     try:
         settings = resolve(args.config)[0]
         if args.workers is not None and args.workers < 1:
@@ -69,7 +77,64 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "check-config", parents=[common], help="validate the settings and print them with secrets redacted"
     )
+    _add_operator_commands(commands, common)
     return parser
+
+
+def _add_operator_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    redis_common = argparse.ArgumentParser(add_help=False, parents=[common])
+    redis_common.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="deadline of each Redis round trip (default 5)"
+    )
+    commands.add_parser("ping", parents=[redis_common], help="check that Redis answers, and how fast")
+    stats_parser = commands.add_parser("stats", parents=[redis_common], help="what the cache holds, per route")
+    stats_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    stats_parser.add_argument("--metrics-url", help="a replica's /metrics URL, to show its hit rate")
+    inspect = commands.add_parser("inspect", parents=[redis_common], help="show one entry by its X-Cache-Key")
+    inspect.add_argument("tag", type=_short_key, metavar="X-Cache-Key")
+    inspect.add_argument("--extend", type=int, metavar="N", help="keep the entry fresh N seconds longer")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object per entry")
+    purge = commands.add_parser("purge", parents=[redis_common], help="empty the namespace, or remove one entry")
+    purge.add_argument("--key", type=_short_key, metavar="X-Cache-Key", help="remove only this entry")
+    purge.add_argument("--namespace", help="a client key's namespace instead of cache.namespace")
+
+
+def _short_key(text: str) -> str:
+    if not SHORT_KEY.fullmatch(text.lower()):
+        raise argparse.ArgumentTypeError("an X-Cache-Key is 16 hexadecimal digits")
+    return text.lower()
+
+
+def operate(args: argparse.Namespace) -> int:
+    """Run an operator command: 0 done, 1 a failure it names (Redis unreachable, no such entry), 2 the
+    configuration is invalid or keeps the cache out of Redis, 130 interrupted."""
+    try:
+        settings = resolve(args.config)[0]
+    except ConfigError as exc:
+        for problem in str(exc).splitlines():
+            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
+        return 2
+    if settings.cache.backend != "redis":
+        commands.fail(f"cache.backend is {settings.cache.backend}: there is no cache in Redis to work on")
+        return 2
+    if args.command == "ping":
+        work: Callable[[Keyspace], Awaitable[int]] = commands.ping
+    elif args.command == "stats":
+        work = partial(stats.stats, as_json=args.json, metrics_url=args.metrics_url)
+    elif args.command == "inspect":
+        if args.extend is not None and args.extend < 1:
+            commands.fail("--extend takes a number of seconds, at least 1")
+            return 2
+        work = partial(commands.inspect, tag=args.tag, extend_s=args.extend, as_json=args.json)
+    elif args.key:
+        work = partial(commands.purge_key, tag=args.key)
+    else:
+        work = partial(commands.purge, namespace=args.namespace or settings.cache.namespace)
+    try:
+        return commands.run(settings, work, args.timeout)
+    except KeyboardInterrupt:
+        commands.fail("interrupted")
+        return 130
 
 
 def check_config(config_file: str | None) -> int:

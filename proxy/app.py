@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import redis.asyncio as redis
@@ -17,6 +18,7 @@ from .coherence import Invalidations
 from .config import RedisSettings, Settings
 from .fleet import Fleet
 from .flight import Flights
+from .generation import Generations
 from .guards import Screen, authorized, enveloped, fall_back_to, get_only, screened, unrouted
 from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
 from .keying import Keyer, key_secret
@@ -109,6 +111,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client: RedisClient | None = None
     probe: asyncio.Task[None] | None = None
     invalidations: Invalidations | None = None
+    generations: Generations | None = None
     memory = MemoryStore(cache.memory_max_entries, cache.memory_max_bytes, keep_s=cache.stale_if_error_s)
     if cache.backend == "off":
         store = NullStore()
@@ -133,12 +136,22 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         tracked = cache.invalidations and INJECTED_REDIS not in app
         tiered = TieredStore(memory, remote, coherent=not tracked)
         store = tiered
+        generations = Generations(
+            remote,
+            app[KEYER],
+            tiered,
+            namespaces(settings),
+            pushed=lambda: invalidations is not None and invalidations.up,
+        )
+        # Read before the first request, so that a replica started after a purge never keys the old generation.
+        await generations.refresh()
+        generations.start()
         if tracked:
             invalidations = Invalidations(
                 client,
                 settings.redis,
                 _tracked_prefixes(settings),
-                drop=tiered.invalidate,
+                drop=partial(_invalidated, tiered, generations),
                 trust=tiered.trust,
             )
             invalidations.start()
@@ -171,6 +184,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         probe.cancel()
     if invalidations is not None:
         await invalidations.aclose()
+    if generations is not None:
+        await generations.aclose()
     if FLEET in app:
         await app[FLEET].aclose()
     await store.aclose()
@@ -178,10 +193,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         await close_redis(client)
 
 
+def _invalidated(tiered: TieredStore, generations: Generations, keys: list[bytes] | None) -> None:
+    tiered.invalidate(keys)
+    generations.heard(keys)
+
+
+def namespaces(settings: Settings) -> list[str]:
+    """Every namespace entries are written in: the configured one and every client key's own."""
+    return sorted({settings.cache.namespace, *(c.namespace for c in settings.auth.clients if c.namespace)})
+
+
 def _tracked_prefixes(settings: Settings) -> list[str]:
     """The key prefixes whose changes Redis must report: the namespace and every client key's own."""
-    namespaces = {settings.cache.namespace, *(c.namespace for c in settings.auth.clients if c.namespace)}
-    prefixes = sorted(f"{namespace}:" for namespace in namespaces)
+    prefixes = [f"{namespace}:" for namespace in namespaces(settings)]
     # Redis refuses overlapping prefixes; the shorter one covers the longer.
     return [p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes)]
 

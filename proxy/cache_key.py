@@ -12,14 +12,21 @@ import orjson
 # v2: the digest is a Redis Cluster hash tag, so that an entry and the keys that coordinate its upstream call
 # (its lock and its flight stream) sit on one node.
 KEY_VERSION = "v2"
+# A namespace's generation number lives under this name in the namespace; a purge increments it. Generation 0
+# keeps the plain version segment, so the entries of a cache that was never purged keep their keys.
+GENERATION_NAME = "generation"
+_GENERATION_MARK = "g"
 # A double carries at most 17 significant decimal digits; a literal with more names a value it cannot hold.
 _DOUBLE_DIGITS = 17
 _INT64 = range(-(2**63), 2**64)
 _UNPARSED: Any = object()
 
 
-def build_key(namespace: str, route: str, body: Any, scope: str, secret: bytes | None = None) -> str:
-    """Return ``<namespace>:v2:<route>:{<hex digest>}``.
+def build_key(
+    namespace: str, route: str, body: Any, scope: str, secret: bytes | None = None, *, generation: int = 0
+) -> str:
+    """Return ``<namespace>:<version>:<route>:{<hex digest>}``, the version ``v2`` in *generation* 0, else
+    ``v2g<generation>`` (see :func:`key_version`).
 
     *body* is the parsed JSON request body and *scope* comes from :func:`build_scope`. The whole body is
     keyed: an allow-list of "relevant" fields would silently serve one request's answer to another the day
@@ -31,7 +38,35 @@ def build_key(namespace: str, route: str, body: Any, scope: str, secret: bytes |
         digest = hmac.new(secret, canonical, hashlib.sha256).hexdigest()
     else:
         digest = hashlib.sha256(canonical).hexdigest()
-    return f"{namespace}:{KEY_VERSION}:{route}:{{{digest}}}"
+    return f"{namespace}:{key_version(generation)}:{route}:{{{digest}}}"
+
+
+def key_version(generation: int) -> str:
+    """The version segment of entry keys in namespace *generation*: ``v2``, then ``v2g1``, ``v2g2``..."""
+    return KEY_VERSION if generation == 0 else f"{KEY_VERSION}{_GENERATION_MARK}{generation}"
+
+
+def generation_key(namespace: str) -> str:
+    """The Redis key holding *namespace*'s generation. It sits under the namespace's prefix, so that every
+    replica's invalidation listener hears of a change."""
+    return f"{namespace}:{GENERATION_NAME}"
+
+
+def parse_key(key: str, namespace: str) -> tuple[int, str, str] | None:
+    """``(generation, route, digest)`` of an entry key of *namespace*, or ``None`` for any other key."""
+    if not key.startswith(f"{namespace}:"):
+        return None
+    version, _, rest = key[len(namespace) + 1 :].partition(":")
+    route, _, tagged = rest.rpartition(":")
+    if not route or len(tagged) < 3 or tagged[0] != "{" or tagged[-1] != "}":
+        return None
+    if version == KEY_VERSION:
+        return 0, route, tagged[1:-1]
+    mark = KEY_VERSION + _GENERATION_MARK
+    number = version[len(mark) :]
+    if not version.startswith(mark) or not (number.isascii() and number.isdigit()) or number.startswith("0"):
+        return None
+    return int(number), route, tagged[1:-1]
 
 
 def build_scope(

@@ -84,6 +84,22 @@ class CacheEntry:
             raise EntryFormatError(f"entry metadata unreadable: {exc}") from None
 
 
+def peek_meta(head: bytes) -> tuple[int, Mapping[str, Any] | None] | None:
+    """Read a plain record's metadata (status, stream, stored_at, expires_at, usage) from its first bytes
+    *head*, unchecked: the checksum covers the body too. ``None`` when *head* is not a plain record; otherwise
+    how many bytes the header and metadata take, and the metadata if *head* holds them all."""
+    if len(head) < _HEADER.size or not head.startswith(MAGIC):
+        return None
+    needed = _HEADER.size + _HEADER.unpack_from(head)[1]
+    if len(head) < needed:
+        return needed, None
+    try:
+        meta = orjson.loads(head[_HEADER.size : needed])
+    except orjson.JSONDecodeError:
+        return None
+    return (needed, meta) if isinstance(meta, dict) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Recording:
     """What one finished upstream exchange produced, as relayed to its clients.

@@ -46,6 +46,10 @@ class Memo(Generic[K, V]):
     def get(self, key: K) -> V | None:
         return self._items.get(key)
 
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
     def put(self, key: K, size: int, value: V) -> None:
         if size > self._max_bytes // 16:
             return
@@ -92,6 +96,20 @@ class Keyer:
         self.has_clients = bool(settings.auth.clients)
         self._by_raw: Memo[tuple[Any, ...], Keyed] = Memo(memo_max_bytes)
         self._scopes: Memo[tuple[Any, ...], str] = Memo(memo_max_bytes // 4)
+        # Each namespace's generation (absent: 0), part of every key built in it; see switch_generation.
+        self._generations: dict[str, int] = {}
+
+    def generation(self, namespace: str) -> int:
+        return self._generations.get(namespace, 0)
+
+    def switch_generation(self, namespace: str, generation: int) -> bool:
+        """Build *namespace*'s keys in *generation* from now on; remembered keys are forgotten. Returns whether
+        the generation changed."""
+        if self._generations.get(namespace, 0) == generation:
+            return False
+        self._generations[namespace] = generation
+        self._by_raw.clear()
+        return True
 
     def key(
         self, route: str, raw: bytes, query: str, headers: Mapping[str, str], client: ClientKey | None = None
@@ -150,7 +168,8 @@ class Keyer:
         if not plan.cacheable:
             return Keyed(route, None, "", upstream, plan, model)
         namespace = (client.namespace if client else None) or settings.cache.namespace
-        key = build_key(namespace, route, body, scope_of(upstream, query, headers, client), self._secret)
+        scope = scope_of(upstream, query, headers, client)
+        key = build_key(namespace, route, body, scope, self._secret, generation=self._generations.get(namespace, 0))
         return Keyed(route, key, short_key(key), upstream, plan, model)
 
     def _scope_parts(

@@ -8,7 +8,7 @@ import hmac
 import orjson
 import pytest
 
-from proxy.cache_key import ambiguous, build_key, build_scope, short_key
+from proxy.cache_key import ambiguous, build_key, build_scope, generation_key, parse_key, short_key
 
 
 def scope(**overrides: str | None) -> str:
@@ -36,6 +36,33 @@ def test_key_has_namespace_version_and_route_when_built() -> None:
     assert (prefix, version, route, len(digest)) == ("team", "v2", "chat/completions", 66)
     assert digest[0] + digest[-1] == "{}"  # a Redis Cluster hash tag
     assert short_key(key) == digest[1:17]
+
+
+def test_key_keeps_the_v2_format_when_generation_is_zero() -> None:
+    body = {"model": "m"}
+    assert build_key("ns", "embeddings", body, scope(), generation=0) == build_key("ns", "embeddings", body, scope())
+    later = build_key("ns", "embeddings", body, scope(), generation=3)
+    assert later.startswith("ns:v2g3:embeddings:{") and short_key(later) == short_key(
+        build_key("ns", "embeddings", body, scope())
+    )
+
+
+def test_key_parses_back_to_generation_route_and_digest_when_in_the_namespace() -> None:
+    digest = "ab" * 32
+    assert parse_key(f"ns:v2:chat/completions:{{{digest}}}", "ns") == (0, "chat/completions", digest)
+    assert parse_key(f"ns:v2g12:embeddings:{{{digest}}}", "ns") == (12, "embeddings", digest)
+    assert parse_key(f"a:b:v2:embeddings:{{{digest}}}", "a:b") == (0, "embeddings", digest)
+    for other in (
+        generation_key("ns"),
+        f"other:v2:embeddings:{{{digest}}}",
+        f"ns:v1:embeddings:{{{digest}}}",
+        f"ns:v2g:embeddings:{{{digest}}}",
+        f"ns:v2g01:embeddings:{{{digest}}}",
+        f"ns:v2g\u00b2:embeddings:{{{digest}}}",
+        f"ns:v2:embeddings:{digest}",
+        f"ns!v2:embeddings:{{{digest}}}:lease",
+    ):
+        assert parse_key(other, "ns") is None, other
 
 
 def test_key_ignores_key_order_when_json_is_equal() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy.entry import CacheEntry, EntryFormatError, Recording, entry_for
+from proxy.entry import CacheEntry, EntryFormatError, Recording, entry_for, peek_meta
 
 
 def entry(**overrides: object) -> CacheEntry:
@@ -107,3 +107,12 @@ def test_stream_keeps_the_usage_it_reported_when_finished() -> None:
 )
 def test_nothing_is_stored_when_answer_is_not_replayable(overrides: dict[str, object]) -> None:
     assert entry_for(recording(**overrides), ttl_s=30, max_entry_bytes=1000, now=0.0) is None
+
+
+def test_metadata_is_read_from_the_first_bytes_when_the_record_is_plain() -> None:
+    stored = entry(body=b"x" * 5000)
+    raw = stored.to_bytes()
+    needed, meta = peek_meta(raw[:2048]) or (0, None)
+    assert meta is not None and meta["stored_at"] == 1.5 and meta["expires_at"] == 61.5
+    assert needed < 2048 and peek_meta(raw[: needed - 1]) == (needed, None)
+    assert peek_meta(b"LCE\x01" + raw[4:]) is None and peek_meta(b"") is None

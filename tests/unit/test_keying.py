@@ -106,3 +106,14 @@ def test_derived_key_equals_the_memoised_one_when_computed_apart() -> None:
     big = orjson.dumps({"model": "m", "input": ["x" * 1000] * 300})
     alice = ClientKey.from_key("alice", "key-a")
     assert keyer().derive("embeddings", big, "", {}, alice).key == keyer().key("embeddings", big, "", {}, alice).key
+
+
+def test_keys_move_to_the_new_generation_and_memo_empties_when_switched() -> None:
+    k = keyer()
+    before = k.key("chat/completions", BODY, "", {})
+    assert not k.switch_generation("ns", 0)
+    assert k.switch_generation("ns", 2) and k.generation("ns") == 2
+    after = k.key("chat/completions", BODY, "", {})
+    assert before.key is not None and before.key.startswith("ns:v2:")
+    assert after.key == before.key.replace("ns:v2:", "ns:v2g2:", 1) and after.tag == before.tag
+    assert k.key("chat/completions", BODY, "", {}) is after

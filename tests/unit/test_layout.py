@@ -26,10 +26,15 @@ ORDER = [
     "flight",
     "fleet",
     "coherence",
+    "generation",
     "state",
     "handlers",
     "guards",
     "app",
+    "keyspace",
+    "survey",
+    "commands",
+    "stats",
     "__main__",
 ]
 PURE = ORDER[: ORDER.index("metrics") + 1]
