@@ -152,13 +152,13 @@ class Fleet:
             # (or, if it was deleted meanwhile, calls afresh); the stream only serves followers still reading.
             await self._append(stream, events, ("EVAL", _RELEASE, 1, lease, token, 1), expire=True)
         except (RedisError, TimeoutError, OSError):
-            self._store.send([("EVAL", _RELEASE, 1, lease, token, 1)])
+            _unawaited(self._store.send([("EVAL", _RELEASE, 1, lease, token, 1)]))
         finally:
             renewing.stop()
 
     def _abandon(self, key: str, token: str) -> None:
         end = ("XADD", stream_key(key), "MAXLEN", "~", STREAM_MAX_ENTRIES, "*", _EVENT, b"Ebroken")
-        self._store.send([end, ("EVAL", _RELEASE, 1, lease_key(key), token, 1)])
+        _unawaited(self._store.send([end, ("EVAL", _RELEASE, 1, lease_key(key), token, 1)]))
 
     async def _append(self, stream: str, events: list[bytes], *also: Command, expire: bool = False) -> None:
         """Add *events* to *stream*, setting its expiry when *expire*, with *also* after them, in the next
@@ -284,6 +284,12 @@ class _Renewal:
     def stop(self) -> None:
         self._active = False
         self._handle.cancel()
+
+
+def _unawaited(sent: asyncio.Future[list[Any]]) -> None:
+    """Let *sent* fail quietly: the store has counted and logged a failed pipeline, and a lease nobody releases
+    lapses by itself. Unretrieved, its exception would be reported whenever the future is collected."""
+    sent.add_done_callback(lambda done: None if done.cancelled() else done.exception())
 
 
 class _HolderGone(Exception):

@@ -129,3 +129,22 @@ async def test_follower_calls_the_upstream_itself_when_the_holder_broke_off_befo
 
     items = [item async for item in one.app[FLEET].follow(key, own_call)]
     assert items == [Start(200, (), True), b"data: [DONE]\n\n"]
+
+
+async def test_a_release_that_fails_is_not_reported_later_as_an_unretrieved_error_when_redis_is_down(
+    fake_upstream: Any, proxy_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = FakeServer()
+    one = await proxy_for(fake_upstream, redis_client=FakeAsyncRedis(server=server))
+    store = one.app[STORE].remote
+    sent: list[asyncio.Future[Any]] = []
+    send = store.send
+    monkeypatch.setattr(store, "send", lambda commands: sent.append(send(commands)) or sent[-1])
+    server.connected = False
+    one.app[FLEET]._abandon("ns:v2:chat/completions:{digest}", "token")  # a call given up while Redis is away
+    await store.drain()
+    # asyncio reports a failed future as "exception was never retrieved" when it is collected, at any later
+    # moment, unless someone retrieved it; this flag says whether it would. Read it before anything here does.
+    unretrieved = [future for future in sent if future._log_traceback]
+    assert sent and all(future.exception() is not None for future in sent)
+    assert unretrieved == []
