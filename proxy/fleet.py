@@ -274,7 +274,7 @@ class _Renewal:
             renewed.add_done_callback(self._renewed)
 
     def _renewed(self, renewed: asyncio.Future[list[Any]]) -> None:
-        if not self._active or renewed.cancelled() or renewed.exception() is not None:
+        if renewed.cancelled() or renewed.exception() is not None or not self._active:
             return
         if renewed.result() == [1]:
             self._handle = asyncio.get_running_loop().call_later(self._lease_ms / 3000, self._renew)
