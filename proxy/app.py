@@ -18,12 +18,13 @@ from .config import RedisSettings, Settings
 from .fleet import Fleet
 from .flight import Flights
 from .guards import Screen, authorized, enveloped, fall_back_to, get_only, screened, unrouted
-from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
+from .handlers import openai_endpoint, passthrough
 from .keying import Keyer, key_secret
 from .kinds import ClientKey
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import Metrics
 from .policy import CACHEABLE_ROUTES
+from .probes import healthz, metrics_endpoint, readyz
 from .redis_client import RedisClient, close_redis, redis_client_for
 from .seal import SealingCodec
 from .state import FLEET, FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS

@@ -1,4 +1,4 @@
-"""HTTP handlers: the cacheable OpenAI endpoint, passthrough for the rest of ``/v1``, health and metrics."""
+"""HTTP handlers: the cacheable OpenAI endpoint and passthrough for the rest of ``/v1``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, 
 from .fleet import Claim
 from .flight import Flight, Opener, cut_off
 from .keying import Keyed
-from .state import CLIENT, FLEET, FLIGHTS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .state import CLIENT, FLEET, FLIGHTS, KEYER, METRICS, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .upstream import confined_target, relay_headers
 
 log = logging.getLogger(__name__)
@@ -313,20 +313,3 @@ async def _passthrough_body(request: web.Request, server: ServerSettings) -> tup
         return data, None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return data, model if isinstance(model, str) else None
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the event loop answers."""
-    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: ready to serve. The cache's state is reported but never makes the proxy unready."""
-    ready = request.app[READY].is_set()
-    body = orjson.dumps({"status": "ready" if ready else "stopping", "cache": request.app[STORE].state})
-    return web.Response(status=200 if ready else 503, body=body, content_type=_JSON)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's counters."""
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -28,6 +28,7 @@ ORDER = [
     "coherence",
     "state",
     "handlers",
+    "probes",
     "guards",
     "app",
     "__main__",
