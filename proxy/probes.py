@@ -5,9 +5,12 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from .state import METRICS, READY, STORE
+from .state import METRICS, READY, SETTINGS, STORE
 
 _JSON = "application/json"
+# What /readyz says of Redis, by the cache's state.
+_REDIS_STATES = {"ok": "up", "degraded": "down"}
+REDIS_DOWN = "Redis is unreachable; serving without the shared cache until it answers again"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,10 +19,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: ready to serve. The cache's state is reported but never makes the proxy unready."""
-    ready = request.app[READY].is_set()
-    body = orjson.dumps({"status": "ready" if ready else "stopping", "cache": request.app[STORE].state})
-    return web.Response(status=200 if ready else 503, body=body, content_type=_JSON)
+    """Readiness: ready to serve, 503 only while shutting down. The cache's and Redis's states are reported but
+    never make the proxy unready: without Redis it serves from the upstream and its in-process tier."""
+    app = request.app
+    ready = app[READY].is_set()
+    cache = app[STORE].state
+    body: dict[str, str] = {"status": "ready" if ready else "stopping", "cache": cache}
+    if app[SETTINGS].cache.backend == "redis":
+        body["redis"] = _REDIS_STATES.get(cache, cache)
+        if body["redis"] == "down":
+            body["detail"] = REDIS_DOWN
+    return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type=_JSON)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
