@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from .exposition import merge, render
 from .state import METRICS, READY, SETTINGS, STORE
 
 _JSON = "application/json"
@@ -34,4 +35,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus text exposition of this process's counters."""
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+    body = render(merge([request.app[METRICS].snapshot()]))
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

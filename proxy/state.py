@@ -12,6 +12,7 @@ from .fleet import Fleet
 from .flight import Flights
 from .keying import Keyer
 from .kinds import ClientKey
+from .logs import AccessLog, Exchange, RequestIds
 from .metrics import Metrics
 from .store import CacheStore
 from .upstream import CallSlots, UpstreamClient
@@ -24,8 +25,11 @@ FLIGHTS = web.AppKey("flights", Flights)
 # Present when replicas share upstream calls through Redis.
 FLEET = web.AppKey("fleet", Fleet)
 METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 READY = web.AppKey("ready", asyncio.Event)
 INJECTED_REDIS = web.AppKey("injected_redis", redis.Redis)
 SLOTS = web.AppKey("slots", CallSlots)
 # The client key that authenticated a request, when the proxy has client keys.
 CLIENT = web.RequestKey("client", ClientKey)
+EXCHANGE = web.RequestKey("exchange", Exchange)
