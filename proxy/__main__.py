@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import replace
 
 from aiohttp import web
@@ -124,9 +126,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(settings: Settings, *, reuse_port: bool) -> None:
+def _serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None) -> None:
     web.run_app(
-        create_app(settings),
+        create_app(settings, peers_dir=peers_dir),
         host=settings.server.host,
         port=settings.server.port,
         reuse_port=reuse_port or None,
@@ -142,13 +144,28 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
 
 
 def _supervise(settings: Settings) -> None:
-    """Fork ``server.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal."""
+    """Fork ``server.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal.
+    The workers share their metrics through sockets in a directory only this user can enter."""
+    peers_dir = tempfile.mkdtemp(prefix="llm-cache-proxy-")
+    try:
+        _run_workers(settings, peers_dir)
+    finally:
+        shutil.rmtree(peers_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, peers_dir: str) -> None:
     children: list[int] = []
     for _ in range(settings.server.workers):
         pid = os.fork()
         if pid == 0:
-            _serve(settings, reuse_port=True)
-            os._exit(0)
+            status = 0
+            try:
+                _serve(settings, reuse_port=True, peers_dir=peers_dir)
+            except BaseException:
+                log.exception("worker failed")
+                status = 1
+            # Never back into the supervisor's code: it would fork again, and remove the shared directory.
+            os._exit(status)
         children.append(pid)
 
     stopping = False

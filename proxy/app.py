@@ -25,6 +25,7 @@ from .kinds import ClientKey
 from .logs import AccessLog, RequestIds, default_format
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import MIN, Metrics
+from .peers import Peers
 from .policy import CACHEABLE_ROUTES
 from .pricing import DEFAULT_PRICES
 from .probes import healthz, metrics_endpoint, readyz
@@ -37,6 +38,7 @@ from .state import (
     INJECTED_REDIS,
     KEYER,
     METRICS,
+    PEERS,
     READY,
     REQUEST_IDS,
     SETTINGS,
@@ -76,16 +78,20 @@ def create_app(
     settings: Settings,
     *,
     redis_client: redis.Redis | None = None,
+    peers_dir: str | None = None,
     log_stream: TextIO | None = None,
 ) -> web.Application:
-    """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``; request
-    lines go to *log_stream* (default stderr)."""
+    """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``; *peers_dir*
+    is the directory where the workers of a process group share their metrics; request lines go to *log_stream*
+    (default stderr)."""
     app = web.Application(client_max_size=settings.server.max_body_bytes, handler_args={"logger": http_log})
     app[SETTINGS] = settings
     app[METRICS] = Metrics((*DEFAULT_PRICES, *settings.pricing))
     stream = log_stream or sys.stderr
     app[ACCESS_LOG] = AccessLog(settings.log_format or default_format(stream), stream.write, stream.flush)
     app[REQUEST_IDS] = RequestIds()
+    if peers_dir is not None:
+        app[PEERS] = Peers(peers_dir, app[METRICS])
     app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
     app[FLIGHTS] = Flights(app[SLOTS], settings.cache.max_entry_bytes, finish_abandoned=settings.cache.finish_abandoned)
     app[KEYER] = Keyer(
@@ -125,7 +131,12 @@ def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[Client
 async def _access_ctx(app: web.Application) -> AsyncIterator[None]:
     access = app[ACCESS_LOG]
     access.schedule = asyncio.get_running_loop().call_soon
+    peers = app.get(PEERS)
+    if peers is not None:
+        await peers.start()
     yield
+    if peers is not None:
+        await peers.aclose()
     access.schedule = None
     access.flush()
 

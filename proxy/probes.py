@@ -1,4 +1,4 @@
-"""Endpoints for operators: liveness, readiness and metrics."""
+"""Endpoints for operators: liveness, readiness, and the metrics of the whole process group."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from .exposition import merge, render
-from .state import METRICS, READY, SETTINGS, STORE
+from .state import METRICS, PEERS, READY, SETTINGS, STORE
 
 _JSON = "application/json"
 # What /readyz says of Redis, by the cache's state.
@@ -34,6 +34,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's counters."""
-    body = render(merge([request.app[METRICS].snapshot()]))
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+    """Prometheus text exposition of the counters of this process, or of every worker of its process group."""
+    app = request.app
+    peers = app.get(PEERS)
+    snapshots = await peers.gather() if peers is not None else [app[METRICS].snapshot()]
+    return web.Response(body=render(merge(snapshots)), headers={"Content-Type": "text/plain; version=0.0.4"})

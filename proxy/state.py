@@ -14,6 +14,7 @@ from .keying import Keyer
 from .kinds import ClientKey
 from .logs import AccessLog, Exchange, RequestIds
 from .metrics import Metrics
+from .peers import Peers
 from .store import CacheStore
 from .upstream import CallSlots, UpstreamClient
 
@@ -25,6 +26,8 @@ FLIGHTS = web.AppKey("flights", Flights)
 # Present when replicas share upstream calls through Redis.
 FLEET = web.AppKey("fleet", Fleet)
 METRICS = web.AppKey("metrics", Metrics)
+# Present in a worker of a process group (--workers N): the other workers' metrics.
+PEERS = web.AppKey("peers", Peers)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 READY = web.AppKey("ready", asyncio.Event)

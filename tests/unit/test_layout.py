@@ -28,6 +28,7 @@ ORDER = [
     "flight",
     "fleet",
     "coherence",
+    "peers",
     "state",
     "handlers",
     "probes",
