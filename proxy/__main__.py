@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -26,7 +28,6 @@ from .loader import config_path, redact_url, resolve
 log = logging.getLogger("proxy")
 
 OPERATOR_COMMANDS = ("ping", "stats", "inspect", "purge")
-ACCESS_LOG_FORMAT = 'remote=%a request="%r" status=%s bytes=%b duration_s=%Tf cache=%{X-Cache}o'
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         server, host=args.host or server.host, port=args.port or server.port, workers=args.workers or server.workers
     )
     settings = replace(settings, server=server)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     _describe(settings)
     if server.workers > 1:
         _supervise(settings)
@@ -191,15 +192,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(settings: Settings, *, reuse_port: bool) -> None:
-    access_log = logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None
+def _serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None) -> None:
     web.run_app(
-        create_app(settings),
+        create_app(settings, peers_dir=peers_dir),
         host=settings.server.host,
         port=settings.server.port,
         reuse_port=reuse_port or None,
-        access_log=access_log,
-        access_log_format=ACCESS_LOG_FORMAT,
+        # Each /v1 request leaves its own line (proxy.access); aiohttp's would repeat it without the cache's view.
+        access_log=None,
         print=None,
         shutdown_timeout=settings.server.shutdown_grace_s,
         # Also bounds how long a client may take to send its request headers.
@@ -210,13 +210,28 @@ def _serve(settings: Settings, *, reuse_port: bool) -> None:
 
 
 def _supervise(settings: Settings) -> None:
-    """Fork ``server.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal."""
+    """Fork ``server.workers`` servers on one port (SO_REUSEPORT); stop them all when one dies or on a signal.
+    The workers share their metrics through sockets in a directory only this user can enter."""
+    peers_dir = tempfile.mkdtemp(prefix="llm-cache-proxy-")
+    try:
+        _run_workers(settings, peers_dir)
+    finally:
+        shutil.rmtree(peers_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, peers_dir: str) -> None:
     children: list[int] = []
     for _ in range(settings.server.workers):
         pid = os.fork()
         if pid == 0:
-            _serve(settings, reuse_port=True)
-            os._exit(0)
+            status = 0
+            try:
+                _serve(settings, reuse_port=True, peers_dir=peers_dir)
+            except BaseException:
+                log.exception("worker failed")
+                status = 1
+            # Never back into the supervisor's code: it would fork again, and remove the shared directory.
+            os._exit(status)
         children.append(pid)
 
     stopping = False

@@ -7,28 +7,47 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
+from typing import Any, TextIO
 
 import redis.asyncio as redis
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from .access import observed
 from .coherence import Invalidations
 from .config import RedisSettings, Settings
 from .fleet import Fleet
 from .flight import Flights
 from .generation import Generations
 from .guards import Screen, authorized, enveloped, fall_back_to, get_only, screened, unrouted
-from .handlers import healthz, metrics_endpoint, openai_endpoint, passthrough, readyz
+from .handlers import openai_endpoint, passthrough
 from .keying import Keyer, key_secret
 from .kinds import ClientKey
+from .logs import AccessLog, RequestIds, default_format
 from .memory import MemoryStore, NullStore, TieredStore
-from .metrics import Metrics
+from .metrics import MIN, Metrics
+from .peers import Peers
 from .policy import CACHEABLE_ROUTES
+from .pricing import DEFAULT_PRICES
+from .probes import healthz, metrics_endpoint, readyz
 from .redis_client import RedisClient, close_redis, redis_client_for
 from .seal import SealingCodec
-from .state import FLEET, FLIGHTS, INJECTED_REDIS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .state import (
+    ACCESS_LOG,
+    FLEET,
+    FLIGHTS,
+    INJECTED_REDIS,
+    KEYER,
+    METRICS,
+    PEERS,
+    READY,
+    REQUEST_IDS,
+    SETTINGS,
+    SLOTS,
+    STORE,
+    UPSTREAMS,
+)
 from .store import CacheStore, RedisStore
 from .upstream import CallSlots, UpstreamClient
 
@@ -57,11 +76,24 @@ http_log = _ClientErrorLog(logging.getLogger("proxy.http"))
 KEY_MEMO_MAX_BYTES = 512 * 1024
 
 
-def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -> web.Application:
-    """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``."""
+def create_app(
+    settings: Settings,
+    *,
+    redis_client: redis.Redis | None = None,
+    peers_dir: str | None = None,
+    log_stream: TextIO | None = None,
+) -> web.Application:
+    """The proxy as an aiohttp application. *redis_client* replaces the one built from ``REDIS_URL``; *peers_dir*
+    is the directory where the workers of a process group share their metrics; request lines go to *log_stream*
+    (default stderr)."""
     app = web.Application(client_max_size=settings.server.max_body_bytes, handler_args={"logger": http_log})
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics((*DEFAULT_PRICES, *settings.pricing))
+    stream = log_stream or sys.stderr
+    app[ACCESS_LOG] = AccessLog(settings.log_format or default_format(stream), stream.write, stream.flush)
+    app[REQUEST_IDS] = RequestIds()
+    if peers_dir is not None:
+        app[PEERS] = Peers(peers_dir, app[METRICS])
     app[SLOTS] = CallSlots(settings.server.max_upstream_calls)
     app[FLIGHTS] = Flights(app[SLOTS], settings.cache.max_entry_bytes, finish_abandoned=settings.cache.finish_abandoned)
     app[KEYER] = Keyer(
@@ -73,6 +105,7 @@ def create_app(settings: Settings, *, redis_client: redis.Redis | None = None) -
     app[READY] = asyncio.Event()
     if redis_client is not None:
         app[INJECTED_REDIS] = redis_client
+    app.cleanup_ctx.append(_access_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_stop_ready)
@@ -92,9 +125,22 @@ def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[Client
         router.add_route("*", path, admit(get_only(handler), needs_key=False))
     # Only POSTs to these routes consult the cache; every other /v1 request, these paths with another method
     # included, falls through to passthrough. Any other target (CONNECT's host:port too) is refused.
-    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", admit(openai_endpoint))
-    router.add_route("*", "/v1/{rest:.+}", admit(passthrough))
+    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", observed(admit(openai_endpoint)))
+    router.add_route("*", "/v1/{rest:.+}", observed(admit(passthrough)))
     fall_back_to(router, enveloped(unrouted))
+
+
+async def _access_ctx(app: web.Application) -> AsyncIterator[None]:
+    access = app[ACCESS_LOG]
+    access.schedule = asyncio.get_running_loop().call_soon
+    peers = app.get(PEERS)
+    if peers is not None:
+        await peers.start()
+    yield
+    if peers is not None:
+        await peers.aclose()
+    access.schedule = None
+    access.flush()
 
 
 async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -131,6 +177,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             max_in_flight=settings.redis.max_connections,
             codec=codec,
             keep_s=cache.stale_if_error_s,
+            metrics=counters,
         )
         # An injected client is a test double without server-assisted tracking: its tier is trusted as is.
         tracked = cache.invalidations and INJECTED_REDIS not in app
@@ -159,16 +206,15 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                 "llm_cache_invalidations_up",
                 "1 while Redis pushes invalidations and the in-process tier is coherent across replicas.",
                 lambda: 1 if invalidations.up else 0,
+                MIN,
             )
         if cache.replica_single_flight:
             app[FLEET] = Fleet(remote, lease_s=cache.flight_lease_s, wait_s=cache.flight_wait_s)
         counters.gauge(
-            "llm_cache_redis_errors", "Redis operations that failed (read as a miss).", lambda: remote.errors
-        )
-        counters.gauge(
-            "llm_cache_redis_available",
+            "llm_cache_redis_up",
             "1 while Redis is in use, 0 while the proxy serves without it.",
             lambda: 1 if remote.available else 0,
+            MIN,
         )
         probe = asyncio.get_running_loop().create_task(_probe_redis(remote, settings.redis))
     if cache.backend != "off":

@@ -19,10 +19,12 @@ from .kinds import (
     Kind,
     MountedSecret,
     Number,
+    Prices,
     SecretFile,
     Text,
     Url,
 )
+from .pricing import PRICES_TAKEN, ModelPrice
 
 
 class ConfigError(ValueError):
@@ -139,7 +141,10 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     redis: RedisSettings = RedisSettings()
     auth: AuthSettings = AuthSettings()
+    # Added to the shipped prices (proxy.pricing.DEFAULT_PRICES), and winning over them.
+    pricing: tuple[ModelPrice, ...] = ()
     log_level: str = "INFO"
+    log_format: str | None = None
 
     @property
     def default_upstream(self) -> Upstream:
@@ -450,7 +455,22 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         "log_level",
         "LOG_LEVEL",
         Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
-        "DEBUG adds an access-log line per request with its cache outcome",
+        "INFO and DEBUG log one line per /v1 request (its id, outcome, status, timings, tokens); WARNING and above "
+        "leave them out",
+    ),
+    Setting(
+        "log_format",
+        "LOG_FORMAT",
+        Choice(("json", "text")),
+        "json (one object per line) or text (key=value); unset, text when stderr is a terminal, else json",
+    ),
+    Setting(
+        "pricing",
+        None,
+        Prices(),
+        f"USD per million input and output tokens by model, {{gpt-4o: {{input: 2.5, output: 10}}}}, added to and "
+        f"winning over the shipped OpenAI list prices (taken in {PRICES_TAKEN}); turns tokens served from the cache "
+        "into llm_cache_cost_saved_usd_total",
     ),
 )
 

@@ -198,7 +198,7 @@ class Fleet:
         while True:
             try:
                 read = partial(self._store.client.xread, {stream: last}, count=512, block=self._lease_ms)
-                reply = await self._store.call(read, deadline_s=block_s + self._store.deadline_s)
+                reply = await self._store.call(read, operation="follow", deadline_s=block_s + self._store.deadline_s)
             except (RedisError, TimeoutError, OSError) as exc:
                 self._store.failed("follow", key, exc)
                 raise _HolderGone("redis failed") from None
@@ -245,7 +245,7 @@ class Fleet:
 
     async def _lease_held(self, key: str) -> bool:
         try:
-            return bool(await self._store.call(lambda: self._store.client.exists(lease_key(key))))
+            return bool(await self._store.call(lambda: self._store.client.exists(lease_key(key)), operation="exists"))
         except (RedisError, TimeoutError, OSError) as exc:
             self._store.failed("follow", key, exc)
             return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from .entry import Recording
 from .errors import InternalError, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .logs import Exchange
 from .sse import SseRecorder
 from .upstream import CallSlots, relay_headers
 
@@ -227,11 +229,16 @@ class Flight:
         changed.set()
 
     async def respond(
-        self, request: web.Request, extra_headers: ExtraHeaders, fallback: Fallback | None = None
+        self,
+        request: web.Request,
+        extra_headers: ExtraHeaders,
+        fallback: Fallback | None = None,
+        exchange: Exchange | None = None,
     ) -> web.StreamResponse:
         """Answer one client from this flight, adding *extra_headers* (or what it returns, once the answer has
         begun); raise the flight's :class:`ProxyError` if it never started. When the upstream fails (no answer,
-        or a 5xx or 429 status) and *fallback* returns a response, that response is the answer instead."""
+        or a 5xx or 429 status) and *fallback* returns a response, that response is the answer instead. A
+        stream's first write is marked on *exchange*."""
         me = object()
         self._positions[me] = self._first
         self._clients += 1
@@ -246,7 +253,7 @@ class Flight:
             if fallback is not None and (self.status >= 500 or self.status == 429) and (instead := fallback()):
                 return instead
             if self.is_stream:
-                return await self._stream(request, extra_headers, me)
+                return await self._stream(request, extra_headers, me, exchange)
             while not self.finished:
                 await self._changed.wait()
             if not self.complete:
@@ -301,7 +308,9 @@ class Flight:
         finally:
             del self._positions[me]
 
-    async def _stream(self, request: web.Request, extra_headers: ExtraHeaders, me: object) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, extra_headers: ExtraHeaders, me: object, exchange: Exchange | None
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=self.status)
         _set_headers(response, self.headers, extra_headers)
         await response.prepare(request)
@@ -315,6 +324,8 @@ class Flight:
                 if not self._keeps_all():
                     self._trim()
                 await response.write(pending)
+                if exchange is not None:
+                    exchange.mark_first_byte(time.perf_counter())
                 continue
             if self.finished:
                 break

@@ -90,7 +90,10 @@ class Generations:
             return
         try:
             values = await asyncio.gather(
-                *(self._remote.call(partial(self._remote.client.get, name)) for name in self._namespaces)
+                *(
+                    self._remote.call(partial(self._remote.client.get, name), operation="generation")
+                    for name in self._namespaces
+                )
             )
         except (RedisError, TimeoutError, OSError) as exc:
             log.debug("namespace generations not read; next try later error=%s: %s", type(exc).__name__, exc)

@@ -209,7 +209,7 @@ def authorized(handler: Handler, clients: tuple[ClientKey, ...]) -> Handler:
                 "Send one of its client keys as 'Authorization: Bearer <key>'."
             )
         request[CLIENT] = client
-        request.app[METRICS].clients[client.name] += 1
+        request.app[METRICS].clients[(client.name,)] += 1
         return await handler(request)
 
     return check

@@ -1,4 +1,4 @@
-"""HTTP handlers: the cacheable OpenAI endpoint, passthrough for the rest of ``/v1``, health and metrics."""
+"""HTTP handlers: the cacheable OpenAI endpoint and passthrough for the rest of ``/v1``."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, 
 from .fleet import Claim
 from .flight import Flight, Opener, cut_off
 from .keying import Keyed
-from .state import CLIENT, FLEET, FLIGHTS, KEYER, METRICS, READY, SETTINGS, SLOTS, STORE, UPSTREAMS
+from .logs import Exchange
+from .state import CLIENT, EXCHANGE, FLEET, FLIGHTS, KEYER, METRICS, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .upstream import confined_target, relay_headers
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
-StaleAnswer = Callable[[str], web.Response | None]
+StaleAnswer = Callable[[], web.Response | None]
 OFFLOAD_BYTES = 256 * 1024
 _PASSTHROUGH_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -42,16 +43,18 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     else:
         # Parsing and hashing a large body takes milliseconds: not on the event loop.
         keyed = await asyncio.to_thread(keyer.derive, route, raw, query, request.headers, client)
+    ex = request[EXCHANGE]
+    ex.route, ex.upstream, ex.model, ex.tag = keyed.route, keyed.upstream.name, keyed.model, keyed.tag
     stale: CacheEntry | None = None
     if keyed.plan.lookup:
-        hit = await serve_hit(app, keyed)
+        hit = await serve_hit(app, keyed, ex)
         if isinstance(hit, web.Response):
             return hit
         stale = hit
     return await serve_from_upstream(request, keyed, raw, stale)
 
 
-async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | CacheEntry | None:
+async def serve_hit(app: web.Application, keyed: Keyed, ex: Exchange) -> web.Response | CacheEntry | None:
     """The stored answer for *keyed*; or, when the entry found is too old for the request (expired and kept for
     stale-if-error, or past the request's ``max-age``), that entry, to fall back on if the upstream fails."""
     assert keyed.key is not None
@@ -61,10 +64,13 @@ async def serve_hit(app: web.Application, keyed: Keyed) -> web.Response | CacheE
     now = time.time()
     if now >= entry.expires_at or (keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s):
         return entry
-    counters = app[METRICS]
-    counters.count(keyed.route, "HIT")
+    ex.outcome = "HIT"
     if entry.usage:
-        counters.count_tokens(entry.usage)
+        ex.usage = entry.usage
+        app[METRICS].count_saved(keyed.model, entry.usage)
+    if entry.is_stream:
+        # Replayed in one write, as soon as the handler returns.
+        ex.mark_first_byte(time.perf_counter())
     return _replay(entry, keyed.tag, now)
 
 
@@ -77,21 +83,22 @@ def _replay(entry: CacheEntry, tag: str, now: float, label: str = "HIT") -> web.
     return web.Response(status=entry.status, body=entry.body, headers=headers)
 
 
-def _stale_fallback(app: web.Application, keyed: Keyed, stale: CacheEntry | None) -> StaleAnswer | None:
-    """What answers instead of an upstream failure, given the outcome the request was counted as: *stale*,
-    marked ``X-Cache: STALE``, if it is within what the request (``Cache-Control: stale-if-error=N``) or else the
-    proxy (``cache.stale_if_error_s``) accepts past its freshness."""
+def _stale_fallback(keyed: Keyed, stale: CacheEntry | None, ex: Exchange, allowed_s: float) -> StaleAnswer | None:
+    """What answers instead of an upstream failure: *stale*, marked ``X-Cache: STALE``, if it is within what the
+    request (``Cache-Control: stale-if-error=N``) or else the proxy (*allowed_s*, ``cache.stale_if_error_s``)
+    accepts past its freshness."""
     if stale is None:
         return None
     plan = keyed.plan
-    allowed_s = plan.stale_if_error_s if plan.stale_if_error_s is not None else app[SETTINGS].cache.stale_if_error_s
+    if plan.stale_if_error_s is not None:
+        allowed_s = plan.stale_if_error_s
     fresh_until = stale.expires_at
     if plan.max_age_s is not None:
         fresh_until = min(fresh_until, stale.stored_at + plan.max_age_s)
     if not allowed_s or time.time() - fresh_until > allowed_s:
         return None
 
-    def fallback(outcome: str) -> web.Response | None:
+    def fallback() -> web.Response | None:
         now = time.time()
         if now - fresh_until > allowed_s:
             return None
@@ -101,7 +108,7 @@ def _stale_fallback(app: web.Application, keyed: Keyed, stale: CacheEntry | None
             keyed.tag,
             now - stale.stored_at,
         )
-        app[METRICS].relabel(keyed.route, outcome, "STALE")
+        ex.outcome = "STALE"
         return _replay(stale, keyed.tag, now, "STALE")
 
     return fallback
@@ -113,38 +120,41 @@ async def serve_from_upstream(
     """Relay the upstream's answer: joined with an identical request in flight, here or on another replica, when
     the plan allows it; stored afterwards when the plan says so and the answer is worth replaying. If the
     upstream fails and *stale* is acceptable for stale-if-error, that is the answer instead."""
-    app = request.app
+    app, ex = request.app, request[EXCHANGE]
     plan = keyed.plan
     opener = partial(_open_upstream, request, keyed.upstream, keyed.route, raw)
-    fallback = _stale_fallback(app, keyed, stale)
+    fallback = _stale_fallback(keyed, stale, ex, app[SETTINGS].cache.stale_if_error_s)
     if keyed.key is None or not plan.lookup or not plan.store:
         slots, max_kept = app[SLOTS], app[SETTINGS].cache.max_entry_bytes
         ttl_s = plan.ttl_s if keyed.key and plan.store else None
-        on_finish = partial(_store, app, keyed) if ttl_s else None
+        on_finish = partial(_store, app, keyed, ex) if ttl_s else None
         finish = app[FLIGHTS].finish_abandoned
         flight = Flight(
             None, ttl_s=ttl_s, on_finish=on_finish, slots=slots, max_kept_bytes=max_kept, finish_abandoned=finish
         )
-        outcome = "MISS" if ttl_s else "BYPASS"
-        app[METRICS].count(keyed.route, outcome)
-        _log_outcome(request, keyed, outcome)
-        named = (("X-Cache", outcome), ("X-Cache-Key", keyed.tag)) if keyed.key else (("X-Cache", outcome),)
-        return await flight.started_by(opener).respond(request, named, partial(fallback, outcome) if fallback else None)
+        ex.outcome = outcome = "MISS" if ttl_s else "BYPASS"
+        _log_decision(keyed, outcome)
+        named = [("X-Cache", outcome), ("X-Request-ID", ex.id)]
+        if keyed.key:
+            named.append(("X-Cache-Key", keyed.tag))
+        return await flight.started_by(opener).respond(request, named, fallback, ex)
     shared = await _shared_flight(request, keyed, opener)
     if isinstance(shared, web.Response):
         return shared
     flight, started = shared
-    outcome = "MISS" if started and flight.own_call else "COALESCED"
-    app[METRICS].count(keyed.route, outcome)
-    if outcome == "COALESCED":
-        app[METRICS].coalesced += 1
-    _log_outcome(request, keyed, outcome)
+    ex.outcome = "MISS" if started and flight.own_call else "COALESCED"
+    _log_decision(keyed, ex.outcome)
 
     def headers() -> tuple[tuple[str, str], ...]:
         # Settled once the answer begins: a follower whose holder vanished made the call itself.
-        return (("X-Cache", "MISS" if started and flight.own_call else "COALESCED"), ("X-Cache-Key", keyed.tag))
+        ex.outcome = outcome = "MISS" if started and flight.own_call else "COALESCED"
+        return (("X-Cache", outcome), ("X-Cache-Key", keyed.tag), ("X-Request-ID", ex.id))
 
-    return await flight.respond(request, headers, partial(fallback, outcome) if fallback else None)
+    try:
+        return await flight.respond(request, headers, fallback, ex)
+    finally:
+        if ex.outcome == "COALESCED":
+            app[METRICS].coalesced += 1
 
 
 async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> tuple[Flight, bool] | web.Response:
@@ -158,14 +168,14 @@ async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> 
     if flight is None and fleet is not None and plan.ttl_s == app[SETTINGS].cache.ttl_s:
         claim, token = await fleet.claim(key)
         if claim is Claim.STORED:
-            hit = await serve_hit(app, keyed)
+            hit = await serve_hit(app, keyed, request[EXCHANGE])
             if isinstance(hit, web.Response):
                 return hit
         # Another request here may have started the call while this one asked Redis.
         flight = flights.get(key)
         if flight is None:
             flight = flights.start(key, plan.ttl_s, None)
-            flight.on_finish = partial(_store_own, app, keyed, flight)
+            flight.on_finish = partial(_store_own, app, keyed, request[EXCHANGE], flight)
             if claim is Claim.FOLLOW:
                 return flight.fed_by(fleet.follow(key, partial(flight.from_upstream, opener))), True
             flight.started_by(opener)
@@ -175,30 +185,24 @@ async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> 
     if flight is not None:
         flight.join_ttl(plan.ttl_s)
         return flight, False
-    return flights.start(key, plan.ttl_s, partial(_store, app, keyed)).started_by(opener), True
+    return flights.start(key, plan.ttl_s, partial(_store, app, keyed, request[EXCHANGE])).started_by(opener), True
 
 
-def _log_outcome(request: web.Request, keyed: Keyed, outcome: str) -> None:
+def _log_decision(keyed: Keyed, outcome: str) -> None:
+    # Before the upstream answers: the request line comes only once the response is complete.
     if log.isEnabledFor(logging.DEBUG):
-        client = request.get(CLIENT)
-        log.debug(
-            "cache %s route=%s model=%s key=%s reason=%s client=%s",
-            outcome,
-            keyed.route,
-            keyed.model,
-            keyed.tag or "-",
-            keyed.plan.reason,
-            client.name if client else "-",
-        )
+        log.debug("cache %s route=%s key=%s reason=%s", outcome, keyed.route, keyed.tag or "-", keyed.plan.reason)
 
 
-def _store_own(app: web.Application, keyed: Keyed, flight: Flight, recording: Recording, ttl_s: int) -> None:
+def _store_own(
+    app: web.Application, keyed: Keyed, ex: Exchange, flight: Flight, recording: Recording, ttl_s: int
+) -> None:
     # A follower relays the answer the holder stores; it stores only an answer it fetched itself.
     if flight.own_call:
-        _store(app, keyed, recording, ttl_s)
+        _store(app, keyed, ex, recording, ttl_s)
 
 
-def _store(app: web.Application, keyed: Keyed, recording: Recording, ttl_s: int) -> None:
+def _store(app: web.Application, keyed: Keyed, ex: Exchange, recording: Recording, ttl_s: int) -> None:
     assert keyed.key is not None
     max_entry_bytes = app[SETTINGS].cache.max_entry_bytes
     entry = entry_for(recording, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes, now=time.time())
@@ -212,8 +216,11 @@ def _store(app: web.Application, keyed: Keyed, recording: Recording, ttl_s: int)
             len(recording.body),
         )
         return
+    ex.usage = entry.usage
     app[STORE].put(keyed.key, entry)
-    app[METRICS].stores += 1
+    metrics = app[METRICS]
+    metrics.stores += 1
+    metrics.stored_bytes += len(entry.body)
 
 
 async def read_body(request: web.Request, server: ServerSettings) -> bytes:
@@ -242,11 +249,12 @@ async def read_body(request: web.Request, server: ServerSettings) -> bytes:
 async def _open_upstream(request: web.Request, upstream: Upstream, target: str, data: Any) -> aiohttp.ClientResponse:
     """Send the request to ``<upstream>/<target>``; *target* is the path after ``/v1/`` as the client encoded
     it (decoding would turn an escaped "?" or "/" into syntax)."""
-    counters = request.app[METRICS]
+    counters, ex = request.app[METRICS], request.get(EXCHANGE)
     client = request.app[UPSTREAMS][upstream.name]
     # With client keys (every request then carries one), what the client presented is the proxy's own
     # credential, never the upstream's.
     own_credentials = not request.app[KEYER].has_clients
+    started = time.perf_counter()
     try:
         response = await client.open(
             request.method,
@@ -257,9 +265,11 @@ async def _open_upstream(request: web.Request, upstream: Upstream, target: str, 
             client_credentials=own_credentials,
         )
     except ProxyError:
-        counters.count_upstream(upstream.name, "error")
+        counters.count_upstream(upstream.name, "error", None)
         raise
-    counters.count_upstream(upstream.name, f"{response.status // 100}xx")
+    counters.count_upstream(upstream.name, str(response.status), time.perf_counter() - started)
+    if ex is not None:
+        ex.upstream_status = response.status
     return response
 
 
@@ -271,10 +281,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     server = request.app[SETTINGS].server
     data, model = await _passthrough_body(request, server)
     route = request.match_info["rest"]
-    log.debug("passthrough method=%s route=%s", request.method, route)
-    request.app[METRICS].count(route, "BYPASS")
+    ex = request[EXCHANGE]
+    upstream = request.app[SETTINGS].upstream_for(model)
+    # Only the first segment (models, files, batches...), and of those a bounded number: paths hold ids.
+    ex.route, ex.upstream, ex.model = request.app[METRICS].routes(route.partition("/")[0]), upstream.name, model
+    ex.outcome = "BYPASS"
     with request.app[SLOTS]:
-        upstream = request.app[SETTINGS].upstream_for(model)
         upstream_response = await _open_upstream(request, upstream, rest, data)
         complete = False
         try:
@@ -282,6 +294,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             for name, value in relay_headers(upstream_response.headers):
                 response.headers.add(name, value)
             response.headers["X-Cache"] = "BYPASS"
+            response.headers["X-Request-ID"] = ex.id
             await response.prepare(request)
             async for chunk in upstream_response.content.iter_any():
                 await response.write(chunk)
@@ -313,20 +326,3 @@ async def _passthrough_body(request: web.Request, server: ServerSettings) -> tup
         return data, None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return data, model if isinstance(model, str) else None
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the event loop answers."""
-    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: ready to serve. The cache's state is reported but never makes the proxy unready."""
-    ready = request.app[READY].is_set()
-    body = orjson.dumps({"status": "ready" if ready else "stopping", "cache": request.app[STORE].state})
-    return web.Response(status=200 if ready else 503, body=body, content_type=_JSON)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this process's counters."""
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": "text/plain; version=0.0.4"})

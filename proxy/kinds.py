@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .pricing import PRICES_TAKEN, ModelPrice
+
 
 @dataclass(frozen=True, slots=True)
 class MountedSecret:
@@ -180,6 +182,29 @@ class ClientKeys:
         return "a list of {name, key, namespace}"
 
 
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """``pricing``: ``{model: {input: USD, output: USD}}``, per million tokens; *output* may be left out (0)."""
+
+    def parse(self, value: Any) -> tuple[ModelPrice, ...]:
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of model names to {input, output} prices")
+        prices = []
+        for model, price in value.items():
+            if not isinstance(price, dict) or not set(price) <= {"input", "output"} or "input" not in price:
+                raise ValueError(f"{model} must be a mapping with input and optionally output (USD per 1M tokens)")
+            try:
+                given, made = (_USD.parse(price.get(name, 0)) for name in ("input", "output"))
+            except ValueError as exc:
+                raise ValueError(f"{model}: {exc}") from None
+            prices.append(ModelPrice(str(model), float(given), float(made)))
+        return tuple(prices)
+
+    def describe(self) -> str:
+        return f"{{model: {{input, output}}}} in USD per million tokens (defaults taken in {PRICES_TAKEN})"
+
+
+_USD = Number(float, 0)
 _NAME = Text(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "a name of letters, digits, '.', '_' or '-'")
 NAMESPACE = Text(r"[^\s{}]+", "text without spaces or braces")
 
@@ -222,4 +247,4 @@ class SecretFile:
         return "the path of a readable, non-empty UTF-8 file"
 
 
-Kind = Number | Text | Choice | Url | Items | Flag | File | SecretFile | ClientKeys
+Kind = Number | Text | Choice | Url | Items | Flag | File | SecretFile | ClientKeys | Prices

@@ -24,6 +24,7 @@ from .config import (
     attribute,
 )
 from .kinds import ClientKey, MountedSecret, SecretFile, Url
+from .pricing import ModelPrice
 
 DEFAULT_CONFIG_FILE = "proxy.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
@@ -51,8 +52,16 @@ class Resolved:
         if self.setting.secret:
             return "(set, hidden)" if self.value else "(unset)"
         if isinstance(self.value, tuple):
-            return ",".join(v.name if isinstance(v, ClientKey) else str(v) for v in self.value) or "(none)"
+            return ",".join(_shown_item(v) for v in self.value) or "(none)"
         return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
+
+
+def _shown_item(value: Any) -> str:
+    if isinstance(value, ClientKey):
+        return value.name
+    if isinstance(value, ModelPrice):
+        return f"{value.model}={value.input_usd_per_mtok:g}/{value.output_usd_per_mtok:g}"
+    return str(value)
 
 
 def redact_url(url: str) -> str:

@@ -1,110 +1,287 @@
-"""Metrics of one proxy process: plain counters on the request path, Prometheus text when scraped."""
+"""Metrics of one proxy process: plain counters and fixed-bucket histograms on the request path, snapshots that
+the workers of one process group add up, and Prometheus text when scraped."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-# Chat and completions report prompt/completion tokens, the Responses API input/output tokens.
-_TOKEN_FIELDS = (
-    ("prompt_tokens", "prompt"),
-    ("completion_tokens", "completion"),
-    ("input_tokens", "input"),
-    ("output_tokens", "output"),
-)
+from .logs import Exchange, tokens
+from .pricing import ModelPrice, PriceList
+
+# Hits take well under a millisecond and streamed misses minutes: buckets from 0.5 ms to 5 min.
+DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+REDIS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+MAX_LABEL_VALUES = 100
+MAX_LABEL_CHARS = 100
+# Distinct (model, token counts, price) groups of saved answers kept before they are added to the totals.
+MAX_SAVED_GROUPS = 10_000
+OTHER = "other"
+# A gauge of the whole process group: the workers' values added, or the lowest (an "up" gauge is up when all are).
+SUM, MIN = "sum", "min"
+
+Series = dict[tuple[str, ...], Any]
+
+
+class Histogram:
+    """Observations by label values, in fixed buckets: per series, the count in each bucket (the last one past
+    every bound, +Inf), then the sum. No lock: the event loop is the only writer."""
+
+    __slots__ = ("bounds", "series")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.series: Series = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            counts = self.series[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+        counts[bisect_left(self.bounds, value)] += 1
+        counts[-1] += value
+
+
+class Bounded:
+    """Label values as they come, up to *limit* distinct ones (each at most *max_chars* long); past that, and for
+    longer ones, :data:`OTHER`, so that clients choosing model names cannot grow the metrics without end."""
+
+    __slots__ = ("_limit", "_max_chars", "_seen")
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES, max_chars: int = MAX_LABEL_CHARS) -> None:
+        self._seen: dict[str, str] = {}
+        self._limit, self._max_chars = limit, max_chars
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return "none"
+        label = self._seen.get(value)
+        if label is not None:
+            return label
+        if len(self._seen) >= self._limit or len(value) > self._max_chars:
+            return OTHER
+        self._seen[value] = value
+        return value
 
 
 class Metrics:
-    """Counters for cache outcomes, upstream responses, stores, coalesced requests and tokens saved, plus
-    gauges read from the store when scraped.
+    """Everything ``/metrics`` reports for one process, as plain integers, floats and :class:`Histogram` s that
+    the request path updates without locks (prometheus_client's own take one per increment); prometheus_client
+    is imported at the first scrape. Label values are route names, outcomes, upstream names, status codes, Redis
+    operations and bounded model and client names: never keys, prompts or credentials.
 
-    Every request updates plain integers: prometheus_client's own counters take a lock per increment, and
-    importing it is left to the first scrape (it is a measurable part of start-up). Label values are route
-    names, outcomes, upstream names and status classes: never keys, prompts or credentials.
+    *prices* turns the tokens of answers served from the cache into money; a model without a price counts tokens
+    only.
     """
 
-    def __init__(self) -> None:
-        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.upstream_responses: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.tokens: defaultdict[str, int] = defaultdict(int)
-        self.clients: defaultdict[str, int] = defaultdict(int)
-        self.stores = 0
+    def __init__(self, prices: Iterable[ModelPrice] = ()) -> None:
+        # By upstream, route, model and outcome: the request counts are its series' counts, and the duration
+        # histogram by route and outcome their sum, both computed when scraped.
+        self.requests = Histogram(DURATION_BUCKETS_S)
+        self.first_bytes = Histogram(DURATION_BUCKETS_S)
+        self.upstream_responses: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self.upstream_first_bytes = Histogram(DURATION_BUCKETS_S)
+        self.redis_durations = Histogram(REDIS_BUCKETS_S)
+        self.redis_errors: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self.tokens: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self.cost_usd: defaultdict[tuple[str, ...], float] = defaultdict(float)
+        # Answers served from the cache, by (model label, input tokens, output tokens, price): one increment per
+        # hit; tokens and money are worked out when scraped.
+        self.saved: defaultdict[tuple[Any, ...], int] = defaultdict(int)
+        self._saved_groups: dict[int, tuple[Mapping[str, Any], str | None, tuple[Any, ...]]] = {}
+        self.clients: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.coalesced = 0
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.stores = 0
+        self.stored_bytes = 0
+        self.gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
+        self.models = Bounded()
+        self.routes = Bounded()
+        self._prices = PriceList(prices)
+        self._price_of: dict[str, ModelPrice | None] = {}
 
-    def count(self, route: str, outcome: str) -> None:
-        self.requests[(route, outcome)] += 1
+    def record(self, ex: Exchange, now: float) -> None:
+        """Count a finished request whose outcome is known, with its duration and time to first byte."""
+        outcome = ex.outcome
+        assert outcome is not None
+        self.requests.observe((ex.upstream, ex.route, self.models(ex.model), outcome), now - ex.started)
+        if ex.first_byte_s is not None:
+            self.first_bytes.observe((ex.route, outcome), ex.first_byte_s)
 
-    def relabel(self, route: str, was: str, now: str) -> None:
-        """A request counted as *was* got another outcome after all (a stale answer instead of a failure)."""
-        self.requests[(route, was)] -= 1
-        self.requests[(route, now)] += 1
+    def count_saved(self, model: str | None, usage: Mapping[str, Any]) -> None:
+        """Count an answer served from the cache with its token *usage*, as *model*'s; its tokens, and what they
+        would have cost, join the totals when scraped."""
+        # An entry served from the in-process tier brings the same usage object every time: its group is found
+        # by identity, without reading the usage again.
+        group = self._saved_groups.get(id(usage))
+        if group is None or group[0] is not usage or group[1] != model:
+            group = self._group(model, usage)
+        self.saved[group[2]] += 1
 
-    def count_upstream(self, upstream: str, status: str) -> None:
-        """*status* is a class: ``2xx``, ``4xx``, ``5xx`` or ``error`` (no response)."""
+    def _group(
+        self, model: str | None, usage: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any], str | None, tuple[Any, ...]]:
+        if len(self._saved_groups) >= MAX_SAVED_GROUPS:
+            self._saved_groups.clear()
+        if len(self.saved) >= MAX_SAVED_GROUPS:
+            self.add_up_saved()
+        price = self._price(model) if model is not None else None
+        group = (usage, model, (self.models(model), *tokens(usage), price))
+        self._saved_groups[id(usage)] = group
+        return group
+
+    def add_up_saved(self) -> None:
+        """Move the counted answers into the token and money totals."""
+        saved, self.saved = self.saved, defaultdict(int)
+        for (label, input_tokens, output_tokens, price), count in saved.items():
+            if input_tokens:
+                self.tokens[(label, "input")] += count * input_tokens
+            if output_tokens:
+                self.tokens[(label, "output")] += count * output_tokens
+            if price is not None:
+                self.cost_usd[(label,)] += count * price.cost_usd(input_tokens, output_tokens)
+
+    def _price(self, model: str) -> ModelPrice | None:
+        try:
+            return self._price_of[model]
+        except KeyError:
+            price = self._prices.price(model)
+            if len(self._price_of) < 4 * MAX_LABEL_VALUES:
+                self._price_of[model] = price
+            return price
+
+    def count_upstream(self, upstream: str, status: str, first_byte_s: float | None) -> None:
+        """An upstream answered *status* (its HTTP code, or ``error``: no response) after *first_byte_s*."""
         self.upstream_responses[(upstream, status)] += 1
+        if first_byte_s is not None:
+            self.upstream_first_bytes.observe((upstream,), first_byte_s)
 
-    def count_tokens(self, usage: Mapping[str, Any]) -> None:
-        """Add a replayed answer's token usage to ``llm_cache_tokens_saved_total``."""
-        for field, kind in _TOKEN_FIELDS:
-            value = usage.get(field)
-            if type(value) is int and value > 0:
-                self.tokens[kind] += value
+    def gauge(self, name: str, help_text: str, read: Callable[[], float], combine: str = SUM) -> None:
+        """Expose ``read()`` as gauge *name* at every scrape; a process group reports the *combine* of its
+        workers' values."""
+        self.gauges[name] = (help_text, read, combine)
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        """Expose ``read()`` as gauge *name* at every scrape."""
-        self.gauges[name] = (help_text, read)
+    def snapshot(self) -> dict[str, Any]:
+        """Every value now, as plain data (gauges read) that :func:`merge` adds to other workers' snapshots."""
+        self.add_up_saved()
+        out: dict[str, Any] = {}
+        for family in FAMILIES:
+            if family.attribute == "requests":
+                series = {labels: sum(counts[:-1]) for labels, counts in self.requests.series.items()}
+            elif family.attribute == "durations":
+                series = _by_route_and_outcome(self.requests.series)
+            else:
+                series = getattr(self, family.attribute)
+                if isinstance(series, Histogram):
+                    series = series.series
+            out[family.name] = [[*labels, value] for labels, value in series.items()] if family.labels else series
+        out["gauges"] = {name: [help_text, read(), how] for name, (help_text, read, how) in self.gauges.items()}
+        return out
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of everything above."""
-        from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-        def families() -> list[Metric]:
-            requests = CounterMetricFamily(
-                "llm_cache_requests", "Proxied requests by route and cache outcome.", labels=("route", "outcome")
-            )
-            for labels, value in sorted(self.requests.items()):
-                requests.add_metric(labels, value)
-            upstream = CounterMetricFamily(
-                "llm_cache_upstream_responses",
-                "Upstream responses by upstream and status class (2xx, 4xx, 5xx, error).",
-                labels=("upstream", "status"),
-            )
-            for labels, value in sorted(self.upstream_responses.items()):
-                upstream.add_metric(labels, value)
-            tokens = CounterMetricFamily(
-                "llm_cache_tokens_saved", "Tokens of upstream usage answered from the cache instead.", labels=("kind",)
-            )
-            for kind, value in sorted(self.tokens.items()):
-                tokens.add_metric((kind,), value)
-            clients = CounterMetricFamily(
-                "llm_cache_client_requests", "Requests admitted by each client key, by its name.", labels=("client",)
-            )
-            for name, value in sorted(self.clients.items()):
-                clients.add_metric((name,), value)
-            out: list[Metric] = [
-                requests,
-                upstream,
-                tokens,
-                clients,
-                CounterMetricFamily("llm_cache_stores", "Responses written to the cache.", value=self.stores),
-                CounterMetricFamily(
-                    "llm_cache_coalesced",
-                    "Requests answered by joining an identical request already in flight.",
-                    value=self.coalesced,
-                ),
-            ]
-            out.extend(
-                GaugeMetricFamily(name, help_text, value=read()) for name, (help_text, read) in self.gauges.items()
-            )
-            return out
+def _by_route_and_outcome(series: Series) -> Series:
+    out: Series = {}
+    for (_, route, _, outcome), counts in series.items():
+        total = out.get((route, outcome))
+        out[(route, outcome)] = list(counts) if total is None else [a + b for a, b in zip(total, counts, strict=True)]
+    return out
 
-        class Snapshot:
-            def collect(self) -> list[Metric]:
-                return families()
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(Snapshot())
-        return generate_latest(registry)
+class Family:
+    """How one metric is exposed: its name (without ``_total``), type, help, labels, the :class:`Metrics`
+    attribute holding it and, for histograms, the bucket bounds."""
+
+    __slots__ = ("attribute", "bounds", "help", "kind", "labels", "name")
+
+    def __init__(
+        self, name: str, kind: str, help_text: str, labels: tuple[str, ...], attribute: str, bounds: Any = None
+    ) -> None:
+        self.name, self.kind, self.help, self.labels = name, kind, help_text, labels
+        self.attribute, self.bounds = attribute, bounds
+
+
+FAMILIES = (
+    Family(
+        "llm_cache_requests",
+        "counter",
+        "Proxied requests by upstream, route, model and cache outcome.",
+        ("upstream", "route", "model", "outcome"),
+        "requests",
+    ),
+    Family(
+        "llm_cache_request_duration_seconds",
+        "histogram",
+        "Time to the whole response, by route and cache outcome.",
+        ("route", "outcome"),
+        "durations",
+        DURATION_BUCKETS_S,
+    ),
+    Family(
+        "llm_cache_first_byte_seconds",
+        "histogram",
+        "Time to the first byte of streamed answers (replayed hits and relayed misses), by route and outcome.",
+        ("route", "outcome"),
+        "first_bytes",
+        DURATION_BUCKETS_S,
+    ),
+    Family(
+        "llm_cache_upstream_responses",
+        "counter",
+        "Upstream responses by upstream and HTTP status code (error: no response).",
+        ("upstream", "status"),
+        "upstream_responses",
+    ),
+    Family(
+        "llm_cache_upstream_first_byte_seconds",
+        "histogram",
+        "Time from sending a request upstream to its response headers.",
+        ("upstream",),
+        "upstream_first_bytes",
+        DURATION_BUCKETS_S,
+    ),
+    Family(
+        "llm_cache_redis_operation_duration_seconds",
+        "histogram",
+        "Redis round trips by operation (one per batch of the same event-loop turn).",
+        ("operation",),
+        "redis_durations",
+        REDIS_BUCKETS_S,
+    ),
+    Family(
+        "llm_cache_redis_errors",
+        "counter",
+        "Redis operations that failed (a read then is a miss).",
+        ("operation",),
+        "redis_errors",
+    ),
+    Family(
+        "llm_cache_tokens_saved",
+        "counter",
+        "Tokens of answers served from the cache instead of the upstream, by model and kind (input, output).",
+        ("model", "kind"),
+        "tokens",
+    ),
+    Family(
+        "llm_cache_cost_saved_usd",
+        "counter",
+        "What the answers served from the cache would have cost upstream, in USD, from the pricing table.",
+        ("model",),
+        "cost_usd",
+    ),
+    Family(
+        "llm_cache_client_requests",
+        "counter",
+        "Requests admitted by each client key, by its name.",
+        ("client",),
+        "clients",
+    ),
+    Family(
+        "llm_cache_coalesced_requests",
+        "counter",
+        "Requests answered by joining an identical request already in flight.",
+        (),
+        "coalesced",
+    ),
+    Family("llm_cache_stores", "counter", "Answers written to the cache.", (), "stores"),
+    Family("llm_cache_stored_bytes", "counter", "Bytes of answers written to the cache.", (), "stored_bytes"),
+)

@@ -13,6 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from .entry import CacheEntry, EntryFormatError
+from .metrics import Metrics
 from .redis_client import RedisClient
 from .seal import EntryCodec, ForeignEntryError, PlainCodec
 
@@ -63,8 +64,10 @@ class RedisStore:
         max_in_flight: int = 64,
         codec: EntryCodec | None = None,
         keep_s: float = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self._metrics = metrics or Metrics()
         self.keep_s = keep_s
         self._mget = client.mget_nonatomic if isinstance(client, RedisCluster) else client.mget
         self._codec = codec or PlainCodec()
@@ -143,7 +146,7 @@ class RedisStore:
         keys = [key for key, _ in batch]
         values: list[Any] = [None] * len(batch)
         try:
-            values = await self.call(lambda: self._mget(keys))
+            values = await self.call(lambda: self._mget(keys), operation="read")
         except (RedisError, TimeoutError, OSError) as exc:
             self.failed("read", keys[0], exc)
         finally:
@@ -160,7 +163,7 @@ class RedisStore:
                 return await pipe.execute(raise_on_error=False)
 
         try:
-            replies = await self.call(execute)
+            replies = await self.call(execute, operation="write")
         except (RedisError, TimeoutError, OSError) as exc:
             self.failed("write", "-", exc)
             for _, future in batch:
@@ -178,12 +181,18 @@ class RedisStore:
                 future.set_result(replies[start : start + len(commands)])
             start += len(commands)
 
-    async def call(self, operation: Callable[[], Awaitable[T]], *, deadline_s: float | None = None) -> T:
-        """Run *operation* (one round trip on :attr:`client`) within a deadline (*op_timeout_s* unless
-        given) and a connection slot; raises what it raises, ``TimeoutError`` past the deadline. The caller
-        reports a failure with :meth:`failed`."""
-        async with asyncio.timeout(deadline_s or self.deadline_s), self._slots:
-            result = await operation()
+    async def call(
+        self, round_trip: Callable[[], Awaitable[T]], *, operation: str, deadline_s: float | None = None
+    ) -> T:
+        """Run *round_trip* (one round trip on :attr:`client`) within a deadline (*op_timeout_s* unless
+        given) and a connection slot, timed as *operation*; raises what it raises, ``TimeoutError`` past the
+        deadline. The caller reports a failure with :meth:`failed`."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(deadline_s or self.deadline_s), self._slots:
+                result = await round_trip()
+        finally:
+            self._metrics.redis_durations.observe((operation,), time.perf_counter() - started)
         if self._failing:
             self._recovered()
         return result
@@ -205,6 +214,7 @@ class RedisStore:
     def failed(self, op: str, key: str, exc: BaseException, *, quiet: bool = False) -> None:
         """Count a failed Redis operation and leave Redis alone for *retry_after_s*."""
         self.errors += 1
+        self._metrics.redis_errors[(op,)] += 1
         # One warning per outage, not one per probe: a laptop without Redis must not drown in them.
         level = logging.DEBUG if self._failing or quiet else logging.WARNING
         log.log(
@@ -227,7 +237,7 @@ class RedisStore:
         """One deadline-bound PING; a failure pauses Redis use like any other, logged at DEBUG when *quiet*.
         Never on the request path."""
         try:
-            await self.call(self.client.ping)
+            await self.call(self.client.ping, operation="ping")
         except (RedisError, TimeoutError, OSError) as exc:
             self.failed("ping", "-", exc, quiet=quiet)
             return False

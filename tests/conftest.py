@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from aiohttp import web
@@ -37,11 +37,14 @@ def settings_for() -> SettingsFactory:
 
 @pytest.fixture
 def proxy_for(aiohttp_client: Any, settings_for: SettingsFactory) -> Callable[..., Any]:
-    """Start a proxy in front of a fake upstream; the cache is fakeredis unless a client is given."""
+    """Start a proxy in front of a fake upstream; the cache is fakeredis unless a client is given; request log
+    lines go to *log_stream* (default stderr)."""
 
-    async def start(server: TestServer, *, redis_client: Any = None, **overrides: Any) -> TestClient[Any, Any]:
+    async def start(
+        server: TestServer, *, redis_client: Any = None, log_stream: TextIO | None = None, **overrides: Any
+    ) -> TestClient[Any, Any]:
         app: web.Application = create_app(
-            settings_for(server, **overrides), redis_client=redis_client or FakeAsyncRedis()
+            settings_for(server, **overrides), redis_client=redis_client or FakeAsyncRedis(), log_stream=log_stream
         )
         return await aiohttp_client(app)
 

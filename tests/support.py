@@ -76,6 +76,19 @@ def received(server: TestServer) -> list[Received]:
     return server.app[RECEIVED]
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called *name* whose labels include *labels*, in the Prometheus text *text*, parsed
+    with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
 

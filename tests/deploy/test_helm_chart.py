@@ -208,6 +208,9 @@ def test_lint_reports_no_warning_when_strict(path: Any) -> None:
         ({"config": {"redis": {"sentinels": ["s-0:26379"]}}}, "'sentinels'"),
         ({"config": {"cache": {"replica_single_flight": "no"}}}, "/config/cache/replica_single_flight"),
         ({"config": {"cache": {"flight_wait_s": 0}}}, "/config/cache/flight_wait_s"),
+        ({"config": {"log_format": "xml"}}, "/config/log_format"),
+        ({"config": {"pricing": {"gpt-4o": {"input": -1}}}}, "/config/pricing/gpt-4o/input"),
+        ({"config": {"pricing": {"gpt-4o": {"output": 1}}}}, "'input'"),
     ],
 )
 def test_schema_rejects_values_when_type_or_key_is_wrong(values: dict[str, Any], where: str) -> None:

@@ -44,8 +44,8 @@ class ProxyProcess:
             if sample.name == name and labels.items() <= sample.labels.items()
         )
 
-    def upstream_responses(self, status: str = "2xx") -> int:
-        """Upstream answers of status class *status* (``2xx``, ``4xx``, ``5xx``, ``error``) so far."""
+    def upstream_responses(self, status: str = "200") -> int:
+        """Upstream answers of HTTP status *status* (or ``error``: no response) so far."""
         return int(self.metric("llm_cache_upstream_responses_total", status=status))
 
     def stop(self) -> None:

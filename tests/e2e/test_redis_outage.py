@@ -70,7 +70,7 @@ def test_requests_succeed_and_cache_returns_when_redis_dies_and_restarts(
         assert after[0] == "MISS"
         assert eventually(lambda: redis_key_count(own_redis.url) == settled + 1)
         assert _ask(sdk, "asked once redis is back") == ("HIT", after[1])
-        assert _readyz(proxy) == (200, {"status": "ready", "cache": "ok"})
+        assert _readyz(proxy) == (200, {"status": "ready", "cache": "ok", "redis": "up"})
 
 
 def test_entries_written_by_one_proxy_are_hits_in_another_when_they_share_redis(

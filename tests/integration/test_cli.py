@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -185,16 +186,20 @@ def test_check_config_names_every_problem_when_invalid(tmp_path: Path) -> None:
     assert any("PROXY_PORT" in p and "environment" in p for p in problems)
 
 
-def test_request_values_cannot_forge_log_lines_when_logged(tmp_path: Path) -> None:
+FORGED_MODEL = "gpt-4o\n2026-01-01 00:00:00,000 level=ERROR logger=proxy forged\u2028x"
+
+
+def logged_with_model(tmp_path: Path, log_format: str, model: str) -> str:
+    """What the proxy wrote to stderr (logs in *log_format*) around one request naming *model*."""
     port = free_port()
     process = start(
         tmp_path,
         PROXY_PORT=str(port),
         CACHE_BACKEND="memory",
         LOG_LEVEL="DEBUG",
+        LOG_FORMAT=log_format,
         UPSTREAM_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
     )
-    model = "gpt-4o\n2026-01-01 00:00:00,000 level=ERROR logger=proxy forged\u2028x"
     try:
         get_json(port, "/healthz")
         body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
@@ -205,6 +210,19 @@ def test_request_values_cannot_forge_log_lines_when_logged(tmp_path: Path) -> No
             urllib.request.urlopen(request, timeout=10)
     finally:
         _, err = stop(process)
+    return err
+
+
+def test_request_values_cannot_forge_log_lines_when_logged_as_text(tmp_path: Path) -> None:
+    err = logged_with_model(tmp_path, "text", FORGED_MODEL)
     lines = err.splitlines()
     assert any("model=gpt-4o\\n2026-01-01" in line and "\\u2028x" in line for line in lines), err
     assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)
+
+
+def test_request_values_cannot_forge_log_lines_when_logged_as_json(tmp_path: Path) -> None:
+    err = logged_with_model(tmp_path, "json", FORGED_MODEL)
+    # Python's splitlines() also breaks at U+2028, as some log viewers do: every piece must still be one object.
+    records = [json.loads(line) for line in err.splitlines()]
+    (request,) = [r for r in records if r["logger"] == "proxy.access"]
+    assert request["model"] == FORGED_MODEL and request["status"] == 502 and request["outcome"] == "MISS"

@@ -16,6 +16,7 @@ from proxy.app import create_app
 from proxy.config import AuthSettings, Upstream
 from proxy.entry import CacheEntry
 from proxy.memory import TieredStore
+from proxy.probes import REDIS_DOWN
 from proxy.redis_client import redis_client_for
 from proxy.state import STORE
 from tests.support import UPSTREAM_KEY, RedisServer, chat_body, free_port, received
@@ -140,7 +141,7 @@ async def test_requests_succeed_and_cache_locally_when_redis_is_down_at_start(
     assert [first.status, second.status] == [200, 200]
     assert [first.headers["X-Cache"], second.headers["X-Cache"]] == ["MISS", "HIT"]
     ready = await (await client.get("/readyz")).json()
-    assert ready == {"status": "ready", "cache": "degraded"}
+    assert ready == {"status": "ready", "cache": "degraded", "redis": "down", "detail": REDIS_DOWN}
 
 
 async def test_caching_resumes_when_redis_comes_back(

@@ -18,6 +18,7 @@ from proxy.app import create_app
 from proxy.config import Settings
 from proxy.loader import load_settings
 from proxy.memory import TieredStore
+from proxy.probes import REDIS_DOWN
 from proxy.state import STORE
 from tests.support import RedisServer, RedisTls, chat_body, clean_env, received
 from tests.tls import CertificateAuthority, Leaf
@@ -133,7 +134,12 @@ async def assert_fails_open(
     assert len(received(upstream)) == 1
     remote = tiered(client).remote
     assert not remote.available and remote.errors >= 1
-    assert await (await client.get("/readyz")).json() == {"status": "ready", "cache": "degraded"}
+    assert await (await client.get("/readyz")).json() == {
+        "status": "ready",
+        "cache": "degraded",
+        "redis": "down",
+        "detail": REDIS_DOWN,
+    }
     assert [r for r in caplog.records if r.name == "proxy.store" and r.levelno == logging.WARNING]
     assert [r for r in caplog.records if r.exc_info] == [] and "Traceback" not in caplog.text
 

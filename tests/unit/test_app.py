@@ -7,7 +7,7 @@ from typing import Any
 from proxy.app import create_app
 from proxy.memory import MemoryStore
 from proxy.state import STORE
-from tests.support import UPSTREAM_KEY, chat_body, received
+from tests.support import UPSTREAM_KEY, chat_body, metric, received
 
 
 async def test_memory_backend_caches_without_redis_when_configured(
@@ -44,9 +44,10 @@ async def test_metrics_count_outcomes_without_secrets_when_scraped(fake_upstream
         await client.post("/v1/chat/completions", json=chat_body("metrics"))
     await client.get("/v1/models")
     text = await (await client.get("/metrics")).text()
-    assert 'llm_cache_requests_total{outcome="HIT",route="chat/completions"} 2.0' in text
-    assert 'llm_cache_requests_total{outcome="MISS",route="chat/completions"} 1.0' in text
-    assert 'llm_cache_requests_total{outcome="BYPASS",route="models"} 1.0' in text
-    assert 'llm_cache_tokens_saved_total{kind="completion"} 10.0' in text
+    chat = {"upstream": "default", "route": "chat/completions", "model": "gpt-4o-mini"}
+    assert metric(text, "llm_cache_requests_total", outcome="HIT", **chat) == 2
+    assert metric(text, "llm_cache_requests_total", outcome="MISS", **chat) == 1
+    assert metric(text, "llm_cache_requests_total", outcome="BYPASS", route="models", model="none") == 1
+    assert metric(text, "llm_cache_tokens_saved_total", model="gpt-4o-mini", kind="output") == 10
     assert text.count("# TYPE llm_cache_memory_entries gauge") == 1
     assert UPSTREAM_KEY not in text

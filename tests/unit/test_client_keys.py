@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 from typing import Any
 
@@ -91,11 +93,12 @@ async def test_client_name_shows_in_metrics_and_logs_when_key_never_does(
     fake_upstream: Any, proxy_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    client = await proxy_for(fake_upstream, client_keys=NAMED)
+    lines = io.StringIO()
+    client = await proxy_for(fake_upstream, client_keys=NAMED, log_stream=lines)
     await outcomes(client, (ALICE, ALICE, BOB), "who asked")
     text = await (await client.get("/metrics")).text()
     assert 'llm_cache_client_requests_total{client="alice"} 2.0' in text
     assert 'llm_cache_client_requests_total{client="bob"} 1.0' in text
-    assert "client=alice" in caplog.text and "client=bob" in caplog.text
+    assert [json.loads(line)["client"] for line in lines.getvalue().splitlines()] == ["alice", "alice", "bob"]
     for secret in (ALICE, BOB):
-        assert secret not in text and secret not in caplog.text
+        assert secret not in text and secret not in caplog.text and secret not in lines.getvalue()

@@ -10,6 +10,7 @@ import pytest
 from proxy.config import SETTINGS_TABLE, ConfigError, Settings, attribute
 from proxy.kinds import MountedSecret
 from proxy.loader import env_example, load_settings, resolve, settings_table_markdown
+from proxy.pricing import ModelPrice
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,6 +117,11 @@ def test_upstream_keys_come_from_named_variables_when_listed(tmp_path: Path) -> 
         ("- just a list\n", {}, "mapping"),
         ("cache: [\n", {}, "not valid YAML"),
         ("", {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ("", {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ("pricing: [gpt-4o]\n", {}, "pricing .*must be a mapping"),
+        ("pricing: {gpt-4o: {input: -1}}\n", {}, "pricing .*gpt-4o"),
+        ("pricing: {gpt-4o: {output: 2}}\n", {}, "pricing .*gpt-4o must be a mapping with input"),
+        ("pricing: {gpt-4o: {input: 1, cached: 0.5}}\n", {}, "pricing .*gpt-4o"),
         ("", {"REDIS_TLS_CHECK_HOSTNAME": "maybe"}, "REDIS_TLS_CHECK_HOSTNAME"),
         ("", {"REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}, "REDIS_TLS_CA_FILE.*cannot read /nonexistent/ca.pem"),
         ("redis: {password_file: /nonexistent/pw}\n", {}, r"redis.password_file \(REDIS_PASSWORD_FILE\) in .*/pw"),
@@ -127,6 +133,15 @@ def test_bad_values_fail_naming_the_key_when_loaded(
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(write(tmp_path, text), env=env)
     assert "hunter2" not in str(caught.value)
+
+
+def test_pricing_and_log_format_load_when_configured(tmp_path: Path) -> None:
+    text = "pricing:\n  my-model: {input: 0.5, output: 1.25}\n  embedder: {input: 0.01}\nlog_format: text\n"
+    settings = load_settings(write(tmp_path, text), env={})
+    assert settings.pricing == (ModelPrice("my-model", 0.5, 1.25), ModelPrice("embedder", 0.01, 0.0))
+    assert settings.log_format == "text"
+    assert load_settings(write(tmp_path, text), env={"LOG_FORMAT": "json"}).log_format == "json"
+    assert load_settings(write(tmp_path, ""), env={}).log_format is None
 
 
 def test_secrets_stay_out_of_repr_when_settings_are_printed(tmp_path: Path) -> None:

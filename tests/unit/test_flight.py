@@ -117,7 +117,7 @@ async def test_joiners_of_a_failed_call_are_coalesced_not_hits_when_upstream_err
     assert [r.status for r in responses] == [503] * 4
     assert sorted(r.headers["X-Cache"] for r in responses) == ["COALESCED"] * 3 + ["MISS"]
     text = await (await client.get("/metrics")).text()
-    assert 'outcome="HIT"' not in text and "llm_cache_coalesced_total 3.0" in text
+    assert 'outcome="HIT"' not in text and "llm_cache_coalesced_requests_total 3.0" in text
 
 
 async def test_shortest_ttl_is_stored_when_a_joiner_asks_for_less(fake_upstream: Any, proxy_for: Any) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 ORDER = [
+    "pricing",
     "kinds",
     "config",
     "loader",
@@ -19,6 +20,7 @@ ORDER = [
     "policy",
     "keying",
     "metrics",
+    "exposition",
     "redis_client",
     "store",
     "memory",
@@ -27,9 +29,12 @@ ORDER = [
     "fleet",
     "coherence",
     "generation",
+    "peers",
     "state",
     "handlers",
+    "probes",
     "guards",
+    "access",
     "app",
     "keyspace",
     "survey",
