@@ -1,0 +1,105 @@
+"""The Grafana dashboard: its JSON, the chart's ConfigMap that carries it, and its queries against what the proxy
+exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from .support import CHART_DIR
+
+pytestmark = pytest.mark.deploy
+
+DASHBOARD = CHART_DIR / "dashboards" / "llm-cache-proxy.json"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Words of PromQL that look like metric names but are not: operators, modifiers and special values.
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "Inf", "NaN", "inf", "nan"}
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_MATCHERS_AND_RANGES = re.compile(r"\{[^}]*\}|\[[^\]]*\]")
+_LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_NAME = re.compile(r"(?<![\w:$.])([A-Za-z_:][\w:]*)\b(?!\s*\()")
+_LABEL_VALUES = re.compile(r"label_values\(\s*([A-Za-z_:][\w:]*)")
+
+
+def load_dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows included."""
+    for panel in panels:
+        yield panel
+        yield from all_panels(panel.get("panels", []))
+
+
+def query_panels(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in all_panels(dashboard["panels"]) if p["type"] != "row"]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an instant or range PromQL expression reads: what is left once strings, label matchers,
+    ranges, `by (...)`-style label lists, function names and keywords are set aside."""
+    bare = _STRING.sub('""', expr)
+    bare = _MATCHERS_AND_RANGES.sub(" ", bare)
+    bare = _LABEL_LISTS.sub(" ", bare)
+    return {name for name in _NAME.findall(bare) if name not in PROMQL_WORDS}
+
+
+def dashboard_metric_names(dashboard: Mapping[str, Any]) -> set[str]:
+    """Every metric name in the panels' queries and the template variables' `label_values(...)`."""
+    names = {name for panel in query_panels(dashboard) for t in panel["targets"] for name in metric_names(t["expr"])}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            names |= set(_LABEL_VALUES.findall(variable["query"]["query"]))
+    return names
+
+
+def test_dashboard_asks_for_a_prometheus_datasource_when_imported() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["schemaVersion"] >= 36 and dashboard["uid"] == "llm-cache-proxy" and dashboard["id"] is None
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # A `${DS_...}` input is only filled in by the import dialog; the dashboard sidecar would leave it unresolved.
+    assert "__inputs" not in dashboard and "${DS_" not in DASHBOARD.read_text(encoding="utf-8")
+    for name in ("namespace", "job", "instance"):
+        assert variables[name]["type"] == "query" and variables[name]["datasource"] == DATASOURCE
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+
+
+def test_every_panel_queries_the_chosen_datasource_when_loaded() -> None:
+    dashboard = load_dashboard()
+    ids = [panel["id"] for panel in all_panels(dashboard["panels"])]
+    assert len(ids) == len(set(ids))
+    panels = query_panels(dashboard)
+    assert panels
+    for panel in panels:
+        assert panel["datasource"] == DATASOURCE, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, panel["title"]
+            # Every query follows the filters, so a selection narrows every panel alike.
+            assert all(f'{v}=~"${v}"' in target["expr"] for v in ("namespace", "job", "instance")), panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ('sum by (le, outcome) (rate(a_bucket{outcome="x y", job=~"$job"}[$__rate_interval]))', {"a_bucket"}),
+        ("histogram_quantile(0.99, sum without (pod) (rate(b_bucket[5m])))", {"b_bucket"}),
+        (
+            '(sum(increase(c_total{k="or"}[$__range])) or vector(0)) / sum(d_total offset 1h) * 3600',
+            {"c_total", "d_total"},
+        ),
+        ("e_total / on (instance) group_left (model) f", {"e_total", "f"}),
+        ("up", {"up"}),
+    ],
+)
+def test_metric_names_are_found_when_expressions_nest(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
