@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
 
-from .support import CHART_DIR
+from .support import CHART_DIR, FULLNAME, NAMESPACE, Render
 
 pytestmark = pytest.mark.deploy
 
+RenderFn = Callable[[Mapping[str, Any]], Render]
+
 DASHBOARD = CHART_DIR / "dashboards" / "llm-cache-proxy.json"
+CONFIG_MAP = f"{FULLNAME}-dashboard"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Words of PromQL that look like metric names but are not: operators, modifiers and special values.
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "Inf", "NaN", "inf", "nan"}
@@ -57,6 +60,29 @@ def dashboard_metric_names(dashboard: Mapping[str, Any]) -> set[str]:
         if variable["type"] == "query":
             names |= set(_LABEL_VALUES.findall(variable["query"]["query"]))
     return names
+
+
+def test_dashboard_is_absent_when_not_enabled(rendered: dict[str, Render]) -> None:
+    for name, result in rendered.items():
+        if not result.values.get("metrics", {}).get("dashboard", {}).get("enabled"):
+            assert CONFIG_MAP not in [d["metadata"]["name"] for d in result.of_kind("ConfigMap")], name
+
+
+def test_config_map_carries_the_dashboard_byte_for_byte_when_enabled(rendered: dict[str, Render]) -> None:
+    config_map = rendered["standalone-full"].one("ConfigMap", CONFIG_MAP)
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    assert config_map["data"] == {"llm-cache-proxy.json": DASHBOARD.read_text(encoding="utf-8")}
+
+
+def test_config_map_goes_where_grafana_looks_when_namespace_and_labels_are_set(render: RenderFn) -> None:
+    dashboard = {"enabled": True, "namespace": "monitoring", "labels": {"grafana_dashboard": None, "dash": "yes"}}
+    config_map = render({"metrics": {"dashboard": dashboard}}).one("ConfigMap", CONFIG_MAP)
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"]["dash"] == "yes"
+    assert "grafana_dashboard" not in config_map["metadata"]["labels"]
+    assert "annotations" not in config_map["metadata"]
 
 
 def test_dashboard_asks_for_a_prometheus_datasource_when_imported() -> None:
