@@ -9,6 +9,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
+from fakeredis import FakeAsyncRedis, FakeServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import chat_body
 
 from .support import CHART_DIR, FULLNAME, NAMESPACE, Render
 
@@ -129,3 +134,31 @@ def test_every_panel_queries_the_chosen_datasource_when_loaded() -> None:
 )
 def test_metric_names_are_found_when_expressions_nest(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+async def test_dashboard_reads_only_exported_metrics_when_the_proxy_served_traffic(
+    fake_upstream: TestServer, proxy_for: Callable[..., Any]
+) -> None:
+    redis_server = FakeServer()
+    # Without replica single-flight: its lease release does not wait for Redis, and when Redis is gone its
+    # failure would surface late, as an unretrieved future, in whichever test runs next.
+    client = await proxy_for(
+        fake_upstream, redis_client=FakeAsyncRedis(server=redis_server), replica_single_flight=False
+    )
+    # A miss and a hit, plain and streamed, with usage for the tokens and money saved; an upstream failure.
+    for body in (chat_body("dashboard plain"), chat_body("dashboard streamed", stream=True)):
+        for _ in range(2):
+            async with client.post("/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+                await response.read()
+    async with client.post("/v1/chat/completions", json=chat_body("fail:500")) as response:
+        assert response.status == 500
+    redis_server.connected = False
+    async with client.post("/v1/chat/completions", json=chat_body("dashboard without redis")) as response:
+        assert response.status == 200
+    async with client.get("/metrics") as response:
+        text = await response.text()
+    exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    used = dashboard_metric_names(load_dashboard())
+    assert used >= {"llm_cache_requests_total", "llm_cache_redis_errors_total", "llm_cache_cost_saved_usd_total"}
+    assert used - exported == set()
