@@ -63,6 +63,7 @@ EXPECTED_KINDS = {
         "ServiceAccount",
         "Secret",
         "ConfigMap",
+        "ConfigMap",
         "Service",
         "Deployment",
         "HorizontalPodAutoscaler",
