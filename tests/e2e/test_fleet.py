@@ -203,10 +203,16 @@ async def _load_through_a_failover(fleet: Fleet, http: aiohttp.ClientSession) ->
     stop.set()
     sent = sum(await asyncio.gather(*loads))
     assert failures == [] and sent > 20
-    # Caching works again on the new master, with no restart of either proxy.
-    fresh = [await ask(http, fleet.one, f"after failover {i}") for i in range(6)]
-    await asyncio.sleep(0.5)
-    again = [await ask(http, fleet.two, f"after failover {i}") for i in range(6)]
-    assert all(outcome == "MISS" for outcome, _ in fresh)
-    assert [outcome for outcome, _ in again] == ["HIT"] * 6
-    assert orjson.loads(again[0][1])["object"] == "chat.completion"
+    # Caching works again on the new master, with no restart of either proxy: what one replica stores is soon a
+    # hit on the other. The first tries may fall in a pause after an error from a client still learning the
+    # new topology, so resumption is awaited, within a bound.
+    deadline, attempt = time.monotonic() + 15, 0
+    while True:
+        stored = await ask(http, fleet.one, f"after failover {attempt}")
+        await asyncio.sleep(0.2)
+        again = await ask(http, fleet.two, f"after failover {attempt}")
+        if again[0] == "HIT":
+            break
+        assert time.monotonic() < deadline, f"caching did not resume: {attempt + 1} answers were not shared"
+        attempt += 1
+    assert stored[0] == "MISS" and orjson.loads(again[1])["object"] == "chat.completion"
