@@ -1,4 +1,5 @@
-"""Each ``/v1`` request gets an id (``X-Request-ID``), its count in the metrics and one log line."""
+"""Each ``/v1`` request gets an id (``X-Request-ID``), an answer in OpenAI's shape to its errors, its count in the
+metrics and one log line."""
 
 from __future__ import annotations
 
@@ -8,26 +9,32 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .logs import Exchange
-from .state import ACCESS_LOG, CLIENT, EXCHANGE, METRICS, REQUEST_IDS
+from .guards import error_answer
+from .logs import AccessLog, Exchange, RequestIds
+from .metrics import Metrics
+from .state import CLIENT, EXCHANGE
 
 
-def observed(handler: Handler) -> Handler:
-    """Wrap *handler* (with its error envelope inside): the request's :class:`Exchange` is ``request[EXCHANGE]``
-    while it runs; afterwards a request whose cache outcome is known is counted, and every one is logged, a
-    client that left before its answer included. The response carries ``X-Request-ID``: the client's own when
-    it sent a plausible one, else a new one.
+def observed(handler: Handler, metrics: Metrics, access_log: AccessLog, request_ids: RequestIds) -> Handler:
+    """Wrap *handler*: the request's :class:`Exchange` is ``request[EXCHANGE]`` while it runs, and errors are
+    answered as :func:`~proxy.guards.enveloped` answers them; afterwards a request whose cache outcome is known is
+    counted in *metrics*, and every one is written to *access_log*, a client that left before its answer
+    included. The response carries ``X-Request-ID``: the client's own when it sent a plausible one, else a new
+    one from *request_ids*.
 
-    A wrapper at route registration, like the envelope, rather than a middleware: this is on every hit's path."""
+    The envelope's job is done here rather than by a second wrapper, and the app's objects are bound rather than
+    looked up: this runs on every hit."""
 
     @functools.wraps(handler)
     async def observe(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        ex = Exchange(app[REQUEST_IDS].take(request.headers.get("X-Request-ID")), time.perf_counter())
+        ex = Exchange(request_ids.take(request.headers.get("X-Request-ID")), time.perf_counter())
         request[EXCHANGE] = ex
         status: int | None = None
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = error_answer(request, exc)
             status = response.status
             if not response.prepared:
                 response.headers["X-Request-ID"] = ex.id
@@ -35,11 +42,10 @@ def observed(handler: Handler) -> Handler:
         finally:
             now = time.perf_counter()
             if ex.outcome is not None:
-                app[METRICS].record(ex, now)
-            access = app[ACCESS_LOG]
-            if access.enabled:
+                metrics.record(ex, now)
+            if access_log.enabled:
                 client = request.get(CLIENT)
                 ex.client = client.name if client is not None else None
-                access.record(ex, request.method, request.rel_url.raw_path, status, now)
+                access_log.record(ex, request.method, request.rel_url.raw_path, status, now)
 
     return observe

@@ -110,23 +110,28 @@ def create_app(
     app.cleanup_ctx.append(_store_ctx)
     app.on_shutdown.append(_stop_ready)
     screen = Screen(settings.server)
-    _add_routes(app.router, screen, settings.auth.clients)
+    _add_routes(app, screen, settings.auth.clients)
     if screen.origins:
         app.on_response_prepare.append(screen.add_cors_headers)
     return app
 
 
-def _add_routes(router: web.UrlDispatcher, screen: Screen, clients: tuple[ClientKey, ...]) -> None:
+def _add_routes(app: web.Application, screen: Screen, clients: tuple[ClientKey, ...]) -> None:
+    router = app.router
+
     def admit(handler: Handler, *, needs_key: bool = True) -> Handler:
-        # Every error in OpenAI's shape; then browsers and Host names; then client keys.
-        return enveloped(screened(authorized(handler, clients) if needs_key and clients else handler, screen))
+        # Browsers and Host names first, then client keys.
+        return screened(authorized(handler, clients) if needs_key and clients else handler, screen)
+
+    def observe(handler: Handler) -> Handler:
+        return observed(admit(handler), app[METRICS], app[ACCESS_LOG], app[REQUEST_IDS])
 
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
-        router.add_route("*", path, admit(get_only(handler), needs_key=False))
+        router.add_route("*", path, enveloped(admit(get_only(handler), needs_key=False)))
     # Only POSTs to these routes consult the cache; every other /v1 request, these paths with another method
     # included, falls through to passthrough. Any other target (CONNECT's host:port too) is refused.
-    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", observed(admit(openai_endpoint)))
-    router.add_route("*", "/v1/{rest:.+}", observed(admit(passthrough)))
+    router.add_post(f"/v1/{{route:{'|'.join(sorted(CACHEABLE_ROUTES))}}}", observe(openai_endpoint))
+    router.add_route("*", "/v1/{rest:.+}", observe(passthrough))
     fall_back_to(router, enveloped(unrouted))
 
 

@@ -3,6 +3,7 @@ each request leaves."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -124,14 +125,13 @@ class RequestIds:
     (random per process, so that the workers of one group never repeat each other's)."""
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._count = 0
+        self._prefix = f"{os.urandom(6).hex()}-"
+        self._count = itertools.count(1)
 
     def take(self, incoming: str | None) -> str:
-        if incoming is not None and _REQUEST_ID.fullmatch(incoming):
-            return incoming
-        self._count += 1
-        return f"{self._prefix}-{self._count:x}"
+        if incoming is None:
+            return f"{self._prefix}{next(self._count):x}"
+        return incoming if _REQUEST_ID.fullmatch(incoming) else f"{self._prefix}{next(self._count):x}"
 
 
 def tokens(usage: Any) -> tuple[int, int]:

@@ -47,21 +47,21 @@ class Bounded:
     """Label values as they come, up to *limit* distinct ones (each at most *max_chars* long); past that, and for
     longer ones, :data:`OTHER`, so that clients choosing model names cannot grow the metrics without end."""
 
-    __slots__ = ("_limit", "_max_chars", "_seen")
+    __slots__ = ("_limit", "_max_chars", "seen")
 
     def __init__(self, limit: int = MAX_LABEL_VALUES, max_chars: int = MAX_LABEL_CHARS) -> None:
-        self._seen: dict[str, str] = {}
+        self.seen: dict[str, str] = {}
         self._limit, self._max_chars = limit, max_chars
 
     def __call__(self, value: str | None) -> str:
         if value is None:
             return "none"
-        label = self._seen.get(value)
+        label = self.seen.get(value)
         if label is not None:
             return label
-        if len(self._seen) >= self._limit or len(value) > self._max_chars:
+        if len(self.seen) >= self._limit or len(value) > self._max_chars:
             return OTHER
-        self._seen[value] = value
+        self.seen[value] = value
         return value
 
 
@@ -104,7 +104,15 @@ class Metrics:
         """Count a finished request whose outcome is known, with its duration and time to first byte."""
         outcome = ex.outcome
         assert outcome is not None
-        self.requests.observe((ex.upstream, ex.route, self.models(ex.model), outcome), now - ex.started)
+        # Histogram.observe and Bounded.__call__ written out: this runs once per request.
+        model = self.models.seen.get(ex.model) if ex.model is not None else None
+        labels = (ex.upstream, ex.route, model or self.models(ex.model), outcome)
+        counts = self.requests.series.get(labels)
+        if counts is None:
+            counts = self.requests.series[labels] = [0] * (len(DURATION_BUCKETS_S) + 1) + [0.0]
+        elapsed_s = now - ex.started
+        counts[bisect_left(DURATION_BUCKETS_S, elapsed_s)] += 1
+        counts[-1] += elapsed_s
         if ex.first_byte_s is not None:
             self.first_bytes.observe((ex.route, outcome), ex.first_byte_s)
 
