@@ -9,11 +9,13 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,24 @@ def wait_until_serving(
 
 def _tail(log: Path | None) -> str:
     return log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+
+
+@contextmanager
+def fake_upstream_process(log: Path, *, delay_s: float | None = None) -> Iterator[str]:
+    """The fake OpenAI upstream (``tests.fakes.upstream``) in a process of its own, answering; yields its base
+    URL (``http://127.0.0.1:<port>/v1``) and stops it afterwards. *delay_s*: how long its "slow" requests take."""
+    port = free_port()
+    args = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)]
+    if delay_s is not None:
+        args += ["--delay", str(delay_s)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # Any path answers; /v1/ping falls through to the fake's echo route.
+        wait_until_serving(f"http://127.0.0.1:{port}/v1/ping", process, log)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(process)
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 
 import openai
 import pytest
 
 from tests.e2e.support import CLIENT_KEY, ProxyProcess, start_proxy
-from tests.support import REPO, RedisServer, clean_env, free_port, stop_process, wait_until_serving
+from tests.support import RedisServer, fake_upstream_process
 
 
 @pytest.fixture(scope="session")
 def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The fake OpenAI upstream (``tests.fakes.upstream``) in a process of its own, shared by all e2e tests."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("fake-upstream") / "upstream.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port)],
-            cwd=REPO,
-            env=clean_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        # Any path answers; /v1/ping falls through to the fake's echo route.
-        wait_until_serving(f"http://127.0.0.1:{port}/v1/ping", process, log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_process(process)
+    with fake_upstream_process(tmp_path_factory.mktemp("fake-upstream") / "upstream.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

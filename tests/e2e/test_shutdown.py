@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.support import CLIENT_KEY, chat_kwargs, redis_key_count, start_proxy
-from tests.support import REPO, RedisServer, clean_env, eventually, free_port, stop_process, wait_until_serving
+from tests.support import RedisServer, eventually, fake_upstream_process
 
 pytestmark = pytest.mark.e2e
 
@@ -24,21 +22,8 @@ SLOW_S = 1.5
 @pytest.fixture
 def slow_upstream(tmp_path: Path) -> Iterator[str]:
     """A fake upstream whose "slow" requests take :data:`SLOW_S` seconds."""
-    port = free_port()
-    log = tmp_path / "upstream.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--delay", str(SLOW_S)],
-            cwd=REPO,
-            env=clean_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/v1/ping", process, log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_process(process)
+    with fake_upstream_process(tmp_path / "upstream.log", delay_s=SLOW_S) as url:
+        yield url
 
 
 def refuses_connections(port: int) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support import REPO, clean_env, free_port
+from tests.support import clean_env, fake_upstream_process, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -108,35 +108,24 @@ def test_workers_share_the_port_and_stop_together_when_signalled(tmp_path: Path)
 
 
 def test_stream_in_flight_finishes_when_proxy_is_told_to_stop(tmp_path: Path) -> None:
-    upstream_port, port = free_port(), free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.upstream", "--port", str(upstream_port)],
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    process = start(
-        tmp_path, PROXY_PORT=str(port), CACHE_BACKEND="memory", UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1"
-    )
-    try:
-        get_json(port, "/healthz")
-        get_json(upstream_port, "/v1/models")
-        body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "slow " * 25}]})
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            first = response.read1()
-            process.send_signal(signal.SIGTERM)  # a rolling update, mid-stream
-            rest = response.read()
-        _, err = process.communicate(timeout=15)
-        code = process.returncode
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
-        if process.poll() is None:
-            process.kill()
+    port = free_port()
+    with fake_upstream_process(tmp_path / "upstream.log") as upstream_url:
+        process = start(tmp_path, PROXY_PORT=str(port), CACHE_BACKEND="memory", UPSTREAM_BASE_URL=upstream_url)
+        try:
+            get_json(port, "/healthz")
+            body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "slow " * 25}]})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                first = response.read1()
+                process.send_signal(signal.SIGTERM)  # a rolling update, mid-stream
+                rest = response.read()
+            _, err = process.communicate(timeout=15)
+            code = process.returncode
+        finally:
+            if process.poll() is None:
+                process.kill()
     assert b"[DONE]" not in first
     assert (first + rest).endswith(b"data: [DONE]\n\n")
     assert code == 0, err.decode()

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, clean_env, free_port, stop_process, wait_until_serving
+from tests.support import clean_env, fake_upstream_process, free_port, stop_process, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -27,36 +27,28 @@ FUZZ = settings(
 def proxy_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A proxy process (memory cache, client keys, a listed origin) in front of the fake upstream process."""
     work = tmp_path_factory.mktemp("fuzz")
-    upstream_port, port = free_port(), free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.upstream", "--port", str(upstream_port)],
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = clean_env(
-        PROXY_PORT=str(port),
-        CACHE_BACKEND="memory",
-        UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}/v1",
-        OPENAI_API_KEY="sk-upstream-fuzz",
-        PROXY_API_KEYS="fuzz-key",
-        PROXY_ALLOWED_ORIGINS="https://app.example.com",
-        MAX_BODY_BYTES="65536",
-        PROXY_CLIENT_TIMEOUT="2",
-        PROXY_CONFIG=str(work / "none.yaml"),
-    )
+    port = free_port()
     (work / "none.yaml").write_text("")
     log = work / "proxy.log"
-    with log.open("wb") as out:
-        proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=work, env=env, stdout=out, stderr=out)
-    try:
-        wait_until_serving(f"http://127.0.0.1:{upstream_port}/v1/ping", upstream)
-        wait_until_serving(f"http://127.0.0.1:{port}/healthz", proxy, log)
-        yield port
-    finally:
-        stop_process(proxy)
-        stop_process(upstream)
+    with fake_upstream_process(work / "upstream.log") as upstream_url:
+        env = clean_env(
+            PROXY_PORT=str(port),
+            CACHE_BACKEND="memory",
+            UPSTREAM_BASE_URL=upstream_url,
+            OPENAI_API_KEY="sk-upstream-fuzz",
+            PROXY_API_KEYS="fuzz-key",
+            PROXY_ALLOWED_ORIGINS="https://app.example.com",
+            MAX_BODY_BYTES="65536",
+            PROXY_CLIENT_TIMEOUT="2",
+            PROXY_CONFIG=str(work / "none.yaml"),
+        )
+        with log.open("wb") as out:
+            proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=work, env=env, stdout=out, stderr=out)
+        try:
+            wait_until_serving(f"http://127.0.0.1:{port}/healthz", proxy, log)
+            yield port
+        finally:
+            stop_process(proxy)
     assert "Traceback" not in log.read_text(errors="replace")
 
 
