@@ -150,11 +150,7 @@ async def serve_from_upstream(
         ex.outcome = outcome = "MISS" if started and flight.own_call else "COALESCED"
         return (("X-Cache", outcome), ("X-Cache-Key", keyed.tag), ("X-Request-ID", ex.id))
 
-    try:
-        return await flight.respond(request, headers, fallback, ex)
-    finally:
-        if ex.outcome == "COALESCED":
-            app[METRICS].coalesced += 1
+    return await flight.respond(request, headers, fallback, ex)
 
 
 async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> tuple[Flight, bool] | web.Response:

@@ -91,7 +91,6 @@ class Metrics:
         self.saved: defaultdict[tuple[Any, ...], int] = defaultdict(int)
         self._saved_groups: dict[int, tuple[Mapping[str, Any], str | None, tuple[Any, ...]]] = {}
         self.clients: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self.coalesced = 0
         self.stores = 0
         self.stored_bytes = 0
         self.gauges: dict[str, tuple[str, Callable[[], float], str]] = {}
@@ -115,6 +114,11 @@ class Metrics:
         counts[-1] += elapsed_s
         if ex.first_byte_s is not None:
             self.first_bytes.observe((ex.route, outcome), ex.first_byte_s)
+
+    @property
+    def coalesced(self) -> int:
+        """Requests that joined an identical one in flight: the requests counted as COALESCED."""
+        return sum(sum(counts[:-1]) for labels, counts in self.requests.series.items() if labels[-1] == "COALESCED")
 
     def count_saved(self, model: str | None, usage: Mapping[str, Any]) -> None:
         """Count an answer served from the cache with its token *usage*, as *model*'s; its tokens, and what they
@@ -286,7 +290,7 @@ FAMILIES = (
     Family(
         "llm_cache_coalesced_requests",
         "counter",
-        "Requests answered by joining an identical request already in flight.",
+        "Requests answered by joining an identical request already in flight (the COALESCED requests).",
         (),
         "coalesced",
     ),
