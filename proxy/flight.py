@@ -387,15 +387,6 @@ class Flights:
         self._by_key[key] = flight
         return flight
 
-    def join(self, key: str, opener: Opener, ttl_s: int, on_finish: OnFinish | None) -> tuple[Flight, bool]:
-        """The flight for *key*, started with *opener* when none is in progress; the bool is ``True`` for the
-        request that started it. A joiner's TTL counts: the shortest wins."""
-        flight = self.get(key)
-        if flight is not None:
-            flight.join_ttl(ttl_s)
-            return flight, False
-        return self.start(key, ttl_s, on_finish).started_by(opener), True
-
     def _forget(self, flight: Flight) -> None:
         if flight.key is not None and self._by_key.get(flight.key) is flight:
             del self._by_key[flight.key]
