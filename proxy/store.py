@@ -80,7 +80,11 @@ class RedisStore:
         self._lookups: list[tuple[str, asyncio.Future[CacheEntry | None]]] = []
         self._sends: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.errors = 0
+
+    @property
+    def errors(self) -> int:
+        """Failed Redis operations so far, as counted in the metrics."""
+        return sum(self._metrics.redis_errors.values())
 
     @property
     def available(self) -> bool:
@@ -213,7 +217,6 @@ class RedisStore:
 
     def failed(self, op: str, key: str, exc: BaseException, *, quiet: bool = False) -> None:
         """Count a failed Redis operation and leave Redis alone for *retry_after_s*."""
-        self.errors += 1
         self._metrics.redis_errors[(op,)] += 1
         # One warning per outage, not one per probe: a laptop without Redis must not drown in them.
         level = logging.DEBUG if self._failing or quiet else logging.WARNING
