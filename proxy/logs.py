@@ -25,6 +25,7 @@ ACCESS_LOGGER = "proxy.access"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # Client-chosen values are cut to this length in a line.
 _MAX_VALUE_CHARS = 200
+_SEPARATORS = re.compile('[ ="]')
 
 
 def to_json(fields: dict[str, Any]) -> str:
@@ -209,5 +210,14 @@ class AccessLog:
 
 def _text(fields: dict[str, Any]) -> str:
     head = f"{fields.pop('time')} level={fields.pop('level')} logger={fields.pop('logger')} {fields.pop('message')}"
-    rest = " ".join(f"{name}={'-' if value is None else escape(str(value))}" for name, value in fields.items())
+    rest = " ".join(f"{name}={'-' if value is None else _text_value(str(value))}" for name, value in fields.items())
     return f"{head} {rest}"
+
+
+def _text_value(value: str) -> str:
+    # Beyond what escape() covers, what separates fields is escaped too: a model named "x outcome=HIT" stays one
+    # value, and a backslash in a value cannot pass for an escape.
+    value = escape(value.replace("\\", "\\x5c"))
+    if _SEPARATORS.search(value):
+        value = value.replace(" ", "\\x20").replace("=", "\\x3d").replace('"', "\\x22")
+    return value

@@ -168,3 +168,18 @@ async def test_request_line_reads_as_key_value_pairs_when_format_is_text(
     (line,) = lines.getvalue().splitlines()
     assert " level=INFO logger=proxy.access request request_id=t1 method=POST path=/v1/chat/completions " in line
     assert " outcome=MISS " in line and " upstream_status=200 " in line and line.endswith(" client=-")
+
+
+async def test_a_model_name_cannot_add_fields_to_a_text_line_when_it_holds_spaces_and_equals(
+    fake_upstream: Any, proxy_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="proxy.access")
+    lines = io.StringIO()
+    client = await proxy_for(fake_upstream, log_stream=lines, log_format="text")
+    body = {**chat_body("forging"), "model": 'gpt-4o outcome=HIT client="admin" \\x20'}
+    await client.post("/v1/chat/completions", json=body)
+    (line,) = lines.getvalue().splitlines()
+    fields = line.split(" ")
+    assert [f for f in fields if f.startswith("outcome=")] == ["outcome=MISS"]
+    assert [f for f in fields if f.startswith("client=")] == ["client=-"]
+    assert "model=gpt-4o\\x20outcome\\x3dHIT\\x20client\\x3d\\x22admin\\x22\\x20\\x5cx20" in fields
