@@ -130,7 +130,11 @@ def operate(args: argparse.Namespace) -> int:
     elif args.key:
         work = partial(commands.purge_key, tag=args.key)
     else:
-        work = partial(commands.purge, namespace=args.namespace or settings.cache.namespace)
+        namespace = args.namespace or settings.cache.namespace
+        if namespace not in settings.namespaces:
+            commands.fail(f"namespace {namespace} is neither cache.namespace nor a client key's own")
+            return 2
+        work = partial(commands.purge, namespace=namespace)
     try:
         return commands.run(settings, work, args.timeout)
     except KeyboardInterrupt:

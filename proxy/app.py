@@ -192,7 +192,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             remote,
             app[KEYER],
             tiered,
-            namespaces(settings),
+            settings.namespaces,
             pushed=lambda: invalidations is not None and invalidations.up,
         )
         # Read before the first request, so that a replica started after a purge never keys the old generation.
@@ -249,14 +249,9 @@ def _invalidated(tiered: TieredStore, generations: Generations, keys: list[bytes
     generations.heard(keys)
 
 
-def namespaces(settings: Settings) -> list[str]:
-    """Every namespace entries are written in: the configured one and every client key's own."""
-    return sorted({settings.cache.namespace, *(c.namespace for c in settings.auth.clients if c.namespace)})
-
-
 def _tracked_prefixes(settings: Settings) -> list[str]:
     """The key prefixes whose changes Redis must report: the namespace and every client key's own."""
-    prefixes = [f"{namespace}:" for namespace in namespaces(settings)]
+    prefixes = [f"{namespace}:" for namespace in settings.namespaces]
     # Redis refuses overlapping prefixes; the shorter one covers the longer.
     return [p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes)]
 

@@ -150,6 +150,11 @@ class Settings:
     def default_upstream(self) -> Upstream:
         return self.upstreams[0]
 
+    @property
+    def namespaces(self) -> list[str]:
+        """Every namespace entries are written in: ``cache.namespace`` and every client key's own."""
+        return sorted({self.cache.namespace, *(c.namespace for c in self.auth.clients if c.namespace)})
+
     def upstream_for(self, model: str | None) -> Upstream:
         """The first upstream after the default whose patterns match *model*, else the default (first) one."""
         if model is not None and len(self.upstreams) > 1:

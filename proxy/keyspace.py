@@ -56,7 +56,7 @@ class Keyspace:
         self.codec: EntryCodec = (
             SealingCodec(cache.encryption_key, cache.encryption_old_keys) if cache.encryption_key else PlainCodec()
         )
-        self.namespaces = sorted({cache.namespace, *(c.namespace for c in settings.auth.clients if c.namespace)})
+        self.namespaces = settings.namespaces
 
     async def call(self, operation: Awaitable[T]) -> T:
         async with asyncio.timeout(self.deadline_s):

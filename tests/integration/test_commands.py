@@ -105,6 +105,13 @@ async def test_inspect_exits_1_naming_the_key_when_no_entry_has_it(redis_url: st
     assert err == "llm-cache-proxy: no entry with X-Cache-Key 0123456789abcdef in namespace test\n"
 
 
+async def test_purge_refuses_a_namespace_when_no_entry_is_written_there(redis_url: str, redis_server: Any) -> None:
+    code, out, err = await cli("purge", "--namespace", "tset", REDIS_URL=redis_url)
+    assert (code, out) == (2, "")
+    assert "namespace tset is neither cache.namespace nor a client key's own" in err
+    assert redis_server.command("EXISTS", "tset:generation") == b":0\r\n"
+
+
 async def test_inspect_extend_keeps_entry_fresh_longer_when_asked(
     aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
 ) -> None:
