@@ -90,8 +90,10 @@ async def inspect(keyspace: Keyspace, tag: str, *, extend_s: int | None, as_json
             if entry is None:
                 fail(f"cannot extend {found.key}: {unreadable}")
                 status = 1
+            elif (longer := await _extend(keyspace, found, raw, entry, extend_s)) is None:
+                status = 1
             else:
-                entry = await _extend(keyspace, found, raw, entry, extend_s)
+                entry = longer
         ttl_ms = await keyspace.call(found.node.pttl(found.key))
         report = describe(found, len(raw), ttl_ms, entry, unreadable, time.time())
         print(orjson.dumps(report).decode() if as_json else render(report))
@@ -112,7 +114,9 @@ def _decoded(keyspace: Keyspace, key: str, raw: bytes) -> tuple[CacheEntry | Non
         return None, f"damaged ({exc}); the proxy treats it as a miss"
 
 
-async def _extend(keyspace: Keyspace, found: Located, raw: bytes, entry: CacheEntry, extend_s: int) -> CacheEntry:
+async def _extend(
+    keyspace: Keyspace, found: Located, raw: bytes, entry: CacheEntry, extend_s: int
+) -> CacheEntry | None:
     now = time.time()
     longer = replace(entry, expires_at=max(entry.expires_at, now) + extend_s)
     # The same expiry as the proxy's own writes: fresh until expires_at, then kept for stale-if-error.
@@ -121,7 +125,7 @@ async def _extend(keyspace: Keyspace, found: Located, raw: bytes, entry: CacheEn
     replaced = await keyspace.call(found.node.eval(_REPLACE, 1, found.key, raw, new, ttl_ms))
     if not replaced:
         fail(f"{found.key} changed while being extended; left as it is")
-        return entry
+        return None
     return longer
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from .commands import fail
 from .keyspace import Keyspace, node_name
 from .survey import Survey, survey
 
@@ -58,12 +59,20 @@ def report(found: Survey) -> dict[str, Any]:
 
 
 async def stats(keyspace: Keyspace, *, as_json: bool, metrics_url: str | None) -> int:
-    """Print the survey, Redis's memory and the hit rate; 1 when the metrics cannot be read."""
+    """Print the survey, Redis's memory and the hit rate; 1 when the metrics cannot be read (the rest is printed
+    all the same)."""
+    rate, status = None, 0
+    if metrics_url:
+        try:
+            rate = await hit_rate(metrics_url)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            fail(f"metrics unreadable at {metrics_url}: {type(exc).__name__}: {exc}")
+            status = 1
     found = report(await survey(keyspace))
     found["redis"] = await memory(keyspace)
-    found["hit_rate"] = await hit_rate(metrics_url) if metrics_url else None
-    print(orjson.dumps(found).decode() if as_json else render(found), end="" if not as_json else "\n")
-    return 0
+    found["hit_rate"] = rate
+    print(orjson.dumps(found).decode() if as_json else render(found), end="\n" if as_json else "")
+    return status
 
 
 async def hit_rate(metrics_url: str) -> dict[str, Any]:

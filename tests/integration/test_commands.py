@@ -173,6 +173,14 @@ async def test_stats_counts_entries_per_route_when_cache_has_entries(
     )
 
 
+async def test_stats_still_reports_and_exits_1_naming_the_url_when_metrics_cannot_be_read(redis_url: str) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}/metrics"
+    code, out, err = await cli("stats", "--json", "--metrics-url", unreachable, REDIS_URL=redis_url)
+    assert code == 1
+    assert err.startswith(f"llm-cache-proxy: metrics unreadable at {unreachable}: ") and "redis" not in err
+    assert orjson.loads(out)["hit_rate"] is None and "test" in orjson.loads(out)["namespaces"]
+
+
 async def test_stats_reads_sealed_ages_only_when_encryption_key_configured(
     aiohttp_client: Any, fake_upstream: Any, settings_for: Any, redis_url: str
 ) -> None:
