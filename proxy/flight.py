@@ -324,7 +324,7 @@ class Flight:
                 if not self._keeps_all():
                     self._trim()
                 await response.write(pending)
-                if exchange is not None:
+                if exchange is not None and exchange.first_byte_s is None:
                     exchange.mark_first_byte(time.perf_counter())
                 continue
             if self.finished:

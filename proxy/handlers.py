@@ -245,7 +245,7 @@ async def read_body(request: web.Request, server: ServerSettings) -> bytes:
 async def _open_upstream(request: web.Request, upstream: Upstream, target: str, data: Any) -> aiohttp.ClientResponse:
     """Send the request to ``<upstream>/<target>``; *target* is the path after ``/v1/`` as the client encoded
     it (decoding would turn an escaped "?" or "/" into syntax)."""
-    counters, ex = request.app[METRICS], request.get(EXCHANGE)
+    counters, ex = request.app[METRICS], request[EXCHANGE]
     client = request.app[UPSTREAMS][upstream.name]
     # With client keys (every request then carries one), what the client presented is the proxy's own
     # credential, never the upstream's.
@@ -264,8 +264,7 @@ async def _open_upstream(request: web.Request, upstream: Upstream, target: str, 
         counters.count_upstream(upstream.name, "error", None)
         raise
     counters.count_upstream(upstream.name, str(response.status), time.perf_counter() - started)
-    if ex is not None:
-        ex.upstream_status = response.status
+    ex.upstream_status = response.status
     return response
 
 

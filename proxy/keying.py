@@ -54,8 +54,7 @@ class Memo(Generic[K, V]):
         if size > self._max_bytes // 16:
             return
         if self._bytes + size > self._max_bytes:
-            self._items.clear()
-            self._bytes = 0
+            self.clear()
         self._items[key] = value
         self._bytes += size
 

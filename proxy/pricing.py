@@ -49,9 +49,6 @@ class PriceList:
     def __init__(self, prices: Iterable[ModelPrice]) -> None:
         self._by_model = {price.model: price for price in prices}
 
-    def __len__(self) -> int:
-        return len(self._by_model)
-
     def price(self, model: str) -> ModelPrice | None:
         found = self._by_model.get(model)
         if found is None:
