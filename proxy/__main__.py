@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.workers is not None and args.workers < 1:
             raise ConfigError("--workers must be at least 1")
     except ConfigError as exc:
-        for problem in str(exc).splitlines():
-            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
+        _report(exc)
         raise SystemExit(2) from None
     server = settings.server
     server = replace(
@@ -58,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         _supervise(settings)
     else:
         _serve(settings, reuse_port=False)
+
+
+def _report(error: ConfigError) -> None:
+    for problem in str(error).splitlines():
+        print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,8 +116,7 @@ def operate(args: argparse.Namespace) -> int:
     try:
         settings = resolve(args.config)[0]
     except ConfigError as exc:
-        for problem in str(exc).splitlines():
-            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
+        _report(exc)
         return 2
     if settings.cache.backend != "redis":
         commands.fail(f"cache.backend is {settings.cache.backend}: there is no cache in Redis to work on")
@@ -148,8 +151,7 @@ def check_config(config_file: str | None) -> int:
     try:
         settings, resolved = resolve(config_file)
     except ConfigError as exc:
-        for problem in str(exc).splitlines():
-            print(f"llm-cache-proxy: configuration error: {problem}", file=sys.stderr)
+        _report(exc)
         return 2
     print(f"# settings file: {path or 'none'}")
     width = max(len(r.setting.key) for r in resolved)

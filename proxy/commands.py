@@ -21,6 +21,7 @@ from .entry import CacheEntry, EntryFormatError
 from .keyspace import Keyspace, Located, Progress, UnknownKey, glob_escape, node_name, opened
 from .loader import redact_url
 from .seal import ForeignEntryError
+from .store import kept_ms
 
 # Rewrites an entry only if it is still the value read: a fresh answer stored meanwhile is left alone.
 _REPLACE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end"
@@ -119,8 +120,7 @@ async def _extend(
 ) -> CacheEntry | None:
     now = time.time()
     longer = replace(entry, expires_at=max(entry.expires_at, now) + extend_s)
-    # The same expiry as the proxy's own writes: fresh until expires_at, then kept for stale-if-error.
-    ttl_ms = int((longer.expires_at + keyspace.settings.cache.stale_if_error_s - now) * 1000)
+    ttl_ms = kept_ms(longer, keyspace.settings.cache.stale_if_error_s, now)
     new = keyspace.codec.encode(found.key, longer)
     replaced = await keyspace.call(found.node.eval(_REPLACE, 1, found.key, raw, new, ttl_ms))
     if not replaced:

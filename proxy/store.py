@@ -23,6 +23,11 @@ T = TypeVar("T")
 Command = tuple[Any, ...]
 
 
+def kept_ms(entry: CacheEntry, keep_s: float, now: float) -> int:
+    """How long Redis keeps *entry* from *now*: until it expires, then *keep_s* more for stale-if-error."""
+    return int((entry.expires_at + keep_s - now) * 1000)
+
+
 class CacheStore(Protocol):
     """Where entries live. ``get`` never raises for backend trouble: trouble reads as a miss."""
 
@@ -108,7 +113,7 @@ class RedisStore:
     def put(self, key: str, entry: CacheEntry) -> None:
         if not self.available:
             return
-        ttl_ms = int((entry.expires_at + self.keep_s - time.time()) * 1000)
+        ttl_ms = kept_ms(entry, self.keep_s, time.time())
         if ttl_ms > 0:
             written = self.send([("SET", key, self._codec.encode(key, entry), "PX", ttl_ms)])
             written.add_done_callback(partial(self._check_written, key))
