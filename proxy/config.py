@@ -59,6 +59,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     client_timeout_s: float = 60.0
     shutdown_grace_s: float = 25.0
+    fast_path: bool = True
     max_upstream_calls: int = 256
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -214,6 +215,13 @@ SETTINGS_TABLE: tuple[Setting, ...] = (
         Number(float, 0),
         "on SIGTERM, new connections are refused at once and requests in flight and pending stores get this "
         "long to finish (inside Kubernetes' 30 s default grace period)",
+    ),
+    Setting(
+        "server.fast_path",
+        "PROXY_FAST_PATH",
+        Flag(),
+        "answer repeated requests found in the cache from a lean HTTP/1.1 server in front of the application; "
+        "anything else, and everything when off, goes to the application",
     ),
     Setting(
         "server.max_upstream_calls",
