@@ -4,7 +4,6 @@ commands on the cache in Redis: ``ping``, ``stats``, ``inspect`` and ``purge``."
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shutil
@@ -16,11 +15,9 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from aiohttp import web
 from dotenv import load_dotenv
 
-from . import __version__, commands, logs, stats
-from .app import create_app
+from . import __version__, commands, logs, serving, stats
 from .config import ConfigError, Settings
 from .keyspace import SHORT_KEY, Keyspace
 from .loader import config_path, redact_url, resolve
@@ -190,29 +187,8 @@ def _describe(settings: Settings) -> None:
     )
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def _serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None) -> None:
-    web.run_app(
-        create_app(settings, peers_dir=peers_dir),
-        host=settings.server.host,
-        port=settings.server.port,
-        reuse_port=reuse_port or None,
-        # Each /v1 request leaves its own line (proxy.access); aiohttp's would repeat it without the cache's view.
-        access_log=None,
-        print=None,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        # Also bounds how long a client may take to send its request headers.
-        keepalive_timeout=settings.server.client_timeout_s,
-        backlog=1024,
-        loop=_new_loop(),
-    )
+    serving.serve(settings, reuse_port=reuse_port, peers_dir=peers_dir)
 
 
 def _supervise(settings: Settings) -> None:

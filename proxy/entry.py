@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from multidict import CIMultiDict
 
 # Layout: MAGIC (4 bytes, the last one the format version) | u32 meta length | u32 CRC-32 of meta and body |
 # meta JSON | body. A reader that meets another magic, a length that does not fit or a checksum that does not
@@ -120,6 +121,16 @@ class Recording:
 def kept_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The response headers worth storing with an entry."""
     return tuple((k, v) for k, v in headers if k.lower() == "content-type" or k.lower().startswith(_KEPT_PREFIXES))
+
+
+def replay_headers(entry: CacheEntry, tag: str, now: float, label: str) -> CIMultiDict[str]:
+    """The headers of *entry* replayed under the key whose short form is *tag*, at *now* (Unix time), with
+    ``X-Cache: <label>``."""
+    headers = CIMultiDict(entry.headers)
+    headers["X-Cache"] = label
+    headers["X-Cache-Key"] = tag
+    headers["Age"] = str(max(0, int(now - entry.stored_at)))
+    return headers
 
 
 def entry_for(recording: Recording, *, ttl_s: int, max_entry_bytes: int, now: float) -> CacheEntry | None:

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -142,9 +143,12 @@ class Screen:
 
     def refusal(self, request: web.Request) -> ProxyError | None:
         """Why *request* may not be served, or ``None``."""
-        headers = request.headers
         if request.raw_path[:1] != "/" and not self._own_authority(request):
             return Misdirected("This proxy serves only requests meant for itself, not for other hosts.")
+        return self.headers_refusal(request.headers)
+
+    def headers_refusal(self, headers: Mapping[str, str]) -> ProxyError | None:
+        """Why a request with *headers* and an origin-form target (``/path``) may not be served, or ``None``."""
         if self.checks_host and not self.host_allowed(headers.get("Host", "localhost")):
             return Forbidden("This proxy does not answer to that Host name; add it to PROXY_ALLOWED_HOSTS.")
         origin = headers.get("Origin")
@@ -195,20 +199,37 @@ def _preflight(request: web.Request) -> web.Response:
     return response
 
 
-def authorized(handler: Handler, clients: tuple[ClientKey, ...]) -> Handler:
-    """Answer 401 in OpenAI's shape, before *handler* runs, unless the request carries one of *clients*' keys
-    (``Authorization: Bearer <key>`` or ``api-key: <key>``); remember which one as ``request[CLIENT]``."""
-    by_digest = {client.digest: client for client in clients}
+class ClientKeys:
+    """The client keys a request may present: ``Authorization: Bearer <key>`` or ``api-key: <key>``."""
 
-    @functools.wraps(handler)
-    async def check(request: web.Request) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("api-key", "")
+    def __init__(self, clients: tuple[ClientKey, ...]) -> None:
+        self._by_digest = {client.digest: client for client in clients}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_digest)
+
+    def presented(self, headers: Mapping[str, str]) -> ClientKey | None:
+        """The client key *headers* carry, or ``None``."""
+        header = headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else headers.get("api-key", "")
+        if not token:
+            return None
         digest = hashlib.sha256(token.encode()).digest()
         # Looked up by the SHA-256 of what was presented, then compared in constant time: the time taken
         # depends on a digest the caller cannot steer, never on how much of a real key it guessed.
-        client = by_digest.get(digest) if token else None
-        if client is None or not hmac.compare_digest(client.digest, digest):
+        client = self._by_digest.get(digest)
+        return client if client is not None and hmac.compare_digest(client.digest, digest) else None
+
+
+def authorized(handler: Handler, clients: tuple[ClientKey, ...]) -> Handler:
+    """Answer 401 in OpenAI's shape, before *handler* runs, unless the request carries one of *clients*' keys
+    (see :class:`ClientKeys`); remember which one as ``request[CLIENT]``."""
+    keys = ClientKeys(clients)
+
+    @functools.wraps(handler)
+    async def check(request: web.Request) -> web.StreamResponse:
+        client = keys.presented(request.headers)
+        if client is None:
             raise InvalidApiKey(
                 "Incorrect API key provided for this proxy. "
                 "Send one of its client keys as 'Authorization: Bearer <key>'."

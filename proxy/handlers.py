@@ -12,15 +12,15 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .config import ServerSettings, Upstream
-from .entry import CacheEntry, Recording, entry_for
+from .entry import CacheEntry, Recording, entry_for, replay_headers
 from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, UpstreamUnreachable
 from .fleet import Claim
 from .flight import Flight, Opener, cut_off
 from .keying import Keyed
 from .logs import Exchange
+from .metrics import Metrics
 from .state import CLIENT, EXCHANGE, FLEET, FLIGHTS, KEYER, METRICS, SETTINGS, SLOTS, STORE, UPSTREAMS
 from .upstream import confined_target, relay_headers
 
@@ -62,25 +62,29 @@ async def serve_hit(app: web.Application, keyed: Keyed, ex: Exchange) -> web.Res
     if entry is None:
         return None
     now = time.time()
-    if now >= entry.expires_at or (keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s):
+    if not count_hit(entry, keyed, ex, app[METRICS], now):
         return entry
+    return _replay(entry, keyed.tag, now)
+
+
+def count_hit(entry: CacheEntry, keyed: Keyed, ex: Exchange, metrics: Metrics, now: float) -> bool:
+    """Whether *entry* may answer *keyed* at *now* (Unix time): fresh, and within the request's ``max-age``.
+    If so, the hit is counted on *ex* and in *metrics*, as a response written at once."""
+    if now >= entry.expires_at or (keyed.plan.max_age_s is not None and now - entry.stored_at > keyed.plan.max_age_s):
+        return False
     ex.outcome = "HIT"
     if entry.usage:
         ex.usage = entry.usage
-        app[METRICS].count_saved(keyed.model, entry.usage)
+        metrics.count_saved(keyed.model, entry.usage)
     if entry.is_stream:
-        # Replayed in one write, as soon as the handler returns.
+        # Replayed in one write, as soon as the answer is handed over.
         ex.mark_first_byte(time.perf_counter())
-    return _replay(entry, keyed.tag, now)
+    return True
 
 
 def _replay(entry: CacheEntry, tag: str, now: float, label: str = "HIT") -> web.Response:
     # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
-    headers = CIMultiDict(entry.headers)
-    headers["X-Cache"] = label
-    headers["X-Cache-Key"] = tag
-    headers["Age"] = str(max(0, int(now - entry.stored_at)))
-    return web.Response(status=entry.status, body=entry.body, headers=headers)
+    return web.Response(status=entry.status, body=entry.body, headers=replay_headers(entry, tag, now, label))
 
 
 def _stale_fallback(keyed: Keyed, stale: CacheEntry | None, ex: Exchange, allowed_s: float) -> StaleAnswer | None:

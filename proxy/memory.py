@@ -68,6 +68,9 @@ class MemoryStore:
     async def get(self, key: str) -> CacheEntry | None:
         return self.get_now(key)
 
+    def hot(self, key: str) -> CacheEntry | None:
+        return self.get_now(key)
+
     def put(self, key: str, entry: CacheEntry) -> None:
         self.put_now(key, entry)
 
@@ -106,6 +109,9 @@ class TieredStore:
 
     def _trusted(self) -> bool:
         return self.coherent or not self.remote.available
+
+    def hot(self, key: str) -> CacheEntry | None:
+        return self.memory.get_now(key) if self._trusted() else None
 
     async def get(self, key: str) -> CacheEntry | None:
         trusted = self._trusted()
@@ -170,6 +176,9 @@ class NullStore:
     """``CACHE_BACKEND=off``: nothing is ever found or kept."""
 
     async def get(self, key: str) -> CacheEntry | None:
+        return None
+
+    def hot(self, key: str) -> CacheEntry | None:
         return None
 
     def put(self, key: str, entry: CacheEntry) -> None:

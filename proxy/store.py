@@ -33,6 +33,10 @@ class CacheStore(Protocol):
 
     async def get(self, key: str) -> CacheEntry | None: ...
 
+    def hot(self, key: str) -> CacheEntry | None:
+        """The entry for *key* if this process holds it and may serve it without asking anyone: what
+        :meth:`get` would return, without awaiting; ``None`` says nothing about Redis."""
+
     def put(self, key: str, entry: CacheEntry) -> None:
         """Store *entry* until ``entry.expires_at``; returns at once, writing in the background."""
 
@@ -98,6 +102,9 @@ class RedisStore:
     @property
     def state(self) -> str:
         return "ok" if self.available else "degraded"
+
+    def hot(self, key: str) -> CacheEntry | None:
+        return None
 
     async def get(self, key: str) -> CacheEntry | None:
         if not self.available:

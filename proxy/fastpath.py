@@ -1,0 +1,305 @@
+"""The fast path: hits answered straight from the cache by a lean protocol in front of the aiohttp application.
+
+A connection starts here. Each request of the one shape :func:`~proxy.wire.take_request` takes, admitted by the
+same screen and client keys as the application, keyed by the same :class:`~proxy.keying.Keyer` and found fresh
+in the same store, is answered here, counted in the same metrics and written to the same access log. At the first
+request it does not answer (a miss, a refusal, anything unusual or malformed) the connection is handed to the
+application's own protocol, with every byte from that request's first on: from then on, aiohttp serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, cast
+
+from aiohttp import web
+
+from .guards import ClientKeys, Screen
+from .handlers import OFFLOAD_BYTES, count_hit
+from .keying import Keyed
+from .kinds import ClientKey
+from .logs import Exchange
+from .state import ACCESS_LOG, KEYER, METRICS, REQUEST_IDS, SETTINGS, STORE
+from .wire import FOREIGN, INCOMPLETE, Replay, Request, replayable, take_request
+
+log = logging.getLogger(__name__)
+
+# How long a body announced by complete headers may take to arrive before the application takes the request over
+# (and applies its own deadline): enough for any client on a working network to send what it has.
+BODY_GRACE_S = 0.25
+# Pipelined requests buffered while an answer waits for Redis or for the client to read; past it, reading pauses.
+MAX_BUFFER_BYTES = 1 << 20
+MAX_REPLAYS = 10_000
+
+
+class Front:
+    """The application's objects that the fast path uses, read once the application has started."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        app = runner.app
+        settings = app[SETTINGS]
+        server = runner.server
+        assert server is not None
+        self.handover = server
+        self.keyer, self.store, self.metrics = app[KEYER], app[STORE], app[METRICS]
+        self.access_log, self.request_ids = app[ACCESS_LOG], app[REQUEST_IDS]
+        self.screen = Screen(settings.server)
+        self.clients = ClientKeys(settings.auth.clients)
+        self.max_body_bytes = min(settings.server.max_body_bytes, OFFLOAD_BYTES - 1)
+        self.idle_s = settings.server.client_timeout_s
+        self.connections: set[FastConnection] = set()
+        self._replays: dict[str, Replay] = {}
+
+    def replay(self, key: str, entry: Any, tag: str) -> Replay:
+        found = self._replays.get(key)
+        if found is None or found.entry is not entry or found.tag != tag:
+            if len(self._replays) >= MAX_REPLAYS:
+                self._replays.clear()
+            found = self._replays[key] = Replay(entry, tag)
+        return found
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection while the fast path serves it (see the module docstring)."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiting: asyncio.Task[None] | None = None
+        self._writing_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._idle_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._body_due: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._front.connections.add(self)
+        self._idle_at = self._loop.time() + self._front.idle_s
+        self._timer = self._loop.call_at(self._idle_at, self._on_timer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._detach()
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._waiting is None and not self._writing_paused:
+            self._serve()
+        if len(self._buf) > MAX_BUFFER_BYTES and self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._waiting is None:
+            self._serve()
+
+    @property
+    def waiting(self) -> asyncio.Task[None] | None:
+        """The answer being looked up in the store, if any."""
+        return self._waiting
+
+    def close_when_idle(self) -> None:
+        """At shutdown: close now unless an answer is being looked up, else once it is written."""
+        self._closing = True
+        if self._waiting is None and self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _serve(self) -> None:
+        """Answer the buffered requests in order, until one must wait or is not ours."""
+        front = self._front
+        while self._buf and self._transport is not None and not self._writing_paused:
+            request = take_request(self._buf, front.max_body_bytes)
+            if request is INCOMPLETE:
+                return
+            if request is FOREIGN:
+                self._hand_over()
+                return
+            assert isinstance(request, Request)
+            if len(self._buf) < request.end:
+                self._await_body()
+                return
+            self._body_due = None
+            started = time.perf_counter()
+            admitted = self._admit(request)
+            if admitted is None:
+                self._hand_over()
+                return
+            keyed, client = admitted
+            assert keyed.key is not None
+            entry = front.store.hot(keyed.key)
+            if entry is None:
+                self._waiting = self._loop.create_task(self._serve_from_store(request, keyed, client, started))
+                return
+            if not self._answer(request, keyed, client, entry, started):
+                self._hand_over()
+                return
+
+    def _admit(self, request: Request) -> tuple[Keyed, ClientKey | None] | None:
+        """The request's key and client key, when the application would look it up in the cache."""
+        front, headers = self._front, request.headers
+        if front.screen.headers_refusal(headers) is not None:
+            return None
+        client = None
+        if front.clients:
+            client = front.clients.presented(headers)
+            if client is None:
+                return None
+        keyed = front.keyer.key(request.route, request.body, request.query, headers, client)
+        if keyed.key is None or not keyed.plan.lookup:
+            return None
+        return keyed, client
+
+    async def _serve_from_store(self, request: Request, keyed: Keyed, client: ClientKey | None, started: float) -> None:
+        assert keyed.key is not None
+        try:
+            entry = await self._front.store.get(keyed.key)
+        except Exception:
+            log.exception("cache lookup failed on the fast path; the application takes the request")
+            entry = None
+        self._waiting = None
+        if self._transport is None:
+            return
+        if entry is None or not self._answer(request, keyed, client, entry, started):
+            self._hand_over()
+            return
+        self._serve()
+
+    def _answer(self, request: Request, keyed: Keyed, client: ClientKey | None, entry: Any, started: float) -> bool:
+        """Write *entry* as the answer to *request*, as the application would; ``False`` (nothing written) when it
+        may not answer it: stale, past the request's max-age, or not replayable here."""
+        front = self._front
+        assert keyed.key is not None and self._transport is not None
+        if not replayable(entry):
+            return False
+        ex = Exchange(front.request_ids.take(request.headers.get("X-Request-ID")), started)
+        ex.route, ex.upstream, ex.model, ex.tag = keyed.route, keyed.upstream.name, keyed.model, keyed.tag
+        now = time.time()
+        if not count_hit(entry, keyed, ex, front.metrics, now):
+            return False
+        if client is not None:
+            front.metrics.clients[(client.name,)] += 1
+            ex.client = client.name
+        replay = front.replay(keyed.key, entry, keyed.tag)
+        data = replay.bytes_for(request.minor, request.keep_alive, max(0, int(now - entry.stored_at)), ex.id)
+        finished = time.perf_counter()
+        front.metrics.record(ex, finished)
+        if front.access_log.enabled:
+            front.access_log.record(ex, "POST", request.path, entry.status, finished)
+        del self._buf[: request.end]
+        self._transport.write(data)
+        self._idle_at = self._loop.time() + front.idle_s
+        if not request.keep_alive or self._closing:
+            # As aiohttp does at shutdown: the answer in progress is the connection's last.
+            self._transport.close()
+            self._transport = None
+        elif self._reading_paused and len(self._buf) <= MAX_BUFFER_BYTES:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return True
+
+    def _await_body(self) -> None:
+        now = self._loop.time()
+        if self._body_due is None:
+            self._body_due = now + BODY_GRACE_S
+            self._rearm(self._body_due)
+        elif now >= self._body_due:
+            self._hand_over()
+
+    def _rearm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is None:
+            return
+        now = self._loop.time()
+        if self._body_due is not None and self._waiting is None:
+            if now >= self._body_due:
+                self._hand_over()
+            else:
+                self._rearm(self._body_due)
+            return
+        if now < self._idle_at or self._waiting is not None:
+            self._rearm(max(self._idle_at, now + 0.001))
+            return
+        # As aiohttp does: a connection that has not sent a whole request within the idle time is closed.
+        self._transport.close()
+        self._transport = None
+
+    def _detach(self) -> None:
+        self._front.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _hand_over(self) -> None:
+        """Give the connection to the application's protocol, with every byte not answered here."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._detach()
+        self._transport = None
+        protocol = self._front.handover()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._writing_paused:
+            protocol.pause_writing()
+        if self._reading_paused:
+            transport.resume_reading()
+        if self._buf:
+            data, self._buf = bytes(self._buf), bytearray()
+            protocol.data_received(data)
+
+
+class FastSite(web.TCPSite):
+    """:class:`aiohttp.web.TCPSite` with the fast path in front of the application on each connection. At
+    :meth:`stop`, idle connections are closed and answers being prepared get up to *grace_s* to be written."""
+
+    __slots__ = ("_front", "_grace_s")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, grace_s: float = 60.0, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._grace_s = grace_s
+        self._front: Front | None = None
+
+    async def start(self) -> None:
+        assert isinstance(self._runner, web.AppRunner)
+        front = self._front = Front(self._runner)
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FastConnection(front),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._front is None:
+            return
+        connections = list(self._front.connections)
+        for connection in connections:
+            connection.close_when_idle()
+        waiting = [c.waiting for c in connections if c.waiting is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._grace_s)

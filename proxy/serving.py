@@ -1,0 +1,85 @@
+"""Serve the app on its port until SIGTERM or SIGINT: aiohttp's ``run_app``, with the fast path in front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+from aiohttp.web_runner import GracefulExit
+
+from .app import create_app
+from .config import Settings
+from .fastpath import FastSite
+
+
+def serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None) -> None:
+    """Run the proxy in this process on a new event loop (uvloop when installed) until a signal stops it; then
+    stop as ``run_app`` does, giving requests in flight ``server.shutdown_grace_s``."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_run(settings, reuse_port, peers_dir))
+    try:
+        loop.run_until_complete(main)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel_all(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def runner_for(app: web.Application, settings: Settings, *, handle_signals: bool = False) -> web.AppRunner:
+    """The runner the proxy serves *app* with."""
+    server = settings.server
+    return web.AppRunner(
+        app,
+        handle_signals=handle_signals,
+        # Each /v1 request leaves its own line (proxy.access); aiohttp's would repeat it without the cache's view.
+        access_log=None,
+        shutdown_timeout=server.shutdown_grace_s,
+        # Also bounds how long a client may take to send its request headers.
+        keepalive_timeout=server.client_timeout_s,
+    )
+
+
+def site_for(runner: web.AppRunner, settings: Settings, *, reuse_port: bool = False) -> web.TCPSite:
+    """The listening site: the fast path in front of the application unless ``server.fast_path`` is off."""
+    server = settings.server
+    if server.fast_path:
+        return FastSite(
+            runner, server.host, server.port, grace_s=server.shutdown_grace_s, backlog=1024, reuse_port=reuse_port
+        )
+    return web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=reuse_port or None)
+
+
+async def _run(settings: Settings, reuse_port: bool, peers_dir: str | None) -> None:
+    runner = runner_for(create_app(settings, peers_dir=peers_dir), settings, handle_signals=True)
+    await runner.setup()
+    try:
+        await site_for(runner, settings, reuse_port=reuse_port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -1,0 +1,187 @@
+"""The HTTP/1.x requests the fast path answers itself, read strictly from raw bytes, and its answers' bytes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+from .entry import CacheEntry, replay_headers
+from .policy import CACHEABLE_ROUTES
+
+# The one request shape taken: POST to a cacheable route in origin form, the query made only of characters that
+# need no decoding, HTTP/1.0 or 1.1, CRLF line ends. Anything else is the application's to answer.
+_PREFIX = b"POST /v1/"
+_REQUEST_LINE = re.compile(
+    rb"POST (/v1/("
+    + "|".join(re.escape(route) for route in sorted(CACHEABLE_ROUTES)).encode()
+    + rb"))(?:\?([A-Za-z0-9._~!$&'()*+,;=:@/?-]*))? HTTP/1\.([01])\r\n"
+)
+# Header fields with a token name, visible ASCII values (spaces and tabs inside), no folding, CRLF line ends.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*(?:[!-~](?:[ \t!-~]*[!-~])?)?[ \t]*\r\n)*")
+_LENGTH = re.compile(r"[0-9]{1,9}")
+# Headers that ask for what only the application does: other framing, interim answers, protocol switches,
+# encoded bodies, browsers (CORS or a refusal).
+_FOREIGN = ("Transfer-Encoding", "Expect", "Upgrade", "Content-Encoding", "Origin", "Sec-Fetch-Site")
+# Within aiohttp's own limits (8190 bytes per line), so that whatever the application would refuse is its own.
+MAX_HEAD_BYTES = 8190
+MAX_FIELDS = 64
+
+INCOMPLETE = "incomplete"
+FOREIGN = "foreign"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One complete request taken from the front of a buffer: it ends at byte *end*. *body* is empty while it
+    has not all arrived (*end* then is where it will end)."""
+
+    end: int
+    path: str
+    route: str
+    query: str
+    minor: int
+    headers: CIMultiDict[str]
+    body: bytes
+    keep_alive: bool
+
+
+def take_request(buf: bytearray, max_body_bytes: int) -> Request | str:
+    """The request at the start of *buf*, :data:`INCOMPLETE` while its head has not all arrived, or
+    :data:`FOREIGN` for anything not of the one shape taken here (see the module's patterns), a body above
+    *max_body_bytes* included. A request whose body is still arriving comes with an empty *body*."""
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return _incomplete_or_foreign(buf)
+    if head_end > MAX_HEAD_BYTES:
+        return FOREIGN
+    line = _REQUEST_LINE.match(buf)
+    if line is None:
+        return FOREIGN
+    fields_start = line.end()
+    fields_end = head_end + 2
+    if _FIELDS.fullmatch(buf, fields_start, fields_end) is None:
+        return FOREIGN
+    lines = bytes(buf[fields_start:head_end]).split(b"\r\n") if fields_end > fields_start else []
+    if len(lines) > MAX_FIELDS:
+        return FOREIGN
+    pairs = []
+    for raw in lines:
+        name, _, value = raw.partition(b":")
+        pairs.append((name.decode("ascii"), value.strip(b" \t").decode("ascii")))
+    headers = CIMultiDict(pairs)
+    minor = line[4][0] - 48
+    keep_alive = _keep_alive(headers, minor)
+    length = _length(headers, max_body_bytes)
+    if keep_alive is None or length is None or any(name in headers for name in _FOREIGN):
+        return FOREIGN
+    if len(headers.getall("Host", ())) > 1 or (minor and "Host" not in headers):
+        return FOREIGN
+    end = head_end + 4 + length
+    body = bytes(buf[head_end + 4 : end]) if len(buf) >= end else b""
+    query = line[3]
+    return Request(
+        end,
+        line[1].decode("ascii"),
+        line[2].decode("ascii"),
+        query.decode("ascii") if query is not None else "",
+        minor,
+        headers,
+        body,
+        keep_alive,
+    )
+
+
+def _incomplete_or_foreign(buf: bytearray) -> str:
+    start = bytes(buf[: len(_PREFIX)])
+    if not _PREFIX.startswith(start) or len(buf) > MAX_HEAD_BYTES:
+        return FOREIGN
+    # A line ended by LF alone, or a CR inside a line: never completes as CRLF CRLF, and is not ours.
+    crlf = buf.count(b"\r\n")
+    if buf.count(b"\n") != crlf or buf.count(b"\r") - crlf > buf.endswith(b"\r"):
+        return FOREIGN
+    return INCOMPLETE
+
+
+def _keep_alive(headers: CIMultiDict[str], minor: int) -> bool | None:
+    values = headers.getall("Connection", ())
+    if not values:
+        return minor == 1
+    if len(values) > 1:
+        return None
+    value = values[0].lower()
+    if value == "close":
+        return False
+    return True if value == "keep-alive" else None
+
+
+def _length(headers: CIMultiDict[str], max_body_bytes: int) -> int | None:
+    values = headers.getall("Content-Length", ())
+    if len(values) != 1 or not _LENGTH.fullmatch(values[0]):
+        return None
+    length = int(values[0])
+    return length if 0 < length <= max_body_bytes else None
+
+
+# Placeholders for what changes per answer; NUL never occurs in a header, so they cannot collide.
+_AGE, _REQUEST_ID, _DATE = "\x00age\x00", "\x00id\x00", "\x00date\x00"
+_SLOT = re.compile(rb"\x00(age|id|date)\x00")
+
+
+class Replay:
+    """An entry's answer as bytes, but for what changes per answer: the status line's HTTP version, ``Age``,
+    ``X-Request-ID``, ``Date`` and ``Connection``. The header fields and their order are those aiohttp writes
+    for :func:`~proxy.handlers.serve_hit`'s response (``Content-Length``, then ``Content-Type`` if absent,
+    ``Date``, ``Server``, then ``Connection`` where the version and keep-alive call for it)."""
+
+    __slots__ = ("_parts", "_status", "body", "entry", "tag")
+
+    def __init__(self, entry: CacheEntry, tag: str) -> None:
+        self.entry, self.tag, self.body = entry, tag, entry.body
+        headers = replay_headers(entry, tag, 0.0, "HIT")
+        headers["Age"] = _AGE
+        headers["X-Request-ID"] = _REQUEST_ID
+        headers.setdefault("Content-Length", str(len(entry.body)))
+        if entry.body:
+            headers.setdefault("Content-Type", "application/octet-stream")
+        headers.setdefault("Date", _DATE)
+        headers.setdefault("Server", SERVER_SOFTWARE)
+        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("utf-8")
+        self._parts = _SLOT.split(fields)
+        self._status = f" {entry.status} {_reason(entry.status)}\r\n".encode()
+
+    def bytes_for(self, minor: int, keep_alive: bool, age: int, request_id: str) -> bytes:
+        """The whole answer to an HTTP/1.<*minor*> request."""
+        values = {b"age": str(age).encode(), b"id": request_id.encode(), b"date": rfc822_formatted_time().encode()}
+        parts = self._parts
+        out = [b"HTTP/1.1" if minor else b"HTTP/1.0", self._status, parts[0]]
+        for index in range(1, len(parts), 2):
+            out.append(values[parts[index]])
+            out.append(parts[index + 1])
+        if keep_alive:
+            if not minor:
+                out.append(b"Connection: keep-alive\r\n")
+        elif minor:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        out.append(self.body)
+        return b"".join(out)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def replayable(entry: CacheEntry) -> bool:
+    """Whether the fast path writes *entry*'s answer the way the application would: a status whose answer has a
+    body, and header values that aiohttp would write as they are."""
+    if not 200 <= entry.status < 300 or entry.status in (204, 205):
+        return False
+    return all("\r" not in name + value and "\n" not in name + value for name, value in entry.headers)
