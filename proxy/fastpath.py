@@ -107,6 +107,16 @@ class FastConnection(asyncio.Protocol):
             self._serve()
 
     @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not answered yet."""
+        return len(self._buf)
+
+    @property
+    def reading(self) -> bool:
+        """Whether it reads from its client now (it stops while its client reads nothing)."""
+        return not self._reading_paused
+
+    @property
     def waiting(self) -> asyncio.Task[None] | None:
         """The answer being looked up in the store, if any."""
         return self._waiting

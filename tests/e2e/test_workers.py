@@ -50,11 +50,9 @@ def test_every_scrape_counts_all_workers_requests_when_workers_share_the_port(gr
     for _ in range(10):
         # Each scrape is a new connection too, so these reach either worker.
         assert group.metric("llm_cache_requests_total") == len(answers)
-        assert (
-            group.metric("llm_cache_requests_total", outcome="MISS")
-            + group.metric("llm_cache_requests_total", outcome="HIT")
-            == len(answers)
-        )
+        assert group.metric("llm_cache_requests_total", outcome="MISS") + group.metric(
+            "llm_cache_requests_total", outcome="HIT"
+        ) == len(answers)
         assert group.metric("llm_cache_upstream_responses_total", status="200") == sum(
             1 for cache, _ in answers if cache == "MISS"
         )
