@@ -16,13 +16,14 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from .entry import CacheEntry
 from .guards import ClientKeys, Screen
 from .handlers import OFFLOAD_BYTES, count_hit
-from .keying import Keyed
+from .keying import Keyed, Memo
 from .kinds import ClientKey
 from .logs import Exchange
 from .state import ACCESS_LOG, KEYER, METRICS, REQUEST_IDS, SETTINGS, STORE
-from .wire import FOREIGN, INCOMPLETE, Replay, Request, replayable, take_request
+from .wire import FOREIGN, INCOMPLETE, Head, Replay, head_end, read_head, replayable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ BODY_GRACE_S = 0.25
 # Pipelined requests buffered while an answer waits for Redis or for the client to read; past it, reading pauses.
 MAX_BUFFER_BYTES = 1 << 20
 MAX_REPLAYS = 10_000
+HEADS_MAX_BYTES = 256 * 1024
+
+Admission = tuple[Head, ClientKey | None]
 
 
 class Front:
@@ -51,10 +55,37 @@ class Front:
         self.idle_s = settings.server.client_timeout_s
         self.connections: set[FastConnection] = set()
         self._replays: dict[str, Replay] = {}
+        # Heads seen, read and judged: a repeated request usually repeats its head byte for byte.
+        self._admissions: Memo[bytes, tuple[Admission | None]] = Memo(HEADS_MAX_BYTES)
 
-    def replay(self, key: str, entry: Any, tag: str) -> Replay:
+    def admission(self, raw: bytes) -> Admission | None:
+        """The head *raw* read, and the client key it presents, when the application would look its request up
+        in the cache before anything else: the one shape taken, past the screen and the client-key check."""
+        found = self._admissions.get(raw)
+        if found is not None:
+            return found[0]
+        admission = self._admit(raw)
+        self._admissions.put(raw, len(raw), (admission,))
+        return admission
+
+    def _admit(self, raw: bytes) -> Admission | None:
+        head = read_head(raw, self.max_body_bytes)
+        if head is None or self.screen.headers_refusal(head.headers) is not None:
+            return None
+        client = None
+        if self.clients:
+            client = self.clients.presented(head.headers)
+            if client is None:
+                return None
+        return head, client
+
+    def replay(self, key: str, entry: CacheEntry, tag: str) -> Replay | None:
+        """*entry*'s answer under *key* as the fast path writes it, or ``None`` when it leaves it to the
+        application (see :func:`~proxy.wire.replayable`)."""
         found = self._replays.get(key)
         if found is None or found.entry is not entry or found.tag != tag:
+            if not replayable(entry):
+                return None
             if len(self._replays) >= MAX_REPLAYS:
                 self._replays.clear()
             found = self._replays[key] = Replay(entry, tag)
@@ -130,50 +161,43 @@ class FastConnection(asyncio.Protocol):
 
     def _serve(self) -> None:
         """Answer the buffered requests in order, until one must wait or is not ours."""
-        front = self._front
-        while self._buf and self._transport is not None and not self._writing_paused:
-            request = take_request(self._buf, front.max_body_bytes)
-            if request is INCOMPLETE:
+        front, buf = self._front, self._buf
+        while buf and self._transport is not None and not self._writing_paused:
+            end = head_end(buf)
+            if end is INCOMPLETE:
                 return
-            if request is FOREIGN:
+            if end is FOREIGN:
                 self._hand_over()
                 return
-            assert isinstance(request, Request)
-            if len(self._buf) < request.end:
+            assert isinstance(end, int)
+            admission = front.admission(bytes(buf[:end]))
+            if admission is None:
+                self._hand_over()
+                return
+            head, client = admission
+            request_end = end + 4 + head.length
+            if len(buf) < request_end:
                 self._await_body()
                 return
             self._body_due = None
             started = time.perf_counter()
-            admitted = self._admit(request)
-            if admitted is None:
+            keyed = front.keyer.key(head.route, bytes(buf[end + 4 : request_end]), head.query, head.headers, client)
+            if keyed.key is None or not keyed.plan.lookup:
                 self._hand_over()
                 return
-            keyed, client = admitted
-            assert keyed.key is not None
             entry = front.store.hot(keyed.key)
             if entry is None:
-                self._waiting = self._loop.create_task(self._serve_from_store(request, keyed, client, started))
+                self._waiting = self._loop.create_task(
+                    self._serve_from_store(head, request_end, keyed, client, started)
+                )
                 return
-            if not self._answer(request, keyed, client, entry, started):
+            if not self._answer(head, request_end, keyed, client, entry, started):
                 self._hand_over()
                 return
 
-    def _admit(self, request: Request) -> tuple[Keyed, ClientKey | None] | None:
-        """The request's key and client key, when the application would look it up in the cache."""
-        front, headers = self._front, request.headers
-        if front.screen.headers_refusal(headers) is not None:
-            return None
-        client = None
-        if front.clients:
-            client = front.clients.presented(headers)
-            if client is None:
-                return None
-        keyed = front.keyer.key(request.route, request.body, request.query, headers, client)
-        if keyed.key is None or not keyed.plan.lookup:
-            return None
-        return keyed, client
-
-    async def _serve_from_store(self, request: Request, keyed: Keyed, client: ClientKey | None, started: float) -> None:
+    async def _serve_from_store(
+        self, head: Head, request_end: int, keyed: Keyed, client: ClientKey | None, started: float
+    ) -> None:
         assert keyed.key is not None
         try:
             entry = await self._front.store.get(keyed.key)
@@ -183,19 +207,23 @@ class FastConnection(asyncio.Protocol):
         self._waiting = None
         if self._transport is None:
             return
-        if entry is None or not self._answer(request, keyed, client, entry, started):
+        if entry is None or not self._answer(head, request_end, keyed, client, entry, started):
             self._hand_over()
             return
         self._serve()
 
-    def _answer(self, request: Request, keyed: Keyed, client: ClientKey | None, entry: Any, started: float) -> bool:
-        """Write *entry* as the answer to *request*, as the application would; ``False`` (nothing written) when it
-        may not answer it: stale, past the request's max-age, or not replayable here."""
+    def _answer(
+        self, head: Head, request_end: int, keyed: Keyed, client: ClientKey | None, entry: CacheEntry, started: float
+    ) -> bool:
+        """Write *entry* as the answer to the request (*head*, ending at *request_end*), as the application would;
+        ``False`` (nothing written) when it may not answer it: stale, past the request's max-age, or not
+        replayable here."""
         front = self._front
         assert keyed.key is not None and self._transport is not None
-        if not replayable(entry):
+        replay = front.replay(keyed.key, entry, keyed.tag)
+        if replay is None:
             return False
-        ex = Exchange(front.request_ids.take(request.headers.get("X-Request-ID")), started)
+        ex = Exchange(front.request_ids.take(head.headers.get("X-Request-ID")), started)
         ex.route, ex.upstream, ex.model, ex.tag = keyed.route, keyed.upstream.name, keyed.model, keyed.tag
         now = time.time()
         if not count_hit(entry, keyed, ex, front.metrics, now):
@@ -203,16 +231,15 @@ class FastConnection(asyncio.Protocol):
         if client is not None:
             front.metrics.clients[(client.name,)] += 1
             ex.client = client.name
-        replay = front.replay(keyed.key, entry, keyed.tag)
-        data = replay.bytes_for(request.minor, request.keep_alive, max(0, int(now - entry.stored_at)), ex.id)
+        answer = replay.head_for(head.minor, head.keep_alive, max(0, int(now - entry.stored_at)), ex.id)
         finished = time.perf_counter()
         front.metrics.record(ex, finished)
         if front.access_log.enabled:
-            front.access_log.record(ex, "POST", request.path, entry.status, finished)
-        del self._buf[: request.end]
-        self._transport.write(data)
+            front.access_log.record(ex, "POST", head.path, entry.status, finished)
+        del self._buf[:request_end]
+        self._transport.writelines((answer, replay.body))
         self._idle_at = self._loop.time() + front.idle_s
-        if not request.keep_alive or self._closing:
+        if not head.keep_alive or self._closing:
             # As aiohttp does at shutdown: the answer in progress is the connection's last.
             self._transport.close()
             self._transport = None

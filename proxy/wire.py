@@ -36,39 +36,40 @@ FOREIGN = "foreign"
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    """One complete request taken from the front of a buffer: it ends at byte *end*. *body* is empty while it
-    has not all arrived (*end* then is where it will end)."""
+class Head:
+    """A request head of the one shape taken: the target's *path*, *route* and *query*, the HTTP minor version,
+    the header fields, whether the connection stays open after the answer, and the body's length."""
 
-    end: int
     path: str
     route: str
     query: str
     minor: int
     headers: CIMultiDict[str]
-    body: bytes
     keep_alive: bool
+    length: int
 
 
-def take_request(buf: bytearray, max_body_bytes: int) -> Request | str:
-    """The request at the start of *buf*, :data:`INCOMPLETE` while its head has not all arrived, or
-    :data:`FOREIGN` for anything not of the one shape taken here (see the module's patterns), a body above
-    *max_body_bytes* included. A request whose body is still arriving comes with an empty *body*."""
-    head_end = buf.find(b"\r\n\r\n")
-    if head_end < 0:
-        return _incomplete_or_foreign(buf)
-    if head_end > MAX_HEAD_BYTES:
-        return FOREIGN
-    line = _REQUEST_LINE.match(buf)
+def head_end(buf: bytearray) -> int | str:
+    """Where the head at the start of *buf* ends (the index of its final CRLF CRLF, excluded), :data:`INCOMPLETE`
+    while it may still become one of the shape taken, or :data:`FOREIGN`."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+    if end >= 0:
+        return end
+    return _incomplete_or_foreign(buf)
+
+
+def read_head(head: bytes, max_body_bytes: int) -> Head | None:
+    """*head* (a request head without its final CRLF CRLF) as a :class:`Head`, or ``None`` for anything not of
+    the one shape taken here (see the module's patterns), a body above *max_body_bytes* included."""
+    line = _REQUEST_LINE.match(head)
     if line is None:
-        return FOREIGN
+        return None
     fields_start = line.end()
-    fields_end = head_end + 2
-    if _FIELDS.fullmatch(buf, fields_start, fields_end) is None:
-        return FOREIGN
-    lines = bytes(buf[fields_start:head_end]).split(b"\r\n") if fields_end > fields_start else []
+    if fields_start >= len(head) or _FIELDS.fullmatch(head + b"\r\n", fields_start) is None:
+        return None
+    lines = head[fields_start:].split(b"\r\n")
     if len(lines) > MAX_FIELDS:
-        return FOREIGN
+        return None
     pairs = []
     for raw in lines:
         name, _, value = raw.partition(b":")
@@ -78,21 +79,18 @@ def take_request(buf: bytearray, max_body_bytes: int) -> Request | str:
     keep_alive = _keep_alive(headers, minor)
     length = _length(headers, max_body_bytes)
     if keep_alive is None or length is None or any(name in headers for name in _FOREIGN):
-        return FOREIGN
+        return None
     if len(headers.getall("Host", ())) > 1 or (minor and "Host" not in headers):
-        return FOREIGN
-    end = head_end + 4 + length
-    body = bytes(buf[head_end + 4 : end]) if len(buf) >= end else b""
+        return None
     query = line[3]
-    return Request(
-        end,
+    return Head(
         line[1].decode("ascii"),
         line[2].decode("ascii"),
         query.decode("ascii") if query is not None else "",
         minor,
         headers,
-        body,
         keep_alive,
+        length,
     )
 
 
@@ -130,6 +128,12 @@ def _length(headers: CIMultiDict[str], max_body_bytes: int) -> int | None:
 # Placeholders for what changes per answer; NUL never occurs in a header, so they cannot collide.
 _AGE, _REQUEST_ID, _DATE = "\x00age\x00", "\x00id\x00", "\x00date\x00"
 _SLOT = re.compile(rb"\x00(age|id|date)\x00")
+_CONNECTION = {
+    (0, False): b"",
+    (0, True): b"Connection: keep-alive\r\n",
+    (1, False): b"Connection: close\r\n",
+    (1, True): b"",
+}
 
 
 class Replay:
@@ -138,7 +142,7 @@ class Replay:
     for :func:`~proxy.handlers.serve_hit`'s response (``Content-Length``, then ``Content-Type`` if absent,
     ``Date``, ``Server``, then ``Connection`` where the version and keep-alive call for it)."""
 
-    __slots__ = ("_parts", "_status", "body", "entry", "tag")
+    __slots__ = ("_formats", "_order", "body", "entry", "tag")
 
     def __init__(self, entry: CacheEntry, tag: str) -> None:
         self.entry, self.tag, self.body = entry, tag, entry.body
@@ -151,25 +155,24 @@ class Replay:
         headers.setdefault("Date", _DATE)
         headers.setdefault("Server", SERVER_SOFTWARE)
         fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("utf-8")
-        self._parts = _SLOT.split(fields)
-        self._status = f" {entry.status} {_reason(entry.status)}\r\n".encode()
+        # One %-format per version and keep-alive, its placeholders in the order the slots appear.
+        parts = _SLOT.split(fields.replace(b"%", b"%%"))
+        self._order = tuple(("age", "id", "date").index(name.decode()) for name in parts[1::2])
+        template = b"%s".join(parts[0::2])
+        status = f" {entry.status} {_reason(entry.status)}\r\n".encode()
+        self._formats = {
+            (minor, keep_alive): (b"HTTP/1.1" if minor else b"HTTP/1.0") + status + template + connection + b"\r\n"
+            for (minor, keep_alive), connection in _CONNECTION.items()
+        }
+
+    def head_for(self, minor: int, keep_alive: bool, age: int, request_id: str) -> bytes:
+        """The answer's status line and headers for an HTTP/1.<*minor*> request; :attr:`body` follows them."""
+        values = (str(age).encode(), request_id.encode(), rfc822_formatted_time().encode())
+        return self._formats[(minor, keep_alive)] % tuple(values[index] for index in self._order)
 
     def bytes_for(self, minor: int, keep_alive: bool, age: int, request_id: str) -> bytes:
         """The whole answer to an HTTP/1.<*minor*> request."""
-        values = {b"age": str(age).encode(), b"id": request_id.encode(), b"date": rfc822_formatted_time().encode()}
-        parts = self._parts
-        out = [b"HTTP/1.1" if minor else b"HTTP/1.0", self._status, parts[0]]
-        for index in range(1, len(parts), 2):
-            out.append(values[parts[index]])
-            out.append(parts[index + 1])
-        if keep_alive:
-            if not minor:
-                out.append(b"Connection: keep-alive\r\n")
-        elif minor:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
-        out.append(self.body)
-        return b"".join(out)
+        return self.head_for(minor, keep_alive, age, request_id) + self.body
 
 
 def _reason(status: int) -> str:

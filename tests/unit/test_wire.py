@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.entry import CacheEntry, replay_headers
-from proxy.wire import FOREIGN, INCOMPLETE, MAX_HEAD_BYTES, Replay, Request, replayable, take_request
+from proxy.wire import FOREIGN, INCOMPLETE, MAX_HEAD_BYTES, Head, Replay, head_end, read_head, replayable
 
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 LIMIT = 1 << 20
@@ -26,26 +26,29 @@ def _request(
     return bytearray("\r\n".join(head).encode() + b"\r\n\r\n" + body)
 
 
-def _taken(buf: bytearray) -> Request:
-    request = take_request(buf, LIMIT)
-    assert isinstance(request, Request), request
-    return request
+def _judged(buf: bytearray) -> Head | str:
+    """What the fast path makes of *buf*: the head of the request at its start, or INCOMPLETE or FOREIGN."""
+    end = head_end(buf)
+    if not isinstance(end, int):
+        return end
+    return read_head(bytes(buf[:end]), LIMIT) or FOREIGN
+
+
+def _taken(buf: bytearray) -> Head:
+    head = _judged(buf)
+    assert isinstance(head, Head), head
+    return head
 
 
 def test_request_is_taken_with_route_query_and_headers_when_it_has_the_one_shape() -> None:
     buf = _request("Authorization: Bearer sk-1", "X-Trace:  a b  ", line="POST /v1/embeddings?api-version=1 HTTP/1.1")
-    request = _taken(buf + b"POST /v1/next")
-    assert (request.route, request.path, request.query, request.minor) == (
-        "embeddings",
-        "/v1/embeddings",
-        "api-version=1",
-        1,
-    )
-    assert request.headers["authorization"] == "Bearer sk-1"
-    assert request.headers["X-Trace"] == "a b"
-    assert request.body == BODY
-    assert request.end == len(buf)
-    assert request.keep_alive
+    head = _taken(buf + b"POST /v1/next")
+    assert (head.route, head.path, head.query, head.minor) == ("embeddings", "/v1/embeddings", "api-version=1", 1)
+    assert head.headers["authorization"] == "Bearer sk-1"
+    assert head.headers["X-Trace"] == "a b"
+    assert head_end(buf) == len(buf) - len(BODY) - 4
+    assert head.length == len(BODY)
+    assert head.keep_alive
 
 
 @pytest.mark.parametrize(
@@ -64,17 +67,14 @@ def test_keep_alive_follows_version_and_connection_when_taken(
     assert _taken(_request(*fields, line=line)).keep_alive is keep_alive
 
 
-def test_body_still_arriving_is_announced_with_its_end_when_the_head_is_complete() -> None:
+def test_head_is_taken_when_its_body_is_still_arriving() -> None:
     buf = _request()
-    partial = buf[: len(buf) - 10]
-    request = _taken(partial)
-    assert request.body == b""
-    assert request.end == len(buf)
+    assert _taken(buf[: len(buf) - 10]).length == len(BODY)
 
 
 @pytest.mark.parametrize("cut", [1, 5, 9, 20, 40, 60])
 def test_head_is_incomplete_when_it_stops_midway(cut: int) -> None:
-    assert take_request(_request()[:cut], LIMIT) is INCOMPLETE
+    assert _judged(_request()[:cut]) is INCOMPLETE
 
 
 @pytest.mark.parametrize(
@@ -122,25 +122,25 @@ def test_head_is_incomplete_when_it_stops_midway(cut: int) -> None:
     ids=lambda buf: bytes(buf[:60]).decode("latin-1"),
 )
 def test_request_is_foreign_when_anything_is_unusual(buf: bytearray) -> None:
-    assert take_request(buf, LIMIT) is FOREIGN
+    assert _judged(buf) is FOREIGN
 
 
 def test_http_1_0_request_without_host_is_taken_when_1_1_would_not_be() -> None:
     raw = f"POST /v1/embeddings HTTP/1.{{}}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode() + BODY
-    assert isinstance(take_request(bytearray(raw.replace(b"{}", b"0")), LIMIT), Request)
-    assert take_request(bytearray(raw.replace(b"{}", b"1")), LIMIT) is FOREIGN
+    assert isinstance(_judged(bytearray(raw.replace(b"{}", b"0"))), Head)
+    assert _judged(bytearray(raw.replace(b"{}", b"1"))) is FOREIGN
 
 
 @given(st.binary(max_size=300))
 def test_reader_never_raises_when_given_any_bytes(data: bytes) -> None:
-    result = take_request(bytearray(data), LIMIT)
-    assert result in (INCOMPLETE, FOREIGN) or isinstance(result, Request)
+    result = _judged(bytearray(data))
+    assert result in (INCOMPLETE, FOREIGN) or isinstance(result, Head)
 
 
 @given(st.binary(max_size=200))
 def test_reader_never_raises_when_a_valid_start_is_followed_by_any_bytes(data: bytes) -> None:
-    result = take_request(bytearray(b"POST /v1/chat/completions HTTP/1.1\r\n" + data), LIMIT)
-    if isinstance(result, Request):
+    result = _judged(bytearray(b"POST /v1/chat/completions HTTP/1.1\r\n" + data))
+    if isinstance(result, Head):
         assert all("\r" not in v and "\n" not in v for v in result.headers.values())
 
 
