@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .guards import error_answer
+from .lending import LentTransport
 from .logs import AccessLog, Exchange, RequestIds
 from .metrics import Metrics
 from .state import CLIENT, EXCHANGE
@@ -47,5 +48,8 @@ def observed(handler: Handler, metrics: Metrics, access_log: AccessLog, request_
                 client = request.get(CLIENT)
                 ex.client = client.name if client is not None else None
                 access_log.record(ex, request.method, request.rel_url.raw_path, status, now)
+            transport = request.transport
+            if isinstance(transport, LentTransport):
+                transport.request_finished()
 
     return observe

@@ -21,6 +21,7 @@ from .guards import ClientKeys, Screen
 from .handlers import OFFLOAD_BYTES, count_hit
 from .keying import Keyed, Memo
 from .kinds import ClientKey
+from .lending import LentTransport
 from .logs import Exchange
 from .state import ACCESS_LOG, KEYER, METRICS, REQUEST_IDS, SETTINGS, STORE
 from .wire import FOREIGN, INCOMPLETE, Head, Replay, head_end, read_head, replayable
@@ -107,6 +108,8 @@ class FastConnection(asyncio.Protocol):
         self._idle_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._body_due: float | None = None
+        # The application's protocol and its view of the transport while it answers one request.
+        self._lease: tuple[asyncio.Protocol, LentTransport] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without deriving from it.
@@ -117,13 +120,18 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._detach()
+        self._transport = None
         if self._waiting is not None:
             self._waiting.cancel()
             self._waiting = None
+        if self._lease is not None:
+            protocol, _ = self._lease
+            self._lease = None
+            protocol.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if self._waiting is None and not self._writing_paused:
+        if self._waiting is None and self._lease is None and not self._writing_paused:
             self._serve()
         if len(self._buf) > MAX_BUFFER_BYTES and self._transport is not None and not self._reading_paused:
             self._reading_paused = True
@@ -131,10 +139,14 @@ class FastConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._lease is not None:
+            self._lease[0].pause_writing()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self._waiting is None:
+        if self._lease is not None:
+            self._lease[0].resume_writing()
+        elif self._waiting is None:
             self._serve()
 
     @property
@@ -153,9 +165,10 @@ class FastConnection(asyncio.Protocol):
         return self._waiting
 
     def close_when_idle(self) -> None:
-        """At shutdown: close now unless an answer is being looked up, else once it is written."""
+        """At shutdown: close now unless an answer is being looked up, else once it is written. A request the
+        application answers is the application's to finish (its shutdown waits for it)."""
         self._closing = True
-        if self._waiting is None and self._transport is not None:
+        if self._waiting is None and self._lease is None and self._transport is not None:
             self._transport.close()
             self._transport = None
 
@@ -181,9 +194,12 @@ class FastConnection(asyncio.Protocol):
                 return
             self._body_due = None
             started = time.perf_counter()
+            if len(buf) > request_end and not self._followed_by_ours(head, request_end):
+                self._hand_over()
+                return
             keyed = front.keyer.key(head.route, bytes(buf[end + 4 : request_end]), head.query, head.headers, client)
             if keyed.key is None or not keyed.plan.lookup:
-                self._hand_over()
+                self._lend(request_end)
                 return
             entry = front.store.hot(keyed.key)
             if entry is None:
@@ -192,8 +208,20 @@ class FastConnection(asyncio.Protocol):
                 )
                 return
             if not self._answer(head, request_end, keyed, client, entry, started):
-                self._hand_over()
+                self._lend(request_end)
                 return
+
+    def _followed_by_ours(self, head: Head, request_end: int) -> bool:
+        """Whether what was received after a request is the start of one the fast path may take. Otherwise the
+        application must see them together, as it would without the fast path: it refuses data after a
+        request that closes the connection, and a request followed by bytes its parser refuses."""
+        if not head.keep_alive:
+            return False
+        rest = self._buf[request_end:]
+        end = head_end(rest)
+        if end is INCOMPLETE:
+            return True
+        return isinstance(end, int) and self._front.admission(bytes(rest[:end])) is not None
 
     async def _serve_from_store(
         self, head: Head, request_end: int, keyed: Keyed, client: ClientKey | None, started: float
@@ -208,7 +236,7 @@ class FastConnection(asyncio.Protocol):
         if self._transport is None:
             return
         if entry is None or not self._answer(head, request_end, keyed, client, entry, started):
-            self._hand_over()
+            self._lend(request_end)
             return
         self._serve()
 
@@ -266,6 +294,10 @@ class FastConnection(asyncio.Protocol):
         if self._transport is None:
             return
         now = self._loop.time()
+        if self._lease is not None:
+            # The application keeps its own time while it answers.
+            self._rearm(now + self._front.idle_s)
+            return
         if self._body_due is not None and self._waiting is None:
             if now >= self._body_due:
                 self._hand_over()
@@ -284,6 +316,41 @@ class FastConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _lend(self, request_end: int) -> None:
+        """Let the application answer the request that ends at *request_end*; the connection comes back once its
+        answer is written (see :class:`~proxy.lending.LentTransport`). Requests after it wait here meanwhile."""
+        transport = self._transport
+        assert transport is not None
+        protocol = self._front.handover()
+        lent = LentTransport(transport, self._taken_back)
+        self._lease = (protocol, lent)
+        protocol.connection_made(lent)
+        if self._writing_paused:
+            protocol.pause_writing()
+        data = bytes(self._buf[:request_end])
+        del self._buf[:request_end]
+        protocol.data_received(data)
+
+    def _taken_back(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        protocol, lent = lease
+        lent.give_back()
+        # The protocol lets go of the connection: whatever it still does, it can no longer write to or close it.
+        protocol.connection_lost(None)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if lent.reading_paused and not self._reading_paused:
+            transport.resume_reading()
+        self._idle_at = self._loop.time() + self._front.idle_s
+        if self._closing:
+            transport.close()
+            self._transport = None
+            return
+        self._serve()
 
     def _hand_over(self) -> None:
         """Give the connection to the application's protocol, with every byte not answered here."""

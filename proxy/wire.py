@@ -188,3 +188,75 @@ def replayable(entry: CacheEntry) -> bool:
     if not 200 <= entry.status < 300 or entry.status in (204, 205):
         return False
     return all("\r" not in name + value and "\n" not in name + value for name, value in entry.headers)
+
+
+class AnswerFramer:
+    """Follows the bytes of one HTTP/1.1 response as they are written, to tell when it has been written whole:
+    its head, then a ``Content-Length`` body, a chunked body to its last chunk and trailer, or no body (1xx,
+    204, 304). A response delimited by closing the connection never completes."""
+
+    __slots__ = ("_left", "_pending", "_state")
+
+    def __init__(self) -> None:
+        self._state = "head"
+        self._pending = b""
+        self._left = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "done"
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next bytes written; whether the response is now complete."""
+        while data and self._state != "done":
+            if self._state in ("body", "data"):
+                taken = min(self._left, len(data))
+                self._left -= taken
+                data = data[taken:]
+                if not self._left:
+                    self._state = "done" if self._state == "body" else "size"
+                continue
+            if self._state == "close":
+                return False
+            data = self._line_state(self._pending + data)
+        return self._state == "done"
+
+    def _line_state(self, data: bytes) -> bytes:
+        """Advance through a head, a chunk-size line or a trailer line in *data*; what follows it."""
+        terminator = b"\r\n\r\n" if self._state == "head" else b"\r\n"
+        end = data.find(terminator)
+        if end < 0:
+            self._pending = data
+            return b""
+        self._pending = b""
+        line, rest = data[:end], data[end + len(terminator) :]
+        if self._state == "head":
+            self._read_head(line)
+        elif self._state == "size":
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            self._state, self._left = ("trailer", 0) if size == 0 else ("data", size + 2)
+        elif not line:
+            self._state = "done"
+        return rest
+
+    def _read_head(self, head: bytes) -> None:
+        status_line, _, fields = head.partition(b"\r\n")
+        status = int(status_line.split(b" ", 2)[1])
+        if 100 <= status < 200:
+            return
+        if status in (204, 304):
+            self._state = "done"
+            return
+        length: int | None = None
+        for field in fields.split(b"\r\n"):
+            name, _, value = field.partition(b":")
+            name = name.strip().lower()
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._state = "size"
+                return
+            if name == b"content-length":
+                length = int(value.strip())
+        if length is None:
+            self._state = "close"
+        else:
+            self._state, self._left = ("body", length) if length else ("done", 0)

@@ -35,6 +35,7 @@ ORDER = [
     "handlers",
     "probes",
     "guards",
+    "lending",
     "access",
     "fastpath",
     "app",
