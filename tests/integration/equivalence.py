@@ -18,18 +18,9 @@ from tests.support import free_port
 
 
 class SiteFactory(Protocol):
-    """Builds a site the way ``web.TCPSite`` is built."""
+    """Builds a listening site for an app's runner, as ``web.TCPSite(runner, host, port, backlog=...)`` does."""
 
-    def __call__(
-        self,
-        runner: web.BaseRunner,
-        host: str,
-        port: int,
-        *,
-        reuse_port: bool | None = None,
-        backlog: int = 128,
-        shutdown_timeout: float = 60.0,
-    ) -> web.BaseSite: ...
+    def __call__(self, runner: web.AppRunner, host: str, port: int, *, backlog: int = ...) -> web.BaseSite: ...
 
 
 FAST_SITE: SiteFactory = web.TCPSite
