@@ -4,7 +4,9 @@ Behaviour is chosen by the request itself, so SDK-driven tests can trigger it: a
 ``fail:<status>`` answers that status with an OpenAI error (and ``Retry-After`` on 429), ``drop`` breaks a
 stream off before ``[DONE]``, ``slow`` waits :data:`DELAY_S` seconds before answering, ``hang`` never answers,
 ``cookie`` adds a ``Set-Cookie`` and hop-by-hop response headers (``Connection: X-Hop`` naming ``X-Hop``).
-Every answer carries a fresh id (``chatcmpl-<n>``), so a test can tell a replay from a new upstream call.
+Every answer carries a fresh id (``chatcmpl-<n>``), so a test can tell a replay from a new upstream call; a
+repeatable fake (``create_fake_upstream(repeatable=True)``) gives every call the first call's ids and one fixed
+``created`` time, so that identical requests get identical bytes.
 A test can also make every request fail, whatever it says: ``app[OUTAGE].status = 503`` answers that status,
 and ``app[OUTAGE].status = HANG`` answers nothing, until it is set back to ``0``.
 """
@@ -49,6 +51,8 @@ class Outage:
 
 OUTAGE = web.AppKey("outage", Outage)
 MODEL_HEADER = "x-fake-upstream"
+# What a repeatable fake answers as the time of every answer.
+REPEATABLE_CREATED = 1_700_000_000
 
 
 def _text_of(body: Any) -> str:
@@ -113,23 +117,28 @@ async def _outage_answers(request: web.Request, handler: Any) -> web.StreamRespo
 
 
 class FakeOpenAI:
-    """State shared by the handlers: a call counter and the recorded requests."""
+    """State shared by the handlers: a call counter, which a *repeatable* fake keeps at one, and the clock."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeatable: bool = False) -> None:
         self.calls = 0
+        self.repeatable = repeatable
 
     def next_id(self, prefix: str) -> str:
-        self.calls += 1
+        self.calls = 1 if self.repeatable else self.calls + 1
         return f"{prefix}-{self.calls}"
 
+    def now(self) -> int:
+        return REPEATABLE_CREATED if self.repeatable else int(time.time())
 
-def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
-    """The fake as an aiohttp app; ``app[RECEIVED]`` lists every request it got, in order."""
+
+def create_fake_upstream(delay_s: float = 0.3, *, repeatable: bool = False) -> web.Application:
+    """The fake as an aiohttp app; ``app[RECEIVED]`` lists every request it got, in order. *repeatable*: the same
+    request always gets the same answer, byte for byte."""
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_outage_answers])
     app[RECEIVED] = []
     app[DELAY_S] = delay_s
     app[OUTAGE] = Outage()
-    state = FakeOpenAI()
+    state = FakeOpenAI(repeatable)
 
     async def record(request: web.Request) -> tuple[Any, str]:
         raw = await request.read()
@@ -166,7 +175,7 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         if "fail:" in text:
             return _error(int(text.split("fail:")[1][:3]), "The fake upstream was told to fail.")
         model = str(body.get("model", "gpt-4o-mini"))
-        cid, created = state.next_id("chatcmpl"), int(time.time())
+        cid, created = state.next_id("chatcmpl"), state.now()
         answer = f"echo: {text}"
         extra = headers(model)
         if "cookie" in text:
@@ -256,7 +265,7 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
                 {
                     "id": state.next_id("cmpl"),
                     "object": "text_completion",
-                    "created": int(time.time()),
+                    "created": state.now(),
                     "model": model,
                     "choices": [{"text": f" echo: {text}", "index": 0, "logprobs": None, "finish_reason": "stop"}],
                     "usage": _usage(text),
@@ -318,7 +327,7 @@ def create_fake_upstream(delay_s: float = 0.3) -> web.Application:
         result = {
             "id": rid,
             "object": "response",
-            "created_at": int(time.time()),
+            "created_at": state.now(),
             "status": "completed",
             "model": model,
             "output": [
