@@ -13,6 +13,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from proxy.fastpath import FastSite
 from proxy.state import SETTINGS
 from tests.support import free_port
 
@@ -23,7 +24,7 @@ class SiteFactory(Protocol):
     def __call__(self, runner: web.AppRunner, host: str, port: int, *, backlog: int = ...) -> web.BaseSite: ...
 
 
-FAST_SITE: SiteFactory = web.TCPSite
+FAST_SITE: SiteFactory = FastSite
 PLAIN_SITE: SiteFactory = web.TCPSite
 BOTH_SIDES: Mapping[str, SiteFactory] = {"fast": FAST_SITE, "plain": PLAIN_SITE}
 
