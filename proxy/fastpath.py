@@ -173,7 +173,14 @@ class FastConnection(asyncio.Protocol):
             self._transport = None
 
     def _serve(self) -> None:
-        """Answer the buffered requests in order, until one must wait or is not ours."""
+        """Answer the buffered requests in order, until one must wait or is not ours; read again once what is
+        left to answer is small enough."""
+        self._serve_buffered()
+        if self._reading_paused and self._transport is not None and len(self._buf) <= MAX_BUFFER_BYTES:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def _serve_buffered(self) -> None:
         front, buf = self._front, self._buf
         while buf and self._transport is not None and not self._writing_paused:
             end = head_end(buf)
@@ -271,9 +278,6 @@ class FastConnection(asyncio.Protocol):
             # As aiohttp does at shutdown: the answer in progress is the connection's last.
             self._transport.close()
             self._transport = None
-        elif self._reading_paused and len(self._buf) <= MAX_BUFFER_BYTES:
-            self._reading_paused = False
-            self._transport.resume_reading()
         return True
 
     def _await_body(self) -> None:
@@ -343,8 +347,6 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if lent.reading_paused and not self._reading_paused:
-            transport.resume_reading()
         self._idle_at = self._loop.time() + self._front.idle_s
         if self._closing:
             transport.close()

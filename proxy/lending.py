@@ -25,7 +25,6 @@ class LentTransport(asyncio.Transport):
         self._framer = AnswerFramer()
         self._handled = False
         self.returned = False
-        self.reading_paused = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.returned:
@@ -61,18 +60,16 @@ class LentTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.returned or self._transport.is_closing()
 
+    # The protocol has its one request whole: what arrives meanwhile waits with the fast path, which alone
+    # decides when to stop reading. The protocol's wish would otherwise undo that.
     def pause_reading(self) -> None:
-        if not self.returned:
-            self.reading_paused = True
-            self._transport.pause_reading()
+        return None
 
     def resume_reading(self) -> None:
-        if not self.returned:
-            self.reading_paused = False
-            self._transport.resume_reading()
+        return None
 
     def is_reading(self) -> bool:
-        return self._transport.is_reading()
+        return not self.returned and self._transport.is_reading()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)

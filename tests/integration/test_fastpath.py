@@ -197,3 +197,19 @@ async def test_idle_connections_close_and_a_lookup_in_progress_finishes_when_the
     await runner.cleanup()
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
+
+
+async def test_pipelined_misses_past_the_buffer_bound_are_all_answered_when_the_client_reads_late(
+    start: Callable[..., Awaitable[Started]], fake_upstream: Any
+) -> None:
+    site, _ = await start()
+    reader, writer = await _connect(site)
+    count = 60
+    writer.write(b"".join(_post(f"{i} " + "x" * 100_000) for i in range(count)))
+    await asyncio.sleep(0.3)
+    async with asyncio.timeout(20):
+        answers = [await _read_answer(reader) for _ in range(count)]
+    assert [headers["x-cache"] for _, headers, _ in answers] == ["MISS"] * count
+    assert len(received(fake_upstream)) == count
+    assert len(_fast(site)) == 1
+    writer.close()
