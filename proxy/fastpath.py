@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 BODY_GRACE_S = 0.25
 # Pipelined requests buffered while an answer waits for Redis or for the client to read; past it, reading pauses.
 MAX_BUFFER_BYTES = 1 << 20
-MAX_REPLAYS = 10_000
+# Answers kept ready to write, for the hot entries; the in-process tier holds the entries themselves.
+REPLAYS_MAX_BYTES = 1 << 20
 HEADS_MAX_BYTES = 256 * 1024
 
 Admission = tuple[Head, ClientKey | None]
@@ -55,7 +56,7 @@ class Front:
         self.max_body_bytes = min(settings.server.max_body_bytes, OFFLOAD_BYTES - 1)
         self.idle_s = settings.server.client_timeout_s
         self.connections: set[FastConnection] = set()
-        self._replays: dict[str, Replay] = {}
+        self._replays: Memo[str, Replay] = Memo(REPLAYS_MAX_BYTES)
         # Heads seen, read and judged: a repeated request usually repeats its head byte for byte.
         self._admissions: Memo[bytes, tuple[Admission | None]] = Memo(HEADS_MAX_BYTES)
 
@@ -87,9 +88,8 @@ class Front:
         if found is None or found.entry is not entry or found.tag != tag:
             if not replayable(entry):
                 return None
-            if len(self._replays) >= MAX_REPLAYS:
-                self._replays.clear()
-            found = self._replays[key] = Replay(entry, tag)
+            found = Replay(entry, tag)
+            self._replays.put(key, found.size, found)
         return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
+from operator import itemgetter
 
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
@@ -142,7 +143,7 @@ class Replay:
     for :func:`~proxy.handlers.serve_hit`'s response (``Content-Length``, then ``Content-Type`` if absent,
     ``Date``, ``Server``, then ``Connection`` where the version and keep-alive call for it)."""
 
-    __slots__ = ("_formats", "_order", "body", "entry", "tag")
+    __slots__ = ("_formats", "_pick", "_status", "_template", "body", "entry", "tag")
 
     def __init__(self, entry: CacheEntry, tag: str) -> None:
         self.entry, self.tag, self.body = entry, tag, entry.body
@@ -155,20 +156,29 @@ class Replay:
         headers.setdefault("Date", _DATE)
         headers.setdefault("Server", SERVER_SOFTWARE)
         fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("utf-8")
-        # One %-format per version and keep-alive, its placeholders in the order the slots appear.
+        # A %-format per version and keep-alive (made when first needed), its placeholders in slot order.
         parts = _SLOT.split(fields.replace(b"%", b"%%"))
-        self._order = tuple(("age", "id", "date").index(name.decode()) for name in parts[1::2])
-        template = b"%s".join(parts[0::2])
-        status = f" {entry.status} {_reason(entry.status)}\r\n".encode()
-        self._formats = {
-            (minor, keep_alive): (b"HTTP/1.1" if minor else b"HTTP/1.0") + status + template + connection + b"\r\n"
-            for (minor, keep_alive), connection in _CONNECTION.items()
-        }
+        # Age and X-Request-ID are always there, so itemgetter always gives a tuple.
+        self._pick = itemgetter(*(("age", "id", "date").index(name.decode()) for name in parts[1::2]))
+        self._template = b"%s".join(parts[0::2])
+        self._status = f" {entry.status} {_reason(entry.status)}\r\n".encode()
+        self._formats: dict[tuple[int, bool], bytes] = {}
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds beside the entry's own."""
+        return 3 * len(self._template)
 
     def head_for(self, minor: int, keep_alive: bool, age: int, request_id: str) -> bytes:
         """The answer's status line and headers for an HTTP/1.<*minor*> request; :attr:`body` follows them."""
         values = (str(age).encode(), request_id.encode(), rfc822_formatted_time().encode())
-        return self._formats[(minor, keep_alive)] % tuple(values[index] for index in self._order)
+        form = self._formats.get((minor, keep_alive))
+        if form is None:
+            version = b"HTTP/1.1" if minor else b"HTTP/1.0"
+            form = version + self._status + self._template + _CONNECTION[(minor, keep_alive)] + b"\r\n"
+            self._formats[(minor, keep_alive)] = form
+        answer: bytes = form % self._pick(values)
+        return answer
 
     def bytes_for(self, minor: int, keep_alive: bool, age: int, request_id: str) -> bytes:
         """The whole answer to an HTTP/1.<*minor*> request."""
