@@ -242,7 +242,10 @@ class FastConnection(asyncio.Protocol):
         self._waiting = None
         if self._transport is None:
             return
-        if entry is None or not self._answer(head, request_end, keyed, client, entry, started):
+        if entry is None:
+            self._lend(request_end, missed=keyed.key)
+            return
+        if not self._answer(head, request_end, keyed, client, entry, started):
             self._lend(request_end)
             return
         self._serve()
@@ -321,13 +324,15 @@ class FastConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _lend(self, request_end: int) -> None:
-        """Let the application answer the request that ends at *request_end*; the connection comes back once its
-        answer is written (see :class:`~proxy.lending.LentTransport`). Requests after it wait here meanwhile."""
+    def _lend(self, request_end: int, *, missed: str | None = None) -> None:
+        """Let the application answer the request that ends at *request_end*, whose key *missed* the cache just
+        now if given; the connection comes back once its answer is written (see
+        :class:`~proxy.lending.LentTransport`). Requests after it wait here meanwhile."""
         transport = self._transport
         assert transport is not None
         protocol = self._front.handover()
         lent = LentTransport(transport, self._taken_back)
+        lent.missed = missed
         self._lease = (protocol, lent)
         protocol.connection_made(lent)
         if self._writing_paused:

@@ -19,6 +19,7 @@ from .errors import BodyTooLarge, MethodNotAllowed, ProxyError, RequestTimeout, 
 from .fleet import Claim
 from .flight import Flight, Opener, cut_off
 from .keying import Keyed
+from .lending import LentTransport
 from .logs import Exchange
 from .metrics import Metrics
 from .state import CLIENT, EXCHANGE, FLEET, FLIGHTS, KEYER, METRICS, SETTINGS, SLOTS, STORE, UPSTREAMS
@@ -46,7 +47,10 @@ async def openai_endpoint(request: web.Request) -> web.StreamResponse:
     ex = request[EXCHANGE]
     ex.route, ex.upstream, ex.model, ex.tag = keyed.route, keyed.upstream.name, keyed.model, keyed.tag
     stale: CacheEntry | None = None
-    if keyed.plan.lookup:
+    transport = request.transport
+    # Lent by the fast path, which has just found nothing under this key: one lookup is enough.
+    missed = isinstance(transport, LentTransport) and transport.missed == keyed.key
+    if keyed.plan.lookup and not missed:
         hit = await serve_hit(app, keyed, ex)
         if isinstance(hit, web.Response):
             return hit

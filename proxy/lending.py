@@ -25,6 +25,8 @@ class LentTransport(asyncio.Transport):
         self._framer = AnswerFramer()
         self._handled = False
         self.returned = False
+        # The key of the request, when the fast path found nothing under it just now: no need to look again.
+        self.missed: str | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.returned:

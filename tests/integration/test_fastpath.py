@@ -213,3 +213,17 @@ async def test_pipelined_misses_past_the_buffer_bound_are_all_answered_when_the_
     assert len(received(fake_upstream)) == count
     assert len(_fast(site)) == 1
     writer.close()
+
+
+async def test_miss_costs_one_redis_read_when_the_fast_path_lends_it_to_the_application(
+    start: Callable[..., Awaitable[Started]], redis_url: str
+) -> None:
+    site, runner = await start(backend="redis", url=redis_url, replica_single_flight=False)
+    reads = runner.app[METRICS].redis_durations.series
+    reader, writer = await _connect(site)
+    before = sum(reads.get(("read",), [0.0])[:-1])
+    writer.write(_post("one read"))
+    assert (await _read_answer(reader))[1]["x-cache"] == "MISS"
+    assert sum(reads[("read",)][:-1]) - before == 1
+    assert len(_fast(site)) == 1
+    writer.close()
