@@ -190,7 +190,7 @@ def test_hit_tables_show_median_and_spread_when_there_are_rounds() -> None:
     assert "| hit | 64 | 2.000 (1.000-3.000) | 5.000 (4.000-6.000) |" in text
     checks = {c["target"]: c for c in targets(_rounds_results())}
     assert checks["hit: req/s vs nginx, 64 conns"]["measured"] == 0.5
-    assert checks["hit: p99, 64 conns"]["measured"] == 5.0
+    assert checks["hit: p99 vs nginx, 64 conns"]["measured"] == 1.0
 
 
 def test_one_run_per_round_is_required_of_both_sides_when_a_ratio_is_taken() -> None:
@@ -263,5 +263,86 @@ def test_ttfb_breakdown_shows_each_backend_step_when_all_backends_ran() -> None:
     met = {c["target"]: c["met"] for c in targets({"stream_ttfb": ttfb})}
     assert met == {
         "stream miss: first event added, new connection": False,
-        "stream miss: first event added, kept-alive": True,
+        "stream miss: first event added, kept-alive": False,
     }
+
+
+def test_first_event_goal_is_met_when_at_most_a_third_of_a_millisecond_is_added() -> None:
+    ttfb = {
+        "samples": 60,
+        "new_connection": {"direct": _side(20.8), "proxy": _side(21.1, 0.3)},
+        "kept_alive": {"direct": _side(20.5), "proxy": _side(20.81, 0.31)},
+    }
+    checks = {c["target"]: c for c in targets({"stream_ttfb": ttfb})}
+    assert checks["stream miss: first event added, new connection"]["met"] is True
+    assert checks["stream miss: first event added, kept-alive"]["met"] is False
+    assert checks["stream miss: first event added, kept-alive"]["goal"] == "<= 0.3"
+
+
+def _latency_rounds_results() -> dict[str, Any]:
+    """Three rounds in which the machine drifts: per round the proxy's p50 is 1.1x, 1.2x and 1.3x nginx's (the
+    median of those 1.2x, the ratio of the medians 1.3x), its p99 1.4x and its req/s 1.1x nginx's."""
+    by_server = {
+        # name: per round (req/s, p50 ms, p99 ms)
+        "proxy": ((11_000.0, 0.11, 1.4), (22_000.0, 0.48, 5.6), (12_100.0, 0.26, 2.8)),
+        "nginx": ((10_000.0, 0.1, 1.0), (20_000.0, 0.4, 4.0), (11_000.0, 0.2, 2.0)),
+    }
+    hits = {
+        f"{workload}/{conns}/{name}": figures.summarize([_wrk_run(name, *run) for run in runs])
+        for workload in HIT_WORKLOADS
+        for conns in (64, 1)
+        for name, runs in by_server.items()
+    }
+    servers = {"hits": ["proxy", "nginx"], "misses": ["proxy", "nginx"]}
+    return {"environment": {**ENVIRONMENT, "rounds": 3, "duration_s": 4}, "servers": servers, "hits": hits}
+
+
+def test_latency_targets_are_ratios_within_rounds_when_there_are_rounds() -> None:
+    checks = {c["target"]: c for c in targets(_latency_rounds_results())}
+    rps, p50, p99 = (
+        checks[f"stream: {what}"]
+        for what in ("req/s vs nginx, 64 conns", "p50 vs nginx, 1 conn", "p99 vs nginx, 64 conns")
+    )
+    assert (rps["measured"], rps["goal"], rps["met"]) == (1.1, ">= 1", True)
+    assert rps["rounds"] == pytest.approx([1.1, 1.1, 1.1])
+    assert (p50["measured"], p50["min"], p50["max"], p50["goal"], p50["met"]) == (1.2, 1.1, 1.3, "<= 1.2", True)
+    assert (p99["measured"], p99["goal"], p99["met"]) == (1.4, "<= 1.5", True)
+
+
+def test_target_shows_the_spread_of_its_rounds_when_the_ratio_varied() -> None:
+    text = markdown(_latency_rounds_results())
+    assert "| hit: p50 vs nginx, 1 conn | 1.200 x (1.100-1.300) | <= 1.2 x | yes |" in text
+    assert "| hit: p99 vs nginx, 64 conns | 1.400 x | <= 1.5 x | yes |" in text
+
+
+def test_targets_judge_an_old_file_of_single_runs_against_the_goals() -> None:
+    checks = {c["target"]: c for c in targets(_results())}
+    assert checks["hit: req/s vs nginx, 64 conns"]["measured"] == pytest.approx(0.3333)
+    assert checks["hit: p50 vs nginx, 1 conn"]["measured"] == 3.0
+    assert checks["embeddings: p99 vs nginx, 64 conns"]["measured"] == 3.0
+    assert not any(c["met"] for c in checks.values())
+    assert "| hit: req/s vs nginx, 64 conns | 0.333 x | >= 1 x | NO |" in markdown(_results())
+
+
+def test_miss_target_is_the_median_of_per_round_ratios_when_misses_ran() -> None:
+    misses = {
+        f"miss/{conns}/{name}": figures.summarize([_wrk_run(name, rps, 1.0, 2.0) for rps in speeds])
+        for conns in (64, 1)
+        for name, speeds in (("proxy", (800.0, 1800.0, 700.0)), ("nginx", (1000.0, 2000.0, 1000.0)))
+    }
+    check = next(c for c in targets({"misses": misses}) if c["target"] == "miss: req/s vs nginx, 64 conns")
+    assert (check["measured"], check["min"], check["max"], check["goal"], check["met"]) == (
+        0.8,
+        0.7,
+        0.9,
+        ">= 0.8",
+        True,
+    )
+
+
+def test_memory_and_startup_goals_are_inclusive_when_exactly_met() -> None:
+    results = {"working_set": {"memory_kib": {"VmHWM": 60 * 1024}}, "startup_s": [0.4, 0.5, 0.6]}
+    assert [(c["target"], c["met"]) for c in targets(results)] == [
+        ("peak RSS (VmHWM)", True),
+        ("start to first /healthz 200 (median)", True),
+    ]
