@@ -274,6 +274,26 @@ def redis_dbsize(port: int) -> int:
     return int(reply[1:].split(b"\r\n")[0])
 
 
+def keyspace_hits(reply: bytes) -> int:
+    """``keyspace_hits`` from the RESP reply to ``INFO stats``; BenchmarkError when the reply has none."""
+    match = re.search(rb"^keyspace_hits:(\d+)\r?$", reply, re.M)
+    if not reply.startswith(b"$") or match is None:
+        raise BenchmarkError(f"no keyspace_hits in the INFO reply {reply[:64]!r}")
+    return int(match[1])
+
+
+def redis_keyspace_hits(port: int) -> int:
+    """Keys that reads found in the Redis on *port* since it started (``keyspace_hits`` of ``INFO stats``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO stats\r\n")
+        reply = sock.recv(65536)
+        size = int(reply[1 : reply.find(b"\r\n")]) if reply.startswith(b"$") else 0
+        # "$<size>\r\n<text>\r\n": the text may come in more than one read.
+        while len(reply) < len(str(size)) + size + 5 and (more := sock.recv(65536)):
+            reply += more
+    return keyspace_hits(reply)
+
+
 def nginx_requests(port: int) -> int:
     """Total requests an nginx has accepted, from its ``stub_status`` page (the probe itself included)."""
     status, _, body = request(port, "GET", "/_status")

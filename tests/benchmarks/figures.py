@@ -13,13 +13,16 @@ CONNECTIONS = (64, 1)
 MIB_KIB = 1024
 # The peer the targets are measured against: a results file without its runs cannot be reported on.
 REFERENCE = "nginx"
+# This checkout's proxy with its in-process tier off: each of its hits is looked up in Redis.
+REDIS_HITS = "proxy_redis"
 AT_LEAST, AT_MOST = ">=", "<="
 # The goals: (comparison, bound). Ratios are to nginx in the same round: req/s at 64 connections, p50 at 1, p99
-# at 64; "hit" is a hit from the in-process tier.
+# at 64; "hit" is a hit from the in-process tier, "redis_hit" one that needs Redis.
 GOALS: dict[str, tuple[str, float]] = {
     "hit_rps": (AT_LEAST, 1.0),
     "hit_p50": (AT_MOST, 1.2),
     "hit_p99": (AT_MOST, 1.5),
+    "redis_hit_rps": (AT_LEAST, 0.5),
     "miss_rps": (AT_LEAST, 0.8),
     "first_event_added_ms": (AT_MOST, 0.3),
     "peak_rss_mib": (AT_MOST, 60.0),
@@ -106,9 +109,9 @@ def summarize(runs: Sequence[Mapping[str, Any]], **extra: object) -> dict[str, A
     """One entry for a server's rounds, in the shape of a single run so older readers still work.
 
     ``wrk`` holds the median of the speed and latency numbers and the sum of the counts, ``cpu_us_per_request``
-    and ``core_busy`` the median per role, ``server_core_other`` the worst round; ``upstream_requests`` and
-    ``redis_keys_added`` are summed when the runs have them. The runs themselves are kept under ``rounds``,
-    the min-max of req/s, p50 and p99 under ``spread``. *extra* is added as is.
+    and ``core_busy`` the median per role, ``server_core_other`` the worst round; ``upstream_requests``,
+    ``redis_keys_added`` and ``redis_keys_found`` are summed when the runs have them. The runs themselves are kept
+    under ``rounds``, the min-max of req/s, p50 and p99 under ``spread``. *extra* is added as is.
     """
     wrk: dict[str, float] = {key: statistics.median(float(run["wrk"][key]) for run in runs) for key in MEDIAN_KEYS}
     wrk |= {key: sum(run["wrk"][key] for run in runs) for key in SUM_KEYS}
@@ -122,7 +125,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], **extra: object) -> dict[str, A
         "core_busy": {role: statistics.median(run["core_busy"][role] for run in runs) for role in roles},
         "server_core_other": max(run.get("server_core_other", 0.0) for run in runs),
     }
-    for key in ("upstream_requests", "redis_keys_added"):
+    for key in ("upstream_requests", "redis_keys_added", "redis_keys_found"):
         if all(key in run for run in runs):
             entry[key] = sum(run[key] for run in runs)
     entry["spread"] = {
@@ -134,7 +137,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], **extra: object) -> dict[str, A
 
 def ratios(results: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Throughput ratios computed round by round (``ratio``): per hit workload and connection count the subject
-    over each peer, for the misses likewise, for the scaling run proxy/nginx and the speed-up.
+    over each peer and the proxy without its in-process tier over nginx, for the misses likewise, for the scaling
+    run proxy/nginx and the speed-up.
 
     Older result files, with one run per server, give the plain ratio of the two runs.
     """
@@ -153,6 +157,9 @@ def ratios(results: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                     for peer in peers
                     if peer == REFERENCE or f"{workload}/{conns}/{peer}" in entries
                 }
+                if (redis := entries.get(f"{workload}/{conns}/{REDIS_HITS}")) is not None:
+                    reference = entries[f"{workload}/{conns}/{REFERENCE}"]
+                    out[f"{workload}/{conns}"][f"{REDIS_HITS}/{REFERENCE}"] = ratio(redis, reference)
     scaling, hits = results.get("scaling", {}), results.get("hits", {})
     if "proxy" in scaling and "hit/64/proxy" in hits:
         # Older files have no one-worker runs of their own in the scaling phase; the hit runs stand in.
@@ -197,7 +204,8 @@ def _ratio_check(name: str, goal: str, top: Mapping[str, Any], bottom: Mapping[s
 
 
 def _hit_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per hit workload measured, the proxy's req/s, p50 and p99 over nginx's; then the misses' req/s over nginx's."""
+    """Per hit workload measured: the proxy's req/s, p50 and p99 over nginx's, and its req/s over nginx's without
+    the in-process tier when that server ran; then the misses' req/s over nginx's."""
     hits, checks = results.get("hits", {}), []
     for workload in HIT_WORKLOADS:
         busy, idle = hits.get(f"{workload}/64/proxy"), hits.get(f"{workload}/1/proxy")
@@ -209,6 +217,9 @@ def _hit_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             _ratio_check(f"{workload}: p50 vs nginx, 1 conn", "hit_p50", idle, nginx_idle, "p50_ms"),
             _ratio_check(f"{workload}: p99 vs nginx, 64 conns", "hit_p99", busy, nginx_busy, "p99_ms"),
         ]
+        if (redis := hits.get(f"{workload}/64/{REDIS_HITS}")) is not None:
+            name = f"{workload} via Redis: req/s vs nginx, 64 conns"
+            checks.append(_ratio_check(name, "redis_hit_rps", redis, nginx_busy, "requests_per_s"))
     misses = results.get("misses", {})
     if "miss/64/proxy" in misses:
         name = "miss: req/s vs nginx, 64 conns"

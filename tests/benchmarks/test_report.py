@@ -346,3 +346,54 @@ def test_memory_and_startup_goals_are_inclusive_when_exactly_met() -> None:
         ("peak RSS (VmHWM)", True),
         ("start to first /healthz 200 (median)", True),
     ]
+
+
+def _redis_results(found_share: float = 1.0, proxy_found: int = 0) -> dict[str, Any]:
+    """Two rounds of the proxy, nginx and the proxy without its in-process tier, at 1.2x, 1x and 0.6x nginx's
+    req/s; the last found *found_share* of its hits in Redis, the proxy *proxy_found* entries."""
+    speeds = {"proxy": (12_000.0, 18_000.0), "nginx": (10_000.0, 15_000.0), "proxy_redis": (6_000.0, 9_000.0)}
+    hits = {}
+    for workload in HIT_WORKLOADS:
+        for conns in (64, 1):
+            for name, rps in speeds.items():
+                runs = [_wrk_run(name, r, 0.1, 1.0) for r in rps]
+                for run in runs:
+                    run["redis_keys_found"] = {"proxy_redis": int(run["wrk"]["requests"] * found_share)}.get(
+                        name, proxy_found
+                    )
+                hits[f"{workload}/{conns}/{name}"] = figures.summarize(runs)
+    servers = {"hits": list(speeds), "misses": ["proxy", "nginx"]}
+    return {"environment": {**ENVIRONMENT, "rounds": 2, "duration_s": 4}, "servers": servers, "hits": hits}
+
+
+def test_redis_hits_are_judged_against_nginx_when_the_proxy_without_tier_ran() -> None:
+    results = _redis_results()
+    assert ratios(results)["stream/64"]["proxy_redis/nginx"]["rounds"] == pytest.approx([0.6, 0.6])
+    checks = {c["target"]: c for c in targets(results)}
+    via_redis = checks["embeddings via Redis: req/s vs nginx, 64 conns"]
+    assert (via_redis["measured"], via_redis["goal"], via_redis["met"]) == (0.6, ">= 0.5", True)
+    assert "hit via Redis: req/s vs nginx, 1 conn" not in checks
+    text = markdown(results)
+    assert (
+        "| workload | conns | proxy req/s | nginx req/s | proxy_redis req/s | proxy/nginx | proxy/proxy_redis "
+        "| proxy_redis/nginx |"
+    ) in text
+    assert "| hit | 64 | 15000 (12000-18000) | 12500 (10000-15000) | 7500 (6000-9000) | 1.20 | 2.00 | 0.60 |" in text
+    assert "needed Redis" not in text and "in-process tier" not in text
+
+
+def test_hits_are_noted_when_they_did_not_come_from_where_their_server_keeps_them() -> None:
+    text = markdown(_redis_results(found_share=0.5, proxy_found=3_000))
+    assert "- hit/64/proxy_redis: 30000 entries found in Redis for 60000 hits: not every hit needed Redis" in text
+    assert "- hit/64/proxy: 6000 entries found in Redis for 120000 hits: not all came from the in-process tier" in text
+    assert "hit/1/proxy: " not in markdown(_redis_results(proxy_found=500))
+    calibration = _redis_results(found_share=0.0, proxy_found=3_000)
+    calibration["environment"] = {**calibration["environment"], "calibrate": True}
+    assert "entries found in Redis" not in markdown(calibration)
+
+
+def test_no_redis_target_or_column_shows_when_the_results_predate_the_proxy_without_tier() -> None:
+    results = _rounds_results()
+    assert not any("via Redis" in c["target"] for c in targets(results))
+    assert "proxy_redis" not in markdown(results)
+    assert "proxy_redis/nginx" not in ratios(results)["hit/64"]
