@@ -79,10 +79,10 @@ def warm_until_hit(port: int, path: str, body: bytes, expected: bytes, counter: 
 def differing_headers(proxy: Mapping[str, str], other: Mapping[str, str]) -> list[str]:
     """Names of the response headers that *other* lacks, adds, or sets differently from *proxy*.
 
-    Only the presence of headers whose value changes with the time or the entry (``Date``, ``Age``,
-    ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``request`` returns them.
+    Only the presence of headers whose value changes with the time, the entry or the request (``Date``, ``Age``,
+    ``X-Cache-Key``, ``X-Request-ID``) is compared. Names are expected lower-cased, as ``request`` returns them.
     """
-    varying = {"date", "age", "x-cache-key"}
+    varying = {"date", "age", "x-cache-key", "x-request-id"}
     return sorted(
         name
         for name in proxy.keys() | other.keys()

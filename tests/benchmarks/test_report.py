@@ -137,7 +137,14 @@ def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
         "date": "Thu, 26 Nov 2026 08:00:00 GMT",
         "openai-version": "2020-10-01",
     }
-    floor = {**proxy, "x-cache-key": "0000000000000000", "age": "0", "date": "Thu, 26 Nov 2026 08:00:09 GMT"}
+    proxy["x-request-id"] = "0f3c2a9e8d7b6a5c"
+    floor = {
+        **proxy,
+        "x-cache-key": "0000000000000000",
+        "age": "0",
+        "date": "Thu, 26 Nov 2026 08:00:09 GMT",
+        "x-request-id": "req_0123456789abcdef0123456789abcdef",
+    }
     assert differing_headers(proxy, floor) == []
     del floor["age"]
     floor["content-type"] = "text/plain"
