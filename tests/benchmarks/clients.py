@@ -79,10 +79,10 @@ def warm_until_hit(port: int, path: str, body: bytes, expected: bytes, counter: 
 def differing_headers(proxy: Mapping[str, str], other: Mapping[str, str]) -> list[str]:
     """Names of the response headers that *other* lacks, adds, or sets differently from *proxy*.
 
-    Only the presence of headers whose value changes with the time or the entry (``Date``, ``Age``,
-    ``X-Cache-Key``) is compared. Names are expected lower-cased, as ``request`` returns them.
+    Only the presence of headers whose value changes with the time, the entry or the request (``Date``, ``Age``,
+    ``X-Cache-Key``, ``X-Request-ID``) is compared. Names are expected lower-cased, as ``request`` returns them.
     """
-    varying = {"date", "age", "x-cache-key"}
+    varying = {"date", "age", "x-cache-key", "x-request-id"}
     return sorted(
         name
         for name in proxy.keys() | other.keys()
@@ -272,6 +272,26 @@ def redis_dbsize(port: int) -> int:
     if not reply.startswith(b":"):
         raise BenchmarkError(f"unexpected DBSIZE reply {reply!r}")
     return int(reply[1:].split(b"\r\n")[0])
+
+
+def keyspace_hits(reply: bytes) -> int:
+    """``keyspace_hits`` from the RESP reply to ``INFO stats``; BenchmarkError when the reply has none."""
+    match = re.search(rb"^keyspace_hits:(\d+)\r?$", reply, re.M)
+    if not reply.startswith(b"$") or match is None:
+        raise BenchmarkError(f"no keyspace_hits in the INFO reply {reply[:64]!r}")
+    return int(match[1])
+
+
+def redis_keyspace_hits(port: int) -> int:
+    """Keys that reads found in the Redis on *port* since it started (``keyspace_hits`` of ``INFO stats``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO stats\r\n")
+        reply = sock.recv(65536)
+        size = int(reply[1 : reply.find(b"\r\n")]) if reply.startswith(b"$") else 0
+        # "$<size>\r\n<text>\r\n": the text may come in more than one read.
+        while len(reply) < len(str(size)) + size + 5 and (more := sock.recv(65536)):
+            reply += more
+    return keyspace_hits(reply)
 
 
 def nginx_requests(port: int) -> int:

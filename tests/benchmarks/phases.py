@@ -21,11 +21,32 @@ HIT_WORKLOADS = {
 }
 TTFB_BACKENDS = ("redis", "memory", "off")
 TTFB_WARM_ROUNDS = 3
+# Hits in a row that must each find their entry in Redis on a server that needs Redis for every hit.
+REDIS_CHECK_HITS = 20
+
+
+def _keys_found(bench: Bench, name: str) -> int:
+    """Keys found by reads so far in the Redis servers that hold what server *name* stores."""
+    return sum(clients.redis_keyspace_hits(port) for port in bench.redis_ports(name))
+
+
+def _check_redis_hits(bench: Bench, server: ServerUnderTest, path: str, body: bytes, expected: bytes) -> None:
+    """BenchmarkError unless each of a few hits in a row on *server* found its entry in Redis."""
+    before = _keys_found(bench, server.name)
+    for _ in range(REDIS_CHECK_HITS):
+        clients.warm_until_hit(bench.ports[server.name], server.prefix + path, body, expected)
+    found = _keys_found(bench, server.name) - before
+    if found < REDIS_CHECK_HITS:
+        raise BenchmarkError(
+            f"{server.name}: {found} entries found in Redis for {REDIS_CHECK_HITS} hits in a row; "
+            "its hits do not all need Redis"
+        )
 
 
 def _hit_checks(bench: Bench, workload: str, servers: list[ServerUnderTest]) -> dict[str, dict[str, object]]:
-    """Warm each of *servers* until it answers *workload*'s body with a hit; per server, whether the hit's body
-    equals upstream's and, for a server copying the subject, the headers that differ from the subject's."""
+    """Warm each of *servers* until it answers *workload*'s body with a hit, and check that a server needing Redis
+    for every hit does; per server, whether the hit's body equals upstream's and, for a server copying the
+    subject, the headers that differ from the subject's."""
     _, path, body_name, expected = HIT_WORKLOADS[workload]
     checks: dict[str, dict[str, object]] = {}
     for server in servers:
@@ -33,6 +54,8 @@ def _hit_checks(bench: Bench, workload: str, servers: list[ServerUnderTest]) -> 
         counter = None if server.marks_hits else bench.ports["upstream"]
         identical = clients.warm_until_hit(port, server.prefix + path, body, expected, counter)
         checks[server.name] = {"body_identical_to_upstream": identical}
+        if server.needs_redis and not bench.args.calibrate:
+            _check_redis_hits(bench, server, path, body, expected)
     body = shapes.request_body(body_name)
     subject = clients.request(bench.ports[bench.servers[0].name], "POST", path, body)[1]
     for server in servers:
@@ -49,12 +72,13 @@ def _hit_rounds(
 
     def measure(name: str, _round: int) -> dict[str, Any]:
         server = by_name[name]
-        before = clients.nginx_requests(upstream)
+        before, found_before = clients.nginx_requests(upstream), _keys_found(bench, name)
         watch = {name: bench.pids[name], "redis": bench.pids["redis"]}
         conns, seconds = server.connections(connections), server.seconds(bench.args.duration)
         run = run_wrk(script, bench.ports[name], conns, seconds, watch, server.wrk_options())
         # One request is the status probe itself; anything more reached upstream during a "hit" run.
         run["upstream_requests"] = clients.nginx_requests(upstream) - before - 1
+        run["redis_keys_found"] = _keys_found(bench, name) - found_before
         run["connections"] = conns
         return run
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..redis_topologies import RedisCluster, RedisSentinel
 from . import nginx, processes, shapes
-from .figures import HIT_WORKLOADS
+from .figures import HIT_WORKLOADS, REDIS_HITS
 from .processes import LOAD_CORE, SERVER_CORE, BenchmarkError, Service
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +23,9 @@ OK = b"HTTP/1.1 200"
 NOT_FOUND = b"HTTP/1.1 404"
 # This checkout's proxy, as the server list names it.
 PROXY = "proxy"
+# proxy.yaml of the proxy without an in-process tier: no entry fits in one byte, so every hit is looked up in Redis.
+# The tier's size has no environment variable, and its entry count may not be 0.
+NO_TIER_YAML = "cache:\n  memory_max_bytes: 1\n"
 
 
 @dataclass
@@ -47,9 +50,9 @@ class Bench:
 
     def redis_ports(self, name: str) -> list[int]:
         """The Redis servers that hold what server *name* stores (a cluster's masters for this checkout's)."""
-        if isinstance(self.topology, RedisCluster) and name == PROXY:
+        if isinstance(self.topology, RedisCluster) and name in (PROXY, REDIS_HITS):
             return [master.port for master in self.topology.masters()]
-        if isinstance(self.topology, RedisSentinel) and name == PROXY:
+        if isinstance(self.topology, RedisSentinel) and name in (PROXY, REDIS_HITS):
             return [self.topology.master_port]
         return [self.ports["redis"]]
 
@@ -111,9 +114,10 @@ def start_proxy(
     cores: str = str(SERVER_CORE),
     backend: str = "redis",
     source: Path = REPO,
+    config: str = "",
 ) -> Running:
     """``python -m proxy`` of the checkout at *source* with ``CACHE_BACKEND=backend``, ready once ``/healthz``
-    answers 200; with --calibrate, a second nginx reference in its place.
+    answers 200; with --calibrate, a second nginx reference in its place. A *config* is its ``proxy.yaml``.
 
     Only the environment variables every version of the proxy reads are set, so that an older checkout
     (``--baseline``) runs with the same settings as this one.
@@ -136,6 +140,10 @@ def start_proxy(
     if source == REPO:
         env.update(bench.topology_env)
         env.update(item.split("=", 1) for item in bench.args.proxy_env)
+    if config:
+        path = bench.tmp / f"{name}.yaml"
+        path.write_text(config)
+        env["PROXY_CONFIG"] = str(path)
     argv = [sys.executable, "-m", "proxy"] + (["--workers", str(workers)] if workers > 1 else [])
     # The scratch cwd (Bench.start) keeps a developer's proxy.yaml or .env out of the measurement.
     service = bench.start(name, argv, cores, env=env)
@@ -153,6 +161,11 @@ def start_aiohttp(bench: Bench, name: str, cores: int, *args: str) -> Running:
 def start_floor(bench: Bench, name: str, upstream_port: int) -> Running:
     """The bare aiohttp app answering with the proxy's hit bytes; it never calls *upstream_port*."""
     return start_aiohttp(bench, name, SERVER_CORE, "floor")
+
+
+def start_proxy_redis(bench: Bench, name: str, upstream_port: int) -> Running:
+    """This checkout's proxy with the subject's settings but no in-process tier: each hit is a Redis lookup."""
+    return start_proxy(bench, name, upstream_port, config=NO_TIER_YAML)
 
 
 def start_baseline(bench: Bench, name: str, upstream_port: int) -> Running:
@@ -173,7 +186,8 @@ class ServerUnderTest:
     ``bodies/`` its requests come from. One that says nothing like ``X-Cache: HIT`` (not *marks_hits*) is known
     to hit when the fake upstream's request counter stands still. A server a hundred times slower than the others
     runs for *run_s* seconds, whatever ``--duration`` says, with at most *max_connections*: enough for its slow
-    answers to complete many times over, and few enough that none waits past wrk's timeout.
+    answers to complete many times over, and few enough that none waits past wrk's timeout. One whose every hit
+    must find its entry in Redis (*needs_redis*) is checked for that before its runs.
     """
 
     name: str
@@ -186,6 +200,7 @@ class ServerUnderTest:
     workloads: tuple[str, ...] = HIT_WORKLOADS
     run_s: int | None = None
     max_connections: int | None = None
+    needs_redis: bool = False
 
     def body_name(self, name: str) -> str:
         """The name under ``bodies/`` of this server's request *name* (``chat``, ``chat_stream``, ...)."""
@@ -207,6 +222,7 @@ class ServerUnderTest:
 SERVERS = (
     ServerUnderTest("proxy", start_proxy),
     ServerUnderTest("nginx", start_reference),
+    ServerUnderTest(REDIS_HITS, start_proxy_redis, serves_misses=False, copies_subject=True, needs_redis=True),
     ServerUnderTest("floor", start_floor, serves_misses=False, copies_subject=True),
 )
 BASELINE = ServerUnderTest("baseline", start_baseline)

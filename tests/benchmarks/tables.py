@@ -8,6 +8,7 @@ from typing import Any
 from .figures import (
     CONNECTIONS,
     HIT_WORKLOADS,
+    REDIS_HITS,
     REFERENCE,
     difference,
     gap_split,
@@ -96,6 +97,20 @@ def _hit_notes(workload: str, conns: int, name: str, run: Entry) -> list[str]:
     return notes + _capped(f"{workload}/{conns}/{name}", conns, run) + _noise(f"{workload}/{conns}/{name}", run)
 
 
+def _redis_notes(label: str, name: str, subject: str, run: Entry) -> list[str]:
+    """A note when the proxy without its tier served hits that Redis did not find, or when the subject's hits,
+    meant to come from its in-process tier, found their entries in Redis (more than 1 %)."""
+    found = run.get("redis_keys_found")
+    if found is None:
+        return []
+    requests = run["wrk"]["requests"]
+    if name == REDIS_HITS and found < requests:
+        return [f"- {label}: {found} entries found in Redis for {requests} hits: not every hit needed Redis"]
+    if name == subject and found > requests / 100:
+        return [f"- {label}: {found} entries found in Redis for {requests} hits: not all came from the in-process tier"]
+    return []
+
+
 def _gap_lines(results: Mapping[str, Any]) -> list[str]:
     split = [
         f"- {workload}: {s['gap_us']:.1f} µs, of which aiohttp's floor {s['aiohttp_us']:.1f} µs "
@@ -110,17 +125,27 @@ def hits(results: Mapping[str, Any]) -> list[str]:
     """Req/s and ratios, latency, and CPU per request of every hit workload and server, then notes on any run
     whose hits reached upstream, differed from upstream's bytes or the subject's headers, or shared its core."""
     names = servers(results, "hits")
+    # The proxy without its tier is judged against nginx, as the subject is.
+    redis_vs = [(names.index(REDIS_HITS), names.index(REFERENCE))] if {REDIS_HITS, REFERENCE} <= set(names) else []
+    judged = not results["environment"]["calibrate"]
     speed, latency, cpu, notes = [], [], [], []
     for workload in HIT_WORKLOADS:
         for conns in CONNECTIONS:
             runs = _entries(results["hits"], f"{workload}/{conns}", names)
             rps = [_wrk(run, "requests_per_s", ".0f") for run in runs]
-            speed.append([workload, conns, *rps, *(_ratio(runs[0], run) for run in runs[1:])])
+            ratios_ = [*(_ratio(runs[0], run) for run in runs[1:]), *(_ratio(runs[a], runs[b]) for a, b in redis_vs)]
+            speed.append([workload, conns, *rps, *ratios_])
             latency.append([workload, conns, *(_wrk(run, key) for run in runs for key in ("p50_ms", "p99_ms"))])
             pairs = list(zip(runs, names, strict=True))
             busy = [_per_role(run, "core_busy", name, ".0%") for run, name in pairs]
             cpu.append([workload, conns, *(_per_role(r, "cpu_us_per_request", n, ".1f") for r, n in pairs), *busy])
             notes += [line for run, name in pairs if run is not None for line in _hit_notes(workload, conns, name, run)]
+            notes += [
+                line
+                for run, name in pairs
+                if run is not None and judged
+                for line in _redis_notes(f"{workload}/{conns}/{name}", name, names[0], run)
+            ]
     # A workload's body checks are shared by its runs at every connection count: each said once.
     notes = list(dict.fromkeys(notes))
     return [
@@ -128,7 +153,16 @@ def hits(results: Mapping[str, Any]) -> list[str]:
         "",
         _rounds_line(results, "req/s"),
         "",
-        *table(["workload", "conns", *(f"{n} req/s" for n in names), *(f"{names[0]}/{n}" for n in names[1:])], speed),
+        *table(
+            [
+                "workload",
+                "conns",
+                *(f"{n} req/s" for n in names),
+                *(f"{names[0]}/{n}" for n in names[1:]),
+                *(f"{names[a]}/{names[b]}" for a, b in redis_vs),
+            ],
+            speed,
+        ),
         "",
         "Latency in ms, median over the rounds of each run's percentile (min-max):",
         "",

@@ -1,10 +1,12 @@
-"""The wrk report parser, on output captured from wrk 4.1, and the chunked-body reader of the TTFB client."""
+"""The wrk report parser, on output captured from wrk 4.1, the chunked-body reader of the TTFB client, and the
+reader of Redis's ``INFO stats`` (Redis 7.0)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.clients import dechunk
+from tests.benchmarks.clients import dechunk, keyspace_hits
+from tests.benchmarks.processes import BenchmarkError
 from tests.benchmarks.wrk import WrkOutputError, parse_wrk
 
 CLEAN = """\
@@ -107,3 +109,21 @@ def test_chunked_body_is_incomplete_when_cut_inside_a_chunk_or_before_the_end() 
     payload = b'6\r\ndata: \r\n11\r\n{"a":1}\n\ndata: [D\r\n0\r\n\r\n'
     assert dechunk(payload[:14]) == (b"data: ", False)
     assert dechunk(payload[:-2]) == (b'data: {"a":1}\n\ndata: [D', False)
+
+
+INFO_STATS = (
+    b"$1294\r\n# Stats\r\ntotal_connections_received:3\r\ntotal_commands_processed:2\r\n"
+    b"evicted_keys:0\r\nevicted_clients:0\r\nkeyspace_hits:2\r\nkeyspace_misses:1\r\npubsub_channels:0\r\n"
+    b"active_defrag_hits:7\r\nactive_defrag_key_hits:5\r\n\r\n"
+)
+
+
+def test_keys_found_are_read_when_redis_reports_its_stats() -> None:
+    assert keyspace_hits(INFO_STATS) == 2
+
+
+def test_keys_found_are_refused_when_the_reply_is_not_info_stats() -> None:
+    with pytest.raises(BenchmarkError, match="keyspace_hits"):
+        keyspace_hits(b"-ERR unknown command\r\n")
+    with pytest.raises(BenchmarkError, match="keyspace_hits"):
+        keyspace_hits(b"$20\r\n# Stats\r\nkeyspace_misses:1\r\n")

@@ -137,7 +137,14 @@ def test_varying_header_values_are_ignored_when_comparing_hits() -> None:
         "date": "Thu, 26 Nov 2026 08:00:00 GMT",
         "openai-version": "2020-10-01",
     }
-    floor = {**proxy, "x-cache-key": "0000000000000000", "age": "0", "date": "Thu, 26 Nov 2026 08:00:09 GMT"}
+    proxy["x-request-id"] = "0f3c2a9e8d7b6a5c"
+    floor = {
+        **proxy,
+        "x-cache-key": "0000000000000000",
+        "age": "0",
+        "date": "Thu, 26 Nov 2026 08:00:09 GMT",
+        "x-request-id": "req_0123456789abcdef0123456789abcdef",
+    }
     assert differing_headers(proxy, floor) == []
     del floor["age"]
     floor["content-type"] = "text/plain"
@@ -190,7 +197,7 @@ def test_hit_tables_show_median_and_spread_when_there_are_rounds() -> None:
     assert "| hit | 64 | 2.000 (1.000-3.000) | 5.000 (4.000-6.000) |" in text
     checks = {c["target"]: c for c in targets(_rounds_results())}
     assert checks["hit: req/s vs nginx, 64 conns"]["measured"] == 0.5
-    assert checks["hit: p99, 64 conns"]["measured"] == 5.0
+    assert checks["hit: p99 vs nginx, 64 conns"]["measured"] == 1.0
 
 
 def test_one_run_per_round_is_required_of_both_sides_when_a_ratio_is_taken() -> None:
@@ -263,5 +270,137 @@ def test_ttfb_breakdown_shows_each_backend_step_when_all_backends_ran() -> None:
     met = {c["target"]: c["met"] for c in targets({"stream_ttfb": ttfb})}
     assert met == {
         "stream miss: first event added, new connection": False,
-        "stream miss: first event added, kept-alive": True,
+        "stream miss: first event added, kept-alive": False,
     }
+
+
+def test_first_event_goal_is_met_when_at_most_a_third_of_a_millisecond_is_added() -> None:
+    ttfb = {
+        "samples": 60,
+        "new_connection": {"direct": _side(20.8), "proxy": _side(21.1, 0.3)},
+        "kept_alive": {"direct": _side(20.5), "proxy": _side(20.81, 0.31)},
+    }
+    checks = {c["target"]: c for c in targets({"stream_ttfb": ttfb})}
+    assert checks["stream miss: first event added, new connection"]["met"] is True
+    assert checks["stream miss: first event added, kept-alive"]["met"] is False
+    assert checks["stream miss: first event added, kept-alive"]["goal"] == "<= 0.3"
+
+
+def _latency_rounds_results() -> dict[str, Any]:
+    """Three rounds in which the machine drifts: per round the proxy's p50 is 1.1x, 1.2x and 1.3x nginx's (the
+    median of those 1.2x, the ratio of the medians 1.3x), its p99 1.4x and its req/s 1.1x nginx's."""
+    by_server = {
+        # name: per round (req/s, p50 ms, p99 ms)
+        "proxy": ((11_000.0, 0.11, 1.4), (22_000.0, 0.48, 5.6), (12_100.0, 0.26, 2.8)),
+        "nginx": ((10_000.0, 0.1, 1.0), (20_000.0, 0.4, 4.0), (11_000.0, 0.2, 2.0)),
+    }
+    hits = {
+        f"{workload}/{conns}/{name}": figures.summarize([_wrk_run(name, *run) for run in runs])
+        for workload in HIT_WORKLOADS
+        for conns in (64, 1)
+        for name, runs in by_server.items()
+    }
+    servers = {"hits": ["proxy", "nginx"], "misses": ["proxy", "nginx"]}
+    return {"environment": {**ENVIRONMENT, "rounds": 3, "duration_s": 4}, "servers": servers, "hits": hits}
+
+
+def test_latency_targets_are_ratios_within_rounds_when_there_are_rounds() -> None:
+    checks = {c["target"]: c for c in targets(_latency_rounds_results())}
+    rps, p50, p99 = (
+        checks[f"stream: {what}"]
+        for what in ("req/s vs nginx, 64 conns", "p50 vs nginx, 1 conn", "p99 vs nginx, 64 conns")
+    )
+    assert (rps["measured"], rps["goal"], rps["met"]) == (1.1, ">= 1", True)
+    assert rps["rounds"] == pytest.approx([1.1, 1.1, 1.1])
+    assert (p50["measured"], p50["min"], p50["max"], p50["goal"], p50["met"]) == (1.2, 1.1, 1.3, "<= 1.2", True)
+    assert (p99["measured"], p99["goal"], p99["met"]) == (1.4, "<= 1.5", True)
+
+
+def test_target_shows_the_spread_of_its_rounds_when_the_ratio_varied() -> None:
+    text = markdown(_latency_rounds_results())
+    assert "| hit: p50 vs nginx, 1 conn | 1.200 x (1.100-1.300) | <= 1.2 x | yes |" in text
+    assert "| hit: p99 vs nginx, 64 conns | 1.400 x | <= 1.5 x | yes |" in text
+
+
+def test_targets_judge_an_old_file_of_single_runs_against_the_goals() -> None:
+    checks = {c["target"]: c for c in targets(_results())}
+    assert checks["hit: req/s vs nginx, 64 conns"]["measured"] == pytest.approx(0.3333)
+    assert checks["hit: p50 vs nginx, 1 conn"]["measured"] == 3.0
+    assert checks["embeddings: p99 vs nginx, 64 conns"]["measured"] == 3.0
+    assert not any(c["met"] for c in checks.values())
+    assert "| hit: req/s vs nginx, 64 conns | 0.333 x | >= 1 x | NO |" in markdown(_results())
+
+
+def test_miss_target_is_the_median_of_per_round_ratios_when_misses_ran() -> None:
+    misses = {
+        f"miss/{conns}/{name}": figures.summarize([_wrk_run(name, rps, 1.0, 2.0) for rps in speeds])
+        for conns in (64, 1)
+        for name, speeds in (("proxy", (800.0, 1800.0, 700.0)), ("nginx", (1000.0, 2000.0, 1000.0)))
+    }
+    check = next(c for c in targets({"misses": misses}) if c["target"] == "miss: req/s vs nginx, 64 conns")
+    assert (check["measured"], check["min"], check["max"], check["goal"], check["met"]) == (
+        0.8,
+        0.7,
+        0.9,
+        ">= 0.8",
+        True,
+    )
+
+
+def test_memory_and_startup_goals_are_inclusive_when_exactly_met() -> None:
+    results = {"working_set": {"memory_kib": {"VmHWM": 60 * 1024}}, "startup_s": [0.4, 0.5, 0.6]}
+    assert [(c["target"], c["met"]) for c in targets(results)] == [
+        ("peak RSS (VmHWM)", True),
+        ("start to first /healthz 200 (median)", True),
+    ]
+
+
+def _redis_results(found_share: float = 1.0, proxy_found: int = 0) -> dict[str, Any]:
+    """Two rounds of the proxy, nginx and the proxy without its in-process tier, at 1.2x, 1x and 0.6x nginx's
+    req/s; the last found *found_share* of its hits in Redis, the proxy *proxy_found* entries."""
+    speeds = {"proxy": (12_000.0, 18_000.0), "nginx": (10_000.0, 15_000.0), "proxy_redis": (6_000.0, 9_000.0)}
+    hits = {}
+    for workload in HIT_WORKLOADS:
+        for conns in (64, 1):
+            for name, rps in speeds.items():
+                runs = [_wrk_run(name, r, 0.1, 1.0) for r in rps]
+                for run in runs:
+                    run["redis_keys_found"] = {"proxy_redis": int(run["wrk"]["requests"] * found_share)}.get(
+                        name, proxy_found
+                    )
+                hits[f"{workload}/{conns}/{name}"] = figures.summarize(runs)
+    servers = {"hits": list(speeds), "misses": ["proxy", "nginx"]}
+    return {"environment": {**ENVIRONMENT, "rounds": 2, "duration_s": 4}, "servers": servers, "hits": hits}
+
+
+def test_redis_hits_are_judged_against_nginx_when_the_proxy_without_tier_ran() -> None:
+    results = _redis_results()
+    assert ratios(results)["stream/64"]["proxy_redis/nginx"]["rounds"] == pytest.approx([0.6, 0.6])
+    checks = {c["target"]: c for c in targets(results)}
+    via_redis = checks["embeddings via Redis: req/s vs nginx, 64 conns"]
+    assert (via_redis["measured"], via_redis["goal"], via_redis["met"]) == (0.6, ">= 0.5", True)
+    assert "hit via Redis: req/s vs nginx, 1 conn" not in checks
+    text = markdown(results)
+    assert (
+        "| workload | conns | proxy req/s | nginx req/s | proxy_redis req/s | proxy/nginx | proxy/proxy_redis "
+        "| proxy_redis/nginx |"
+    ) in text
+    assert "| hit | 64 | 15000 (12000-18000) | 12500 (10000-15000) | 7500 (6000-9000) | 1.20 | 2.00 | 0.60 |" in text
+    assert "needed Redis" not in text and "in-process tier" not in text
+
+
+def test_hits_are_noted_when_they_did_not_come_from_where_their_server_keeps_them() -> None:
+    text = markdown(_redis_results(found_share=0.5, proxy_found=3_000))
+    assert "- hit/64/proxy_redis: 30000 entries found in Redis for 60000 hits: not every hit needed Redis" in text
+    assert "- hit/64/proxy: 6000 entries found in Redis for 120000 hits: not all came from the in-process tier" in text
+    assert "hit/1/proxy: " not in markdown(_redis_results(proxy_found=500))
+    calibration = _redis_results(found_share=0.0, proxy_found=3_000)
+    calibration["environment"] = {**calibration["environment"], "calibrate": True}
+    assert "entries found in Redis" not in markdown(calibration)
+
+
+def test_no_redis_target_or_column_shows_when_the_results_predate_the_proxy_without_tier() -> None:
+    results = _rounds_results()
+    assert not any("via Redis" in c["target"] for c in targets(results))
+    assert "proxy_redis" not in markdown(results)
+    assert "proxy_redis/nginx" not in ratios(results)["hit/64"]
