@@ -85,7 +85,8 @@ class Front:
         """*entry*'s answer under *key* as the fast path writes it, or ``None`` when it leaves it to the
         application (see :func:`~proxy.wire.replayable`)."""
         found = self._replays.get(key)
-        if found is None or found.entry is not entry or found.tag != tag:
+        # An entry read from Redis is a new object each time, equal to the last one until it is replaced.
+        if found is None or found.tag != tag or (found.entry is not entry and found.entry != entry):
             if not replayable(entry):
                 return None
             found = Replay(entry, tag)
