@@ -56,9 +56,10 @@ class Front:
         self.max_body_bytes = min(settings.server.max_body_bytes, OFFLOAD_BYTES - 1)
         self.idle_s = settings.server.client_timeout_s
         self.connections: set[FastConnection] = set()
-        self._replays: Memo[str, Replay] = Memo(REPLAYS_MAX_BYTES)
+        self._replays: Memo[str, Replay] = Memo(REPLAYS_MAX_BYTES, item_bytes=256)
         # Heads seen, read and judged: a repeated request usually repeats its head byte for byte.
-        self._admissions: Memo[bytes, tuple[Admission | None]] = Memo(HEADS_MAX_BYTES)
+        # A head read holds its header fields as a CIMultiDict: about a kilobyte beside its bytes.
+        self._admissions: Memo[bytes, tuple[Admission | None]] = Memo(HEADS_MAX_BYTES, item_bytes=1024)
 
     def admission(self, raw: bytes) -> Admission | None:
         """The head *raw* read, and the client key it presents, when the application would look its request up

@@ -29,16 +29,18 @@ ScopeOf = Callable[[Upstream, str, Mapping[str, str], ClientKey | None], str]
 
 
 class Memo(Generic[K, V]):
-    """A dict bounded by the summed size of its keys; it empties itself rather than grow past *max_bytes*.
+    """A dict bounded by the summed size its items are given, each plus *item_bytes* for the objects an item
+    holds beyond that (its key tuple, value and dict slot); it empties itself rather than grow past *max_bytes*.
 
     Emptying instead of keeping LRU order keeps ``get`` a plain dict lookup, which is the point of a memo on
     the hit path.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, item_bytes: int = 0) -> None:
         self._items: dict[K, V] = {}
         self._bytes = 0
         self._max_bytes = max_bytes
+        self._item_bytes = item_bytes
 
     def __len__(self) -> int:
         return len(self._items)
@@ -51,6 +53,7 @@ class Memo(Generic[K, V]):
         self._bytes = 0
 
     def put(self, key: K, size: int, value: V) -> None:
+        size += self._item_bytes
         if size > self._max_bytes // 16:
             return
         if self._bytes + size > self._max_bytes:
@@ -93,8 +96,9 @@ class Keyer:
         self._varied = (*_VARIED, *settings.cache.vary_headers)
         self._headers = (*_CREDENTIALS, *_ACCOUNT, *self._varied)
         self.has_clients = bool(settings.auth.clients)
-        self._by_raw: Memo[tuple[Any, ...], Keyed] = Memo(memo_max_bytes)
-        self._scopes: Memo[tuple[Any, ...], str] = Memo(memo_max_bytes // 4)
+        # A remembered key holds its Keyed (key, tag, plan) and the tuple it is found by: about 512 bytes.
+        self._by_raw: Memo[tuple[Any, ...], Keyed] = Memo(memo_max_bytes, item_bytes=512)
+        self._scopes: Memo[tuple[Any, ...], str] = Memo(memo_max_bytes // 4, item_bytes=256)
         # Each namespace's generation (absent: 0), part of every key built in it; see switch_generation.
         self._generations: dict[str, int] = {}
 
