@@ -66,8 +66,8 @@ async def serve_hit(app: web.Application, keyed: Keyed, ex: Exchange) -> web.Res
         return entry
     ex.outcome = "HIT"
     if entry.usage:
-        ex.usage = entry.usage
-        app[METRICS].count_saved(keyed.model, entry.usage)
+        ex.tokens = entry.tokens
+        app[METRICS].count_saved(keyed.model, entry.tokens)
     if entry.is_stream:
         # Replayed in one write, as soon as the handler returns.
         ex.mark_first_byte(time.perf_counter())
@@ -212,7 +212,7 @@ def _store(app: web.Application, keyed: Keyed, ex: Exchange, recording: Recordin
             len(recording.body),
         )
         return
-    ex.usage = entry.usage
+    ex.tokens = entry.tokens
     app[STORE].put(keyed.key, entry)
     metrics = app[METRICS]
     metrics.stores += 1

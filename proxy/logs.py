@@ -87,7 +87,9 @@ def configure(level: str, fmt: str | None = None) -> str:
 
 class Exchange:
     """One request as its log line and the metrics see it, filled in as it is served. Times are
-    ``time.perf_counter()`` seconds; *first_byte_s* is relative to *started*."""
+    ``time.perf_counter()`` seconds; *first_byte_s* is relative to *started*. *tokens* are the answer's input and
+    output tokens (a cache entry's :attr:`~proxy.entry.CacheEntry.tokens`); left ``None``, they are read from
+    *usage*, the answer's ``usage`` object."""
 
     __slots__ = (
         "client",
@@ -98,6 +100,7 @@ class Exchange:
         "route",
         "started",
         "tag",
+        "tokens",
         "upstream",
         "upstream_status",
         "usage",
@@ -112,6 +115,7 @@ class Exchange:
         self.outcome: str | None = None
         self.upstream_status: int | None = None
         self.first_byte_s: float | None = None
+        self.tokens: tuple[int, int] | None = None
         self.usage: Any = None
         self.tag = ""
         self.client: str | None = None
@@ -166,7 +170,7 @@ class AccessLog:
     def record(self, ex: Exchange, method: str, path: str, status: int | None, now: float) -> None:
         """Write *ex*'s line: it answered *status* (``None``: the client left first) after ``now - ex.started``."""
         first_byte = None if ex.first_byte_s is None else round(ex.first_byte_s * 1000, 3)
-        input_tokens, output_tokens = tokens(ex.usage)
+        input_tokens, output_tokens = ex.tokens if ex.tokens is not None else tokens(ex.usage)
         fields: dict[str, Any] = {
             "time": self._time(),
             "level": "INFO",
