@@ -153,59 +153,120 @@ def tokens(usage: Any) -> tuple[int, int]:
     return (given if type(given) is int and given > 0 else 0), (made if type(made) is int and made > 0 else 0)
 
 
+# What record() keeps of a request for its line: time.time(), request id, method, path, status, model, outcome,
+# upstream, upstream status, duration and first byte in seconds, tokens, usage, key tag, client.
+_Row = tuple[
+    float,
+    str,
+    str,
+    str,
+    int | None,
+    str | None,
+    str | None,
+    str,
+    int | None,
+    float,
+    float | None,
+    tuple[int, int] | None,
+    Any,
+    str,
+    str | None,
+]
+
+
 class AccessLog:
     """The line each request leaves at INFO on the ``proxy.access`` logger, written without the logging module's
-    per-record machinery (a LogRecord costs more than a cache hit's budget allows). Lines are collected and
-    written together once per event-loop turn when *schedule* (``loop.call_soon``) is set, else at once."""
+    per-record machinery (a LogRecord costs more than a cache hit's budget allows). A request's values are taken
+    as it ends; they are formatted and written together once per event-loop turn when *schedule*
+    (``loop.call_soon``) is set, else at once."""
 
     def __init__(self, fmt: str, write: Callable[[str], object], flush: Callable[[], object]) -> None:
         self.enabled = logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
         self.is_json = fmt == "json"
         self.schedule: Callable[[Callable[[], None]], object] | None = None
         self._write, self._flush = write, flush
-        self._pending: list[str] = []
+        self._pending: list[_Row] = []
         self._second = -1
         self._stamp = ""
 
     def record(self, ex: Exchange, method: str, path: str, status: int | None, now: float) -> None:
         """Write *ex*'s line: it answered *status* (``None``: the client left first) after ``now - ex.started``."""
-        first_byte = None if ex.first_byte_s is None else round(ex.first_byte_s * 1000, 3)
-        input_tokens, output_tokens = ex.tokens if ex.tokens is not None else tokens(ex.usage)
-        fields: dict[str, Any] = {
-            "time": self._time(),
-            "level": "INFO",
-            "logger": ACCESS_LOGGER,
-            "message": "request",
-            "request_id": ex.id,
-            "method": method,
-            "path": path[:_MAX_VALUE_CHARS],
-            "status": status,
-            "model": ex.model[:_MAX_VALUE_CHARS] if ex.model is not None else None,
-            "outcome": ex.outcome,
-            "upstream": ex.upstream or None,
-            "upstream_status": ex.upstream_status,
-            "duration_ms": round((now - ex.started) * 1000, 3),
-            "first_byte_ms": first_byte,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "key": ex.tag or None,
-            "client": ex.client,
-        }
-        self._pending.append(to_json(fields) if self.is_json else _text(fields))
-        if len(self._pending) == 1:
+        pending = self._pending
+        pending.append(
+            (
+                time.time(),
+                ex.id,
+                method,
+                path,
+                status,
+                ex.model,
+                ex.outcome,
+                ex.upstream,
+                ex.upstream_status,
+                now - ex.started,
+                ex.first_byte_s,
+                ex.tokens,
+                ex.usage,
+                ex.tag,
+                ex.client,
+            )
+        )
+        if len(pending) == 1:
             if self.schedule is None:
                 self.flush()
             else:
                 self.schedule(self.flush)
 
     def flush(self) -> None:
-        lines, self._pending = self._pending, []
-        if lines:
-            self._write("\n".join(lines) + "\n")
+        """Format and write the lines of the requests recorded since the last flush."""
+        rows, self._pending = self._pending, []
+        if rows:
+            line = to_json if self.is_json else _text
+            self._write("".join([f"{line(self._fields(row))}\n" for row in rows]))
             self._flush()
 
-    def _time(self) -> str:
-        now = time.time()
+    def _fields(self, row: _Row) -> dict[str, Any]:
+        (
+            at,
+            request_id,
+            method,
+            path,
+            status,
+            model,
+            outcome,
+            upstream,
+            upstream_status,
+            duration_s,
+            first_byte_s,
+            counted,
+            usage,
+            tag,
+            client,
+        ) = row
+        input_tokens, output_tokens = counted if counted is not None else tokens(usage)
+        return {
+            "time": self._time(at),
+            "level": "INFO",
+            "logger": ACCESS_LOGGER,
+            "message": "request",
+            "request_id": request_id,
+            "method": method,
+            "path": path[:_MAX_VALUE_CHARS],
+            "status": status,
+            "model": model[:_MAX_VALUE_CHARS] if model is not None else None,
+            "outcome": outcome,
+            "upstream": upstream or None,
+            "upstream_status": upstream_status,
+            "duration_ms": round(duration_s * 1000, 3),
+            "first_byte_ms": None if first_byte_s is None else round(first_byte_s * 1000, 3),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "key": tag or None,
+            "client": client,
+        }
+
+    def _time(self, now: float) -> str:
+        """*now* (``time.time()``) as logging's default ``asctime``, in local time."""
         second = int(now)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
