@@ -68,15 +68,16 @@ class JsonFormatter(logging.Formatter):
         return to_json(line)
 
 
-def default_format(stream: TextIO) -> str:
-    """``text`` for a person at a terminal, ``json`` for a collector reading a pipe or file."""
-    return "text" if stream.isatty() else "json"
+def chosen_format(fmt: str | None, stream: TextIO) -> str:
+    """*fmt* when set; otherwise ``text`` for a person at a terminal, ``json`` for a collector reading a pipe or
+    file, as *stream* is."""
+    return fmt or ("text" if stream.isatty() else "json")
 
 
 def configure(level: str, fmt: str | None = None) -> str:
     """Send every log record to stderr at *level*, as *fmt* (``json`` or ``text``; by default chosen by
-    :func:`default_format`); returns the format in use."""
-    fmt = fmt or default_format(sys.stderr)
+    :func:`chosen_format`); returns the format in use."""
+    fmt = chosen_format(fmt, sys.stderr)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else EscapingFormatter(LINE_FORMAT))
     root = logging.getLogger()
@@ -274,7 +275,12 @@ class AccessLog:
 
 
 def _text(fields: dict[str, Any]) -> str:
-    head = f"{fields.pop('time')} level={fields.pop('level')} logger={fields.pop('logger')} {fields.pop('message')}"
+    head = LINE_FORMAT % {
+        "asctime": fields.pop("time"),
+        "levelname": fields.pop("level"),
+        "name": fields.pop("logger"),
+        "message": fields.pop("message"),
+    }
     rest = " ".join(f"{name}={'-' if value is None else _text_value(str(value))}" for name, value in fields.items())
     return f"{head} {rest}"
 

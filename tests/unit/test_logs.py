@@ -1,4 +1,4 @@
-"""AccessLog: values taken when a request ends, formatted into the same line later."""
+"""AccessLog: values taken when a request ends, formatted into the same line later; the log format's default."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from proxy.logs import AccessLog, Exchange
+from proxy.logs import AccessLog, Exchange, chosen_format
 
 Request = tuple[Exchange, str, str, int | None, float]
 
@@ -124,3 +124,13 @@ def test_time_reads_as_logging_asctime_when_formatted() -> None:
         record = logging.makeLogRecord({})
         assert access_log._time(record.created) == logging.Formatter().formatTime(record)
         time.sleep(0.0003)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_format_follows_the_stream_when_none_is_chosen() -> None:
+    assert chosen_format(None, Terminal()) == "text" and chosen_format(None, io.StringIO()) == "json"
+    assert chosen_format("json", Terminal()) == "json" and chosen_format("text", io.StringIO()) == "text"
