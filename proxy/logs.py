@@ -26,6 +26,10 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # Client-chosen values are cut to this length in a line.
 _MAX_VALUE_CHARS = 200
 _SEPARATORS = re.compile('[ ="]')
+# Every character _text_value changes: a value without any is written as it is.
+_TEXT_UNSAFE = re.compile('[\x00-\x20"=\\\\\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
+_MILLISECONDS = tuple(f",{ms:03d}" for ms in range(1000))
+_NUMBERS = (int, float)
 
 
 def to_json(fields: dict[str, Any]) -> str:
@@ -271,7 +275,7 @@ class AccessLog:
         second = int(now)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int((now - second) * 1000):03d}"
+        return self._stamp + _MILLISECONDS[int((now - second) * 1000)]
 
 
 def _text(fields: dict[str, Any]) -> str:
@@ -281,11 +285,17 @@ def _text(fields: dict[str, Any]) -> str:
         "name": fields.pop("logger"),
         "message": fields.pop("message"),
     }
-    rest = " ".join(f"{name}={'-' if value is None else _text_value(str(value))}" for name, value in fields.items())
+    # Numbers are written as they are: escaping is for what a request can choose.
+    rest = " ".join(
+        f"{name}={'-' if value is None else value if type(value) in _NUMBERS else _text_value(str(value))}"
+        for name, value in fields.items()
+    )
     return f"{head} {rest}"
 
 
 def _text_value(value: str) -> str:
+    if not _TEXT_UNSAFE.search(value):
+        return value
     # Beyond what escape() covers, what separates fields is escaped too: a model named "x outcome=HIT" stays one
     # value, and a backslash in a value cannot pass for an escape.
     value = escape(value.replace("\\", "\\x5c"))

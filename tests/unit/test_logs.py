@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from proxy.logs import AccessLog, Exchange, chosen_format
+from proxy.logs import AccessLog, Exchange, _text_value, chosen_format, escape
 
 Request = tuple[Exchange, str, str, int | None, float]
 
@@ -124,6 +124,13 @@ def test_time_reads_as_logging_asctime_when_formatted() -> None:
         record = logging.makeLogRecord({})
         assert access_log._time(record.created) == logging.Formatter().formatTime(record)
         time.sleep(0.0003)
+
+
+def test_text_value_is_left_as_it_is_only_when_escaping_would_not_change_it() -> None:
+    for code in (*range(0x250), *range(0x2000, 0x2070), 0xFEFF, 0x1F600):
+        char = chr(code)
+        unchanged = escape(char) == char and char not in ' ="\\'
+        assert (_text_value(f"a{char}b") == f"a{char}b") == unchanged, hex(code)
 
 
 class Terminal(io.StringIO):
