@@ -124,7 +124,7 @@ def _add_routes(app: web.Application, screen: Screen, clients: tuple[ClientKey, 
         return screened(authorized(handler, clients) if needs_key and clients else handler, screen)
 
     def observe(handler: Handler) -> Handler:
-        return observed(admit(handler), app[METRICS], app[ACCESS_LOG], app[REQUEST_IDS])
+        return observed(admit(handler), app[METRICS], app[ACCESS_LOG], app[REQUEST_IDS], has_clients=bool(clients))
 
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
         router.add_route("*", path, enveloped(admit(get_only(handler), needs_key=False)))
