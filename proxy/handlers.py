@@ -75,11 +75,10 @@ async def serve_hit(app: web.Application, keyed: Keyed, ex: Exchange) -> web.Res
 
 
 def _replay(entry: CacheEntry, tag: str, now: float, label: str = "HIT") -> web.Response:
-    # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying.
+    # Built in one go and handed over as a CIMultiDict, which aiohttp then uses without copying. update() sets
+    # the three headers as item assignments would, in one call.
     headers = CIMultiDict(entry.headers)
-    headers["X-Cache"] = label
-    headers["X-Cache-Key"] = tag
-    headers["Age"] = str(max(0, int(now - entry.stored_at)))
+    headers.update((("X-Cache", label), ("X-Cache-Key", tag), ("Age", str(max(0, int(now - entry.stored_at))))))
     return web.Response(status=entry.status, body=entry.body, headers=headers)
 
 
