@@ -16,12 +16,19 @@ from .metrics import Metrics
 from .state import CLIENT, EXCHANGE
 
 
-def observed(handler: Handler, metrics: Metrics, access_log: AccessLog, request_ids: RequestIds) -> Handler:
+def observed(
+    handler: Handler,
+    metrics: Metrics,
+    access_log: AccessLog,
+    request_ids: RequestIds,
+    *,
+    has_clients: bool = True,
+) -> Handler:
     """Wrap *handler*: the request's :class:`Exchange` is ``request[EXCHANGE]`` while it runs, and errors are
     answered as :func:`~proxy.guards.enveloped` answers them; afterwards a request whose cache outcome is known is
     counted in *metrics*, and every one is written to *access_log*, a client that left before its answer
-    included. The response carries ``X-Request-ID``: the client's own when it sent a plausible one, else a new
-    one from *request_ids*.
+    included, with the name of the client key it presented when *has_clients*. The response carries
+    ``X-Request-ID``: the client's own when it sent a plausible one, else a new one from *request_ids*.
 
     The envelope's job is done here rather than by a second wrapper, and the app's objects are bound rather than
     looked up: this runs on every hit."""
@@ -30,13 +37,12 @@ def observed(handler: Handler, metrics: Metrics, access_log: AccessLog, request_
     async def observe(request: web.Request) -> web.StreamResponse:
         ex = Exchange(request_ids.take(request.headers.get("X-Request-ID")), time.perf_counter())
         request[EXCHANGE] = ex
-        status: int | None = None
+        response: web.StreamResponse | None = None
         try:
             try:
                 response = await handler(request)
             except Exception as exc:
                 response = error_answer(request, exc)
-            status = response.status
             if not response.prepared:
                 response.headers["X-Request-ID"] = ex.id
             return response
@@ -45,8 +51,10 @@ def observed(handler: Handler, metrics: Metrics, access_log: AccessLog, request_
             if ex.outcome is not None:
                 metrics.record(ex, now)
             if access_log.enabled:
-                client = request.get(CLIENT)
+                # Without client keys there is no name to find, and looking for none costs a raised KeyError.
+                client = request.get(CLIENT) if has_clients else None
                 ex.client = client.name if client is not None else None
+                status = response.status if response is not None else None
                 access_log.record(ex, request.method, request.rel_url.raw_path, status, now)
             transport = request.transport
             if isinstance(transport, LentTransport):

@@ -24,7 +24,7 @@ from .guards import Screen, authorized, enveloped, fall_back_to, get_only, scree
 from .handlers import openai_endpoint, passthrough
 from .keying import Keyer, key_secret
 from .kinds import ClientKey
-from .logs import AccessLog, RequestIds, default_format
+from .logs import AccessLog, RequestIds, chosen_format
 from .memory import MemoryStore, NullStore, TieredStore
 from .metrics import MIN, Metrics
 from .peers import Peers
@@ -90,7 +90,7 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = Metrics((*DEFAULT_PRICES, *settings.pricing))
     stream = log_stream or sys.stderr
-    app[ACCESS_LOG] = AccessLog(settings.log_format or default_format(stream), stream.write, stream.flush)
+    app[ACCESS_LOG] = AccessLog(chosen_format(settings.log_format, stream), stream.write, stream.flush)
     app[REQUEST_IDS] = RequestIds()
     if peers_dir is not None:
         app[PEERS] = Peers(peers_dir, app[METRICS])
@@ -124,7 +124,7 @@ def _add_routes(app: web.Application, screen: Screen, clients: tuple[ClientKey, 
         return screened(authorized(handler, clients) if needs_key and clients else handler, screen)
 
     def observe(handler: Handler) -> Handler:
-        return observed(admit(handler), app[METRICS], app[ACCESS_LOG], app[REQUEST_IDS])
+        return observed(admit(handler), app[METRICS], app[ACCESS_LOG], app[REQUEST_IDS], has_clients=bool(clients))
 
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
         router.add_route("*", path, enveloped(admit(get_only(handler), needs_key=False)))

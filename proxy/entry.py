@@ -5,11 +5,13 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from multidict import CIMultiDict
+
+from .logs import tokens as usage_tokens
 
 # Layout: MAGIC (4 bytes, the last one the format version) | u32 meta length | u32 CRC-32 of meta and body |
 # meta JSON | body. A reader that meets another magic, a length that does not fit or a checksum that does not
@@ -31,7 +33,8 @@ class CacheEntry:
     *body* is the JSON body, or for a stream (*is_stream*) the complete Server-Sent Events byte stream
     exactly as the upstream sent it, ending with ``data: [DONE]``. *headers* are the response headers
     worth keeping (content type, OpenAI metadata), *usage* the token usage
-    reported by the upstream when it reported one. *stored_at* and *expires_at* are Unix times.
+    reported by the upstream when it reported one, and *tokens* its input and output tokens (``(0, 0)`` without
+    one). *stored_at* and *expires_at* are Unix times.
     """
 
     status: int
@@ -41,6 +44,11 @@ class CacheEntry:
     stored_at: float
     expires_at: float
     usage: Mapping[str, Any] | None = None
+    tokens: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Read once here rather than from the usage on every hit of the entry.
+        object.__setattr__(self, "tokens", usage_tokens(self.usage))
 
     def to_bytes(self) -> bytes:
         meta = orjson.dumps(
@@ -127,9 +135,8 @@ def replay_headers(entry: CacheEntry, tag: str, now: float, label: str) -> CIMul
     """The headers of *entry* replayed under the key whose short form is *tag*, at *now* (Unix time), with
     ``X-Cache: <label>``."""
     headers = CIMultiDict(entry.headers)
-    headers["X-Cache"] = label
-    headers["X-Cache-Key"] = tag
-    headers["Age"] = str(max(0, int(now - entry.stored_at)))
+    # As item assignments would (each replaces an equal name where it stands), in one call.
+    headers.update((("X-Cache", label), ("X-Cache-Key", tag), ("Age", str(max(0, int(now - entry.stored_at))))))
     return headers
 
 

@@ -78,8 +78,8 @@ def count_hit(entry: CacheEntry, keyed: Keyed, ex: Exchange, metrics: Metrics, n
         return False
     ex.outcome = "HIT"
     if entry.usage:
-        ex.usage = entry.usage
-        metrics.count_saved(keyed.model, entry.usage)
+        ex.tokens = entry.tokens
+        metrics.count_saved(keyed.model, entry.tokens)
     if entry.is_stream:
         # Replayed in one write, as soon as the answer is handed over.
         ex.mark_first_byte(time.perf_counter())
@@ -220,7 +220,7 @@ def _store(app: web.Application, keyed: Keyed, ex: Exchange, recording: Recordin
             len(recording.body),
         )
         return
-    ex.usage = entry.usage
+    ex.tokens = entry.tokens
     app[STORE].put(keyed.key, entry)
     metrics = app[METRICS]
     metrics.stores += 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .logs import Exchange, tokens
+from .logs import Exchange
 from .pricing import ModelPrice, PriceList
 
 # Hits take well under a millisecond and streamed misses minutes: buckets from 0.5 ms to 5 min.
@@ -16,7 +16,7 @@ DURATION_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 REDIS_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 MAX_LABEL_VALUES = 100
 MAX_LABEL_CHARS = 100
-# Distinct (model, token counts, price) groups of saved answers kept before they are added to the totals.
+# Distinct (model, token counts) groups of saved answers kept before they are added to the totals.
 MAX_SAVED_GROUPS = 10_000
 OTHER = "other"
 # A gauge of the whole process group: the workers' values added, or the lowest (an "up" gauge is up when all are).
@@ -86,10 +86,9 @@ class Metrics:
         self.redis_errors: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.cost_usd: defaultdict[tuple[str, ...], float] = defaultdict(float)
-        # Answers served from the cache, by (model label, input tokens, output tokens, price): one increment per
-        # hit; tokens and money are worked out when scraped.
-        self.saved: defaultdict[tuple[Any, ...], int] = defaultdict(int)
-        self._saved_groups: dict[int, tuple[Mapping[str, Any], str | None, tuple[Any, ...]]] = {}
+        # Answers served from the cache, by (model, (input tokens, output tokens)): one increment per hit; labels,
+        # tokens and money are worked out when scraped.
+        self.saved: dict[tuple[str | None, tuple[int, int]], int] = {}
         self.clients: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.stores = 0
         self.stored_bytes = 0
@@ -97,7 +96,6 @@ class Metrics:
         self.models = Bounded()
         self.routes = Bounded()
         self._prices = PriceList(prices)
-        self._price_of: dict[str, ModelPrice | None] = {}
 
     def record(self, ex: Exchange, now: float) -> None:
         """Count a finished request whose outcome is known, with its duration and time to first byte."""
@@ -120,47 +118,33 @@ class Metrics:
         """Requests that joined an identical one in flight: the requests counted as COALESCED."""
         return sum(sum(counts[:-1]) for labels, counts in self.requests.series.items() if labels[-1] == "COALESCED")
 
-    def count_saved(self, model: str | None, usage: Mapping[str, Any]) -> None:
-        """Count an answer served from the cache with its token *usage*, as *model*'s; its tokens, and what they
-        would have cost, join the totals when scraped."""
-        # An entry served from the in-process tier brings the same usage object every time: its group is found
-        # by identity, without reading the usage again.
-        group = self._saved_groups.get(id(usage))
-        if group is None or group[0] is not usage or group[1] != model:
-            group = self._group(model, usage)
-        self.saved[group[2]] += 1
-
-    def _group(
-        self, model: str | None, usage: Mapping[str, Any]
-    ) -> tuple[Mapping[str, Any], str | None, tuple[Any, ...]]:
-        if len(self._saved_groups) >= MAX_SAVED_GROUPS:
-            self._saved_groups.clear()
-        if len(self.saved) >= MAX_SAVED_GROUPS:
+    def count_saved(self, model: str | None, tokens: tuple[int, int]) -> None:
+        """Count an answer served from the cache as *model*'s, with its input and output *tokens* (a cache
+        entry's :attr:`~proxy.entry.CacheEntry.tokens`); they, and what they would have cost, join the totals
+        when scraped."""
+        saved = self.saved
+        group = (model, tokens)
+        saved[group] = saved.get(group, 0) + 1
+        if len(saved) >= MAX_SAVED_GROUPS:
             self.add_up_saved()
-        price = self._price(model) if model is not None else None
-        group = (usage, model, (self.models(model), *tokens(usage), price))
-        self._saved_groups[id(usage)] = group
-        return group
 
     def add_up_saved(self) -> None:
         """Move the counted answers into the token and money totals."""
-        saved, self.saved = self.saved, defaultdict(int)
-        for (label, input_tokens, output_tokens, price), count in saved.items():
+        saved, self.saved = self.saved, {}
+        prices: dict[str, ModelPrice | None] = {}
+        for (model, (input_tokens, output_tokens)), count in saved.items():
+            label = self.models(model)
             if input_tokens:
                 self.tokens[(label, "input")] += count * input_tokens
             if output_tokens:
                 self.tokens[(label, "output")] += count * output_tokens
+            if model is None:
+                continue
+            if model not in prices:
+                prices[model] = self._prices.price(model)
+            price = prices[model]
             if price is not None:
                 self.cost_usd[(label,)] += count * price.cost_usd(input_tokens, output_tokens)
-
-    def _price(self, model: str) -> ModelPrice | None:
-        try:
-            return self._price_of[model]
-        except KeyError:
-            price = self._prices.price(model)
-            if len(self._price_of) < 4 * MAX_LABEL_VALUES:
-                self._price_of[model] = price
-            return price
 
     def count_upstream(self, upstream: str, status: str, first_byte_s: float | None) -> None:
         """An upstream answered *status* (its HTTP code, or ``error``: no response) after *first_byte_s*."""

@@ -94,6 +94,32 @@ def test_stream_keeps_the_usage_it_reported_when_finished() -> None:
     assert stored is not None and stored.is_stream and stored.usage == {"total_tokens": 3}
 
 
+def test_entry_counts_its_tokens_once_when_built_from_a_recording() -> None:
+    body = b'{"id":"c","usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}'
+    stored = entry_for(recording(body=body), ttl_s=30, max_entry_bytes=1000, now=0.0)
+    assert stored is not None and stored.tokens == (12, 34)
+    responses = recording(body=b"data: [DONE]\n\n", is_stream=True, usage={"input_tokens": 5, "output_tokens": 6})
+    streamed = entry_for(responses, ttl_s=30, max_entry_bytes=1000, now=0.0)
+    assert streamed is not None and streamed.tokens == (5, 6)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 3, "completion_tokens": 4}, (3, 4)),
+        ({"input_tokens": 3, "output_tokens": 4}, (3, 4)),
+        ({"prompt_tokens": -1, "completion_tokens": "4"}, (0, 0)),
+        ({"total_tokens": 3}, (0, 0)),
+        (None, (0, 0)),
+    ],
+)
+def test_decoded_entry_carries_the_tokens_of_its_usage_when_read_back(
+    usage: dict[str, object] | None, expected: tuple[int, int]
+) -> None:
+    decoded = CacheEntry.from_bytes(entry(usage=usage).to_bytes())
+    assert decoded.tokens == expected and decoded.usage == usage
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -147,6 +147,23 @@ async def test_max_age_refuses_older_entries_when_requested(fake_upstream: Any, 
     assert int(fresh_enough.headers["Age"]) >= 10
 
 
+async def test_hit_headers_replace_any_of_the_same_name_when_the_entry_holds_them(
+    fake_upstream: Any, proxy_for: Any
+) -> None:
+    client = await proxy_for(fake_upstream)
+    miss = await client.post("/v1/chat/completions", json=chat_body("own headers"))
+    keyed = client.app[KEYER].key("chat/completions", orjson.dumps(chat_body("own headers")), "", {})
+    assert keyed.key is not None
+    store = client.app[STORE]
+    entry = await store.get(keyed.key)
+    assert entry is not None
+    odd = (("x-cache", "MISS"), ("AGE", "99"), ("X-Cache-Key", "other"), ("X-Cache", "STALE"))
+    store.put(keyed.key, replace(entry, headers=entry.headers + odd))
+    hit = await client.post("/v1/chat/completions", json=chat_body("own headers"))
+    assert hit.headers.getall("X-Cache") == ["HIT"] and hit.headers.getall("Age") == ["0"]
+    assert hit.headers.getall("X-Cache-Key") == [miss.headers["X-Cache-Key"]]
+
+
 async def test_invalid_json_passes_through_untouched_when_body_is_not_json(fake_upstream: Any, proxy_for: Any) -> None:
     client = await proxy_for(fake_upstream)
     for _ in range(2):

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from proxy.exposition import merge, render
-from proxy.logs import Exchange
-from proxy.metrics import MAX_LABEL_VALUES, MIN, OTHER, Bounded, Histogram, Metrics
+from proxy.logs import Exchange, tokens
+from proxy.metrics import MAX_LABEL_VALUES, MAX_SAVED_GROUPS, MIN, OTHER, Bounded, Histogram, Metrics
 from proxy.pricing import DEFAULT_PRICES, ModelPrice, PriceList
 from tests.support import chat_body, metric
 
@@ -50,14 +50,14 @@ def test_dated_snapshot_takes_its_base_price_when_it_has_none_of_its_own() -> No
 
 def test_configured_price_wins_over_the_shipped_one_when_both_name_a_model() -> None:
     metrics = Metrics((*DEFAULT_PRICES, ModelPrice("gpt-4o", 1.0, 2.0)))
-    metrics.count_saved("gpt-4o", {"prompt_tokens": 1000, "completion_tokens": 500})
+    metrics.count_saved("gpt-4o", tokens({"prompt_tokens": 1000, "completion_tokens": 500}))
     metrics.add_up_saved()
     assert metrics.cost_usd[("gpt-4o",)] == pytest.approx((1000 * 1.0 + 500 * 2.0) / 1e6)
 
 
 def test_unpriced_model_counts_tokens_not_money_when_served_from_cache() -> None:
     metrics = Metrics(DEFAULT_PRICES)
-    metrics.count_saved("local-llama", {"input_tokens": 7, "output_tokens": 3})
+    metrics.count_saved("local-llama", tokens({"input_tokens": 7, "output_tokens": 3}))
     metrics.add_up_saved()
     assert metrics.tokens[("local-llama", "input")] == 7 and metrics.tokens[("local-llama", "output")] == 3
     assert ("local-llama",) not in metrics.cost_usd
@@ -65,15 +65,35 @@ def test_unpriced_model_counts_tokens_not_money_when_served_from_cache() -> None
 
 def test_repeated_hits_on_one_entry_count_every_time_when_its_usage_is_shared() -> None:
     metrics = Metrics(DEFAULT_PRICES)
-    usage = {"prompt_tokens": 4, "completion_tokens": 2}
+    entry_tokens = tokens({"prompt_tokens": 4, "completion_tokens": 2})
     for _ in range(3):
-        metrics.count_saved("gpt-4o-mini", usage)
-    metrics.count_saved("gpt-4o", usage)
-    metrics.count_saved("gpt-4o-mini", {"prompt_tokens": 1})
+        metrics.count_saved("gpt-4o-mini", entry_tokens)
+    metrics.count_saved("gpt-4o", entry_tokens)
+    metrics.count_saved("gpt-4o-mini", tokens({"prompt_tokens": 1}))
     metrics.add_up_saved()
     assert metrics.tokens[("gpt-4o-mini", "input")] == 13 and metrics.tokens[("gpt-4o-mini", "output")] == 6
     assert metrics.tokens[("gpt-4o", "input")] == 4
     assert metrics.cost_usd[("gpt-4o",)] == pytest.approx((4 * 2.5 + 2 * 10) / 1e6)
+
+
+def test_model_past_the_label_limit_keeps_its_price_when_its_hits_are_counted() -> None:
+    metrics = Metrics(DEFAULT_PRICES)
+    for i in range(MAX_LABEL_VALUES):
+        metrics.models(f"model-{i}")
+    metrics.count_saved("gpt-4o", (1000, 0))
+    metrics.count_saved("my-own-model", (1000, 0))
+    metrics.add_up_saved()
+    assert metrics.tokens[(OTHER, "input")] == 2000
+    assert metrics.cost_usd[(OTHER,)] == pytest.approx(1000 * 2.5 / 1e6)
+
+
+def test_saved_groups_stay_bounded_and_counted_when_hits_bring_many_token_counts() -> None:
+    metrics = Metrics(DEFAULT_PRICES)
+    for i in range(3 * MAX_SAVED_GROUPS):
+        metrics.count_saved("gpt-4o-mini", (i % (2 * MAX_SAVED_GROUPS), 1))
+        assert len(metrics.saved) < MAX_SAVED_GROUPS
+    metrics.add_up_saved()
+    assert metrics.tokens[("gpt-4o-mini", "output")] == 3 * MAX_SAVED_GROUPS
 
 
 def _busy(requests: int, hits: int, redis_up: int) -> dict[str, Any]:
@@ -84,7 +104,7 @@ def _busy(requests: int, hits: int, redis_up: int) -> dict[str, Any]:
         ex.outcome = "HIT" if i < hits else "MISS"
         ex.first_byte_s = 0.0002
         metrics.record(ex, 0.0003)
-    metrics.count_saved("gpt-4o-mini", {"prompt_tokens": 10 * hits, "completion_tokens": 0})
+    metrics.count_saved("gpt-4o-mini", tokens({"prompt_tokens": 10 * hits, "completion_tokens": 0}))
     metrics.count_upstream("openai", "200", 0.2)
     metrics.stores += 1
     metrics.gauge("llm_cache_memory_entries", "entries", lambda: 5)
