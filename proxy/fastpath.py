@@ -177,7 +177,13 @@ class FastConnection(asyncio.Protocol):
     def _serve(self) -> None:
         """Answer the buffered requests in order, until one must wait or is not ours; read again once what is
         left to answer is small enough."""
-        self._serve_buffered()
+        try:
+            self._serve_buffered()
+        except Exception:
+            # A bug here must not cost the client its answer: the application takes the connection as it is.
+            log.exception("fast path failed; the application takes the connection")
+            self._hand_over()
+            return
         if self._reading_paused and self._transport is not None and len(self._buf) <= MAX_BUFFER_BYTES:
             self._reading_paused = False
             self._transport.resume_reading()

@@ -227,3 +227,22 @@ async def test_miss_costs_one_redis_read_when_the_fast_path_lends_it_to_the_appl
     assert sum(reads[("read",)][:-1]) - before == 1
     assert len(_fast(site)) == 1
     writer.close()
+
+
+async def test_application_answers_when_the_fast_path_fails_unexpectedly(
+    start: Callable[..., Awaitable[Started]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site, _ = await start()
+    await _warm(site, "bug")
+    assert site._front is not None
+
+    def broken(raw: bytes) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(site._front, "admission", broken)
+    reader, writer = await _connect(site)
+    writer.write(_post("bug"))
+    status, headers, _ = await _read_answer(reader)
+    assert (status, headers["x-cache"]) == (200, "HIT")
+    assert len(_fast(site)) == 0
+    writer.close()
