@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,14 @@ class CheckoutError(BenchmarkError):
     """The ref names no commit, or git could not check it out; the message says which."""
 
 
+def git_env() -> dict[str, str]:
+    """This environment without git's own variables: run from a hook or ``git rebase --exec``, an inherited
+    ``GIT_DIR`` would point every command at that repository instead of the one named with ``-C``."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("GIT_")}
+
+
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60, env=git_env())
 
 
 def resolve(repo: Path, ref: str) -> str:

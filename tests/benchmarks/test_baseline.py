@@ -18,7 +18,10 @@ BASELINE = {"ref": "HEAD~1", "commit": "0ab4a81", "subject": "Earlier change"}
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=checkout.git_env()
+    )
+    return done.stdout
 
 
 @pytest.fixture
@@ -95,3 +98,13 @@ def test_before_after_is_left_out_when_no_baseline_ran() -> None:
     results = _before_after_results()
     del results["environment"]["baseline"]
     assert "Before/after" not in markdown(results)
+
+
+def test_git_commands_stay_in_their_repository_when_git_variables_are_inherited(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere.git"
+    monkeypatch.setenv("GIT_DIR", str(elsewhere))
+    monkeypatch.setenv("GIT_WORK_TREE", str(tmp_path))
+    assert checkout.resolve(repo, "HEAD") == _git(repo, "rev-parse", "HEAD").strip()
+    assert not elsewhere.exists()
