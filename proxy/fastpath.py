@@ -338,6 +338,10 @@ class FastConnection(asyncio.Protocol):
         :class:`~proxy.lending.LentTransport`). Requests after it wait here meanwhile."""
         transport = self._transport
         assert transport is not None
+        if transport.is_closing():
+            # The client left while its request was looked up: nobody to answer, and a protocol started now
+            # would only learn so before it began.
+            return
         protocol = self._front.handover()
         lent = LentTransport(transport, self._taken_back)
         lent.missed = missed

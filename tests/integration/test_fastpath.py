@@ -246,3 +246,24 @@ async def test_application_answers_when_the_fast_path_fails_unexpectedly(
     assert (status, headers["x-cache"]) == (200, "HIT")
     assert len(_fast(site)) == 0
     writer.close()
+
+
+async def test_request_is_not_lent_when_its_client_left_during_the_lookup(
+    start: Callable[..., Awaitable[Started]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site, _ = await start()
+    assert site._front is not None
+    front = site._front
+    started: list[object] = []
+    monkeypatch.setattr(front, "handover", lambda: started.append(1))
+
+    class Closing(asyncio.Transport):
+        def is_closing(self) -> bool:
+            return True
+
+    connection = FastConnection(front)
+    connection.connection_made(Closing())
+    connection.data_received(_post("left"))
+    await asyncio.sleep(0.05)
+    assert started == []
+    connection.connection_lost(None)
