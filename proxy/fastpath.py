@@ -1,10 +1,11 @@
 """The fast path: hits answered straight from the cache by a lean protocol in front of the aiohttp application.
 
-A connection starts here. Each request of the one shape :func:`~proxy.wire.take_request` takes, admitted by the
-same screen and client keys as the application, keyed by the same :class:`~proxy.keying.Keyer` and found fresh
-in the same store, is answered here, counted in the same metrics and written to the same access log. At the first
-request it does not answer (a miss, a refusal, anything unusual or malformed) the connection is handed to the
-application's own protocol, with every byte from that request's first on: from then on, aiohttp serves it.
+A connection starts here. Each request of the one shape :func:`~proxy.wire.read_head` takes, admitted by the same
+screen and client keys as the application, keyed by the same :class:`~proxy.keying.Keyer` and found fresh in the
+same store, is answered here, counted in the same metrics and written to the same access log. A request of that
+shape it cannot answer (a miss, a bypass, a stale entry) is lent to the application's own protocol and the
+connection comes back once the answer is written; at anything else (another shape, a refusal, anything unusual or
+malformed) the connection is handed to the application with every byte from that request's first on, for good.
 """
 
 from __future__ import annotations
