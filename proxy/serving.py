@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
@@ -12,10 +14,15 @@ from .app import create_app
 from .config import Settings
 from .fastpath import FastSite
 
+# glibc's mallopt parameter number for the trim threshold, and the value the proxy sets.
+_M_TRIM_THRESHOLD = -1
+TRIM_THRESHOLD_BYTES = 8 * 1024 * 1024
+
 
 def serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None) -> None:
     """Run the proxy in this process on a new event loop (uvloop when installed) until a signal stops it; then
     stop as ``run_app`` does, giving requests in flight ``server.shutdown_grace_s``."""
+    keep_heap()
     loop = new_loop()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_run(settings, reuse_port, peers_dir))
@@ -33,6 +40,25 @@ def serve(settings: Settings, *, reuse_port: bool, peers_dir: str | None = None)
             _cancel_all(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+
+def keep_heap() -> bool:
+    """Have glibc keep up to ``TRIM_THRESHOLD_BYTES`` of freed memory at the top of the heap instead of giving
+    it back to the system at once; whether it was set.
+
+    Each answer read from Redis passes through buffers of its size that are freed at once. With glibc's default
+    (128 KiB, adapted upwards only for freed mmapped chunks) the top of the heap is given back and taken again
+    over and over, and every answer pays page faults for memory it just had: hits read from Redis ran 15-25 %
+    slower. Left alone where ``MALLOC_TRIM_THRESHOLD_`` is set (the operator's choice) or the C library is not
+    glibc.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def runner_for(app: web.Application, settings: Settings, *, handle_signals: bool = False) -> web.AppRunner:
