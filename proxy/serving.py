@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import ctypes
 import os
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_runner import GracefulExit
 
 from .app import create_app
 from .config import Settings
+from .errors import error_response
 from .fastpath import FastSite
 
 # glibc's mallopt parameter number for the trim threshold, and the value the proxy sets.
@@ -61,10 +65,56 @@ def keep_heap() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+class ProxyRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection, whose own error answers are in OpenAI's error shape.
+
+    aiohttp answers a request its HTTP parser refuses, and a handler that fails outside the proxy's error
+    handling, itself: in plain text, and for a parser error quoting the offending bytes of the request (an
+    ``Authorization`` header among them). Here the answer says what was wrong and nothing the request held; the
+    logging, and the connection closing after the answer, stay aiohttp's.
+    """
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        # Logs as aiohttp does (see proxy.app's logger) and refuses when an answer has begun.
+        super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            reason = exc.message.splitlines()[0].rstrip(": ") if exc.message else ""
+            text = f"The request is not valid HTTP/1.1{': ' + reason if reason else ''}."
+            answer = error_response(status, text, "invalid_request_error", "malformed_request")
+        elif status == 504:
+            answer = error_response(status, "The proxy took too long to answer.", "server_error", "proxy_timeout")
+        else:
+            answer = error_response(status, "The proxy failed to handle the request.", "server_error", "internal_error")
+        answer.force_close()
+        return answer
+
+
+class ProxyServer(web.Server):
+    """aiohttp's protocol factory, making :class:`ProxyRequestHandler` protocols."""
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """:class:`aiohttp.web.AppRunner` whose connections answer aiohttp's own errors as the proxy does."""
+
+    async def _make_server(self) -> web.Server:
+        built = await super()._make_server()
+        return ProxyServer(
+            built.request_handler,
+            request_factory=built.request_factory,
+            handler_cancellation=built.handler_cancellation,
+            **built._kwargs,
+        )
+
+
 def runner_for(app: web.Application, settings: Settings, *, handle_signals: bool = False) -> web.AppRunner:
     """The runner the proxy serves *app* with."""
     server = settings.server
-    return web.AppRunner(
+    return ProxyRunner(
         app,
         handle_signals=handle_signals,
         # Each /v1 request leaves its own line (proxy.access); aiohttp's would repeat it without the cache's view.

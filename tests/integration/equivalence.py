@@ -14,6 +14,7 @@ from typing import Protocol
 from aiohttp import web
 
 from proxy.fastpath import FastSite
+from proxy.serving import runner_for
 from proxy.state import SETTINGS
 from tests.support import free_port
 
@@ -65,12 +66,7 @@ async def serve(app: web.Application, sides: Mapping[str, SiteFactory] = BOTH_SI
     """Run *app* behind one ``AppRunner`` set up as ``python -m proxy`` sets it up, with one site per entry of
     *sides* on a free port of ``server.host``."""
     server = app[SETTINGS].server
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        keepalive_timeout=server.client_timeout_s,
-        shutdown_timeout=server.shutdown_grace_s,
-    )
+    runner = runner_for(app, app[SETTINGS])
     await runner.setup()
     sites = Sites(runner, {})
     try:

@@ -382,6 +382,35 @@ async def test_both_sides_send_the_same_bytes_when_sent_the_same_request(
         assert request_ids(fast) == request_ids(plain) == list(case.request_ids)
 
 
+SECRET = "sk-live-0123456789abcdef"
+MALFORMED = {
+    "control-byte-in-value": f"Authorization: Bearer {SECRET}\x01",
+    "bare-lf-before-it": f"X-Note: a\nAuthorization: Bearer {SECRET}",
+    "space-before-colon": f"Authorization : Bearer {SECRET}",
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+async def test_malformed_request_gets_an_openai_error_quoting_nothing_when_the_parser_refuses_it(
+    name: str, proxy_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    raw = request("POST", CHAT_PATH, MALFORMED[name], "Content-Type: application/json", body=b"{}")
+    async with serve(create_app(proxy_settings(), log_stream=io.StringIO())) as sites:
+        for side in ("fast", "plain"):
+            transcript = await play(sites.ports[side], [Step(raw, 1)])
+            (answer,) = transcript.answers
+            assert answer.status == 400, side
+            assert answer.header("Content-Type") == "application/json"
+            error = json.loads(answer.body)["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "malformed_request"
+            assert error["message"].startswith("The request is not valid HTTP/1.1")
+            assert SECRET not in (answer.head + answer.body).decode("latin-1")
+            assert transcript.end == "closed"
+    assert SECRET not in caplog.text
+    assert "malformed request refused" in caplog.text
+
+
 def count_requests(raw: bytes) -> int:
     return raw.count(b" HTTP/1.1\r\n") + raw.count(b" HTTP/1.0\r\n")
 
