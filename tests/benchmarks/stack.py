@@ -163,6 +163,12 @@ def start_floor(bench: Bench, name: str, upstream_port: int) -> Running:
     return start_aiohttp(bench, name, SERVER_CORE, "floor")
 
 
+def start_relay(bench: Bench, name: str, upstream_port: int) -> Running:
+    """A bare aiohttp relay to *upstream_port*: a miss with no key, lookup, coordination or store, over aiohttp's
+    server and one pooled ClientSession, the floor of the proxy's miss path as long as it is built on them."""
+    return start_aiohttp(bench, name, SERVER_CORE, "relay", "--to", str(upstream_port))
+
+
 def start_proxy_redis(bench: Bench, name: str, upstream_port: int) -> Running:
     """This checkout's proxy with the subject's settings but no in-process tier: each hit is a Redis lookup."""
     return start_proxy(bench, name, upstream_port, config=NO_TIER_YAML)
@@ -224,6 +230,7 @@ SERVERS = (
     ServerUnderTest("nginx", start_reference),
     ServerUnderTest(REDIS_HITS, start_proxy_redis, serves_misses=False, copies_subject=True, needs_redis=True),
     ServerUnderTest("floor", start_floor, serves_misses=False, copies_subject=True),
+    ServerUnderTest("relay", start_relay, workloads=()),
 )
 BASELINE = ServerUnderTest("baseline", start_baseline)
 
@@ -288,6 +295,6 @@ def setup(bench: Bench) -> None:
             bench.startup_s.append(running.startup_s)
     bench.results["startup_s"] = bench.startup_s
     bench.results["servers"] = {
-        "hits": [server.name for server in bench.servers],
+        "hits": [server.name for server in bench.servers if server.workloads],
         "misses": [server.name for server in bench.servers if server.serves_misses],
     }
