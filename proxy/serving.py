@@ -54,8 +54,8 @@ def keep_heap() -> bool:
     (128 KiB, adapted upwards only for freed mmapped chunks) the top of the heap is given back and taken again
     over and over, and every answer pays page faults for memory it just had: hits read from Redis ran 15-25 %
     slower. The price is the memory kept: peak RSS about 2 MiB higher under load (1 or 2 MiB kept too little to
-    help, 8 MiB helped no more). Left alone where ``MALLOC_TRIM_THRESHOLD_`` is set (the operator's choice) or the C library is not
-    glibc.
+    help, 8 MiB helped no more). Left alone where ``MALLOC_TRIM_THRESHOLD_`` is set (the operator's choice) or
+    the C library is not glibc.
     """
     if "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
