@@ -177,6 +177,15 @@ async def _shared_flight(request: web.Request, keyed: Keyed, opener: Opener) -> 
                 return hit
         # Another request here may have started the call while this one asked Redis.
         flight = flights.get(key)
+        if claim is Claim.LEAD and flight is not None:
+            if not flight.own_call:
+                # That request follows the lease this one holds: Redis granted it here first, but the other claim's
+                # answer was read first. Only this one can make the call; the follower reads it from the stream,
+                # as another replica would.
+                flight = None
+            elif flight.publication is None:
+                # A call of this replica's own that nobody can follow yet: the lease is for it.
+                fleet.publish(key, token, flight)
         if flight is None:
             flight = flights.start(key, plan.ttl_s, None)
             flight.on_finish = partial(_store_own, app, keyed, request[EXCHANGE], flight)

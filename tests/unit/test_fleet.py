@@ -4,6 +4,7 @@ vanish, errors not shared with later requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 from fakeredis import FakeAsyncRedis, FakeServer
 
-from proxy.fleet import lease_key, stream_key
+from proxy.fleet import Claim, lease_key, stream_key
 from proxy.flight import Start
 from proxy.state import FLEET, KEYER, STORE
 from tests.support import chat_body, received
@@ -43,6 +44,42 @@ async def test_identical_requests_on_two_replicas_make_one_upstream_call_when_co
     assert sorted(r.headers["X-Cache"] for r in responses) == ["COALESCED", "COALESCED", "MISS"]
     await drain(one, two)
     assert (await two.post("/v1/chat/completions", json=body)).headers["X-Cache"] == "HIT"
+
+
+async def test_one_call_without_waiting_out_the_lease_when_a_local_follower_reads_its_claim_first(
+    fake_upstream: Any, proxy_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (one,) = await replicas(proxy_for, fake_upstream, count=1, flight_lease_s=3.0, flight_wait_s=3.0)
+    fleet = one.app[FLEET]
+    claim = fleet.claim
+    leading, followed = asyncio.Event(), asyncio.Event()
+
+    async def answered_out_of_order(key: str) -> tuple[Claim, str]:
+        # The first request's claim is granted first in Redis, but its answer is read after the second's: as
+        # when the two claims travel in different pipelines.
+        if not leading.is_set():
+            result = await claim(key)
+            leading.set()
+            await followed.wait()
+            for _ in range(5):
+                await asyncio.sleep(0)  # the second request starts following meanwhile
+            return result
+        result = await claim(key)
+        followed.set()
+        return result
+
+    monkeypatch.setattr(fleet, "claim", answered_out_of_order)
+    body = chat_body("claims answered out of order")
+    started = time.monotonic()
+    first = asyncio.ensure_future(one.post("/v1/chat/completions", json=body))
+    await leading.wait()
+    second = await one.post("/v1/chat/completions", json=body)
+    responses = [await first, second]
+    bodies = [await r.read() for r in responses]
+    assert time.monotonic() - started < 1.5  # the lease (3 s) did not have to run out
+    assert [r.status for r in responses] == [200, 200] and len(set(bodies)) == 1
+    assert len(received(fake_upstream)) == 1
+    assert sorted(r.headers["X-Cache"] for r in responses) == ["COALESCED", "MISS"]
 
 
 async def test_follower_receives_a_stream_live_when_another_replica_calls(fake_upstream: Any, proxy_for: Any) -> None:
