@@ -123,16 +123,19 @@ async def test_requests_succeed_and_hits_still_served_when_redis_refuses_writes_
 async def test_requests_succeed_when_the_url_names_a_read_only_replica(
     aiohttp_client: Any, fake_upstream: Any, settings_for: Any, own_redis: RedisServer
 ) -> None:
+    # Redis 7 waits 5 s before a diskless full sync, for other replicas to join it: none will here.
+    own_redis.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
     with RedisServer() as replica:
         replica.command("REPLICAOF", "127.0.0.1", str(own_redis.port))
         on_master = await start_proxy(aiohttp_client, settings_for, fake_upstream, own_redis.url)
         on_replica = await start_proxy(aiohttp_client, settings_for, fake_upstream, replica.url)
         await ask(on_master, "written to the master")
         await tiered(on_master).remote.drain()
-        for _ in range(100):
+        for _ in range(200):
             if await entry_count(replica.url) == 1:
                 break
             await asyncio.sleep(0.05)
+        assert await entry_count(replica.url) == 1, "the replica did not receive the master's entry"
         during = [await ask(on_replica, f"read only {i}") for i in range(5)]
         await tiered(on_replica).remote.drain()
         assert [(status, text) for status, _, text in during] == [(200, f"echo: read only {i}") for i in range(5)]
