@@ -80,12 +80,14 @@ class Invalidations:
         self._drop = drop
         self._trust = trust
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.up = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -97,6 +99,10 @@ class Invalidations:
             try:
                 await self._listen_to_all()
             except (RedisError, OSError, TimeoutError) as exc:
+                if self._closing:
+                    # Cancelled while a listener failed: Python 3.11's TaskGroup then raises the failure and
+                    # drops the cancellation, and this loop would listen again for ever (a shutdown that hangs).
+                    return
                 self._down(exc, quiet=quiet)
                 quiet = True
             else:
