@@ -42,6 +42,12 @@ class BadRequest(ProxyError):
     code = "invalid_request"
 
 
+class MalformedRequest(BadRequest):
+    """A request that is not valid HTTP/1.1, refused by aiohttp's parser."""
+
+    code = "malformed_request"
+
+
 class Forbidden(ProxyError):
     status = 403
     type = "invalid_request_error"
@@ -71,6 +77,12 @@ class InternalError(ProxyError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+class HandlerTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "proxy_timeout"
 
 
 class NotFound(ProxyError):

@@ -15,7 +15,7 @@ from aiohttp.web_runner import GracefulExit
 
 from .app import create_app
 from .config import Settings
-from .errors import error_response
+from .errors import HandlerTimeout, InternalError, MalformedRequest, ProxyError
 from .fastpath import FastSite
 
 # glibc's mallopt parameter number for the trim threshold, and the value the proxy sets.
@@ -80,14 +80,16 @@ class ProxyRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         # Logs as aiohttp does (see proxy.app's logger) and refuses when an answer has begun.
         super().handle_error(request, status, exc, message)
+        error: ProxyError
         if isinstance(exc, HttpProcessingError):
             reason = exc.message.splitlines()[0].rstrip(": ") if exc.message else ""
-            text = f"The request is not valid HTTP/1.1{': ' + reason if reason else ''}."
-            answer = error_response(status, text, "invalid_request_error", "malformed_request")
+            error = MalformedRequest(f"The request is not valid HTTP/1.1{': ' + reason if reason else ''}.")
         elif status == 504:
-            answer = error_response(status, "The proxy took too long to answer.", "server_error", "proxy_timeout")
+            error = HandlerTimeout("The proxy took too long to answer.")
         else:
-            answer = error_response(status, "The proxy failed to handle the request.", "server_error", "internal_error")
+            error = InternalError("The proxy failed to handle this request.")
+        answer = error.response()
+        answer.set_status(status)
         answer.force_close()
         return answer
 
